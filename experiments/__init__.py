@@ -1,0 +1,1 @@
+"""Entry points users run (`python -m experiments.<name>`); each stays thin over `fmjax`."""

@@ -1,0 +1,198 @@
+r"""Couplings: how noise ``x0`` and data ``x1`` of a minibatch are paired.
+
+Every coupling has the signature ``coupling(key, x0, x1) -> Coupled(x0, x1, i0, i1)`` where the
+returned pairs are ``(x0[i0[k]], x1[i1[k]])``; ``i0`` and ``i1`` index the inputs so that
+anything attached to ``x1`` (class labels, say) can follow with ``labels[i1]``. Deterministic
+couplings ignore the key. Any function with this signature works with
+:func:`fmjax.loss.cfm_loss`.
+
+The minibatch couplings see the batch they are given: in the data-parallel training step
+that is the per-device batch.
+"""
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from fmjax._checks import check_batched, check_float, check_same_shape
+
+__all__ = [
+    "Coupled",
+    "Coupling",
+    "exact_ot",
+    "independent",
+    "sinkhorn_log_plan",
+    "sinkhorn_ot",
+    "squared_distances",
+]
+
+
+class Coupled(NamedTuple):
+    """Paired samples.
+
+    Attributes:
+        x0: noise, ``x0_input[i0]``, shape ``[batch, *dims]``.
+        x1: data, ``x1_input[i1]``, shape ``[batch, *dims]``.
+        i0: ``[batch]`` int32 indices into the input ``x0``.
+        i1: ``[batch]`` int32 indices into the input ``x1``.
+    """
+
+    x0: Float[Array, " batch *dims"]
+    x1: Float[Array, " batch *dims"]
+    i0: Int[Array, " batch"]
+    i1: Int[Array, " batch"]
+
+
+class Coupling(Protocol):
+    """The type of a coupling: ``(key, x0, x1) -> Coupled``."""
+
+    def __call__(
+        self, key: PRNGKeyArray, x0: Float[Array, " batch *dims"], x1: Float[Array, " batch *dims"]
+    ) -> Coupled: ...
+
+
+def _check_pair(x0, x1, minimum_batch: int = 1, name: str = "coupling") -> int:
+    check_batched("x0", x0)
+    check_float("x0", x0)
+    check_float("x1", x1)
+    check_same_shape("x0", x0, "x1", x1)
+    n = x0.shape[0]
+    if n < minimum_batch:
+        raise ValueError(
+            f"{name} needs a batch of at least {minimum_batch} samples to pair; got batch size {n} "
+            f"(x0.shape={x0.shape}). A minibatch OT plan over one sample is the identity: use "
+            "`independent` instead, or a larger per-device batch."
+        )
+    return n
+
+
+def squared_distances(
+    x0: Float[Array, " n *dims"], x1: Float[Array, " m *dims"]
+) -> Float[Array, "n m"]:
+    r"""Pairwise squared Euclidean distances :math:`C_{ij} = \lVert x0_i - x1_j \rVert^2` of flattened samples.
+
+    Computed in float32 (at least) at full matmul precision, so that an accelerator's
+    default bf16 passes do not change which pairing is optimal.
+    """
+    dtype = jnp.promote_types(jnp.result_type(x0, x1), jnp.float32)
+    a = x0.reshape(x0.shape[0], -1).astype(dtype)
+    b = x1.reshape(x1.shape[0], -1).astype(dtype)
+    cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    sq = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross
+    return jnp.maximum(sq, 0.0)
+
+
+def independent(
+    key: PRNGKeyArray, x0: Float[Array, " batch *dims"], x1: Float[Array, " batch *dims"]
+) -> Coupled:
+    """The independent coupling: pairs as drawn (I-CFM). The key is unused.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.couplings import independent
+        >>> independent(None, jnp.zeros((3, 2)), jnp.ones((3, 2))).i0
+        Array([0, 1, 2], dtype=int32)
+    """
+    del key
+    n = _check_pair(x0, x1)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    return Coupled(x0, x1, idx, idx)
+
+
+def exact_ot(
+    key: PRNGKeyArray, x0: Float[Array, " batch *dims"], x1: Float[Array, " batch *dims"]
+) -> Coupled:
+    r"""Exact minibatch optimal transport (OT-CFM): reorders ``x0`` to the optimal pairing.
+
+    Solves :math:`\min_\pi \sum_j \lVert x0_{\pi(j)} - x1_j \rVert^2` over permutations
+    :math:`\pi` (squared Euclidean cost on flattened samples) with the Hungarian algorithm, and
+    returns ``x0[pi]`` with ``x1`` in its own order (``i1 = arange``). The result is a
+    permutation: no sample is duplicated or dropped, unlike couplings that sample from a plan.
+    Jittable; the key is unused.
+
+    Raises:
+        ValueError: for a batch of one, mismatched shapes or non-float inputs.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.couplings import exact_ot
+        >>> x0 = jnp.array([[1.0], [-1.0]]); x1 = jnp.array([[-2.0], [2.0]])
+        >>> exact_ot(None, x0, x1).x0[:, 0]
+        Array([-1.,  1.], dtype=float32)
+    """
+    del key
+    n = _check_pair(x0, x1, minimum_batch=2, name="exact_ot")
+    # Rows are data, columns noise: the assignment gives each x1[r] its x0[c].
+    rows, cols = optax.assignment.hungarian_algorithm(squared_distances(x1, x0))
+    i0 = jnp.zeros(n, jnp.int32).at[rows].set(cols.astype(jnp.int32))
+    return Coupled(x0[i0], x1, i0, jnp.arange(n, dtype=jnp.int32))
+
+
+def sinkhorn_ot(epsilon: float, *, num_iters: int = 100, normalize_cost: bool = False) -> Coupling:
+    r"""Entropic OT (Schrödinger-bridge CFM): a coupling that samples pairs from the Sinkhorn plan.
+
+    The plan :math:`\pi = \arg\min_{\pi \in \Pi(u, u)} \langle \pi, C \rangle - \epsilon H(\pi)`
+    between the uniform marginals ``u`` of ``x0`` and ``x1`` is computed in the log domain with
+    ``num_iters`` Sinkhorn iterations. Each data sample ``x1[j]`` keeps its place and is paired
+    with a noise sample drawn from the plan's conditional :math:`\pi(\cdot \mid j)`, so the
+    pairs are distributed as :math:`\pi` (noise samples may repeat). As
+    :math:`\epsilon \to 0` this approaches :func:`exact_ot`, as :math:`\epsilon \to \infty`
+    :func:`independent`.
+
+    Args:
+        epsilon: the entropic regularisation, in units of the cost (squared distance); SB-CFM
+            with bridge noise :math:`\sigma` uses :math:`2\sigma^2`.
+        num_iters: Sinkhorn iterations (a fixed count keeps the function jittable).
+        normalize_cost: divide the cost by its maximum first, making ``epsilon`` relative.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fmjax.couplings import sinkhorn_ot
+        >>> x0 = jnp.array([[1.0], [-1.0]]); x1 = jnp.array([[-2.0], [2.0]])
+        >>> sinkhorn_ot(0.01)(jax.random.key(0), x0, x1).x0[:, 0]
+        Array([-1.,  1.], dtype=float32)
+    """
+    if not epsilon > 0:
+        raise ValueError(f"sinkhorn_ot epsilon must be positive; got epsilon={epsilon}.")
+    if not (isinstance(num_iters, int) and num_iters > 0):
+        raise ValueError(f"sinkhorn_ot num_iters must be a positive int; got {num_iters!r}.")
+
+    def coupling(key, x0, x1):
+        n = _check_pair(x0, x1, minimum_batch=2, name="sinkhorn_ot")
+        log_plan = sinkhorn_log_plan(squared_distances(x0, x1), epsilon, num_iters, normalize_cost)
+        # One categorical draw per column j from log pi(i | j) (columns: data samples).
+        i0 = jax.random.categorical(key, log_plan, axis=0).astype(jnp.int32)
+        return Coupled(x0[i0], x1, i0, jnp.arange(n, dtype=jnp.int32))
+
+    return coupling
+
+
+def sinkhorn_log_plan(
+    cost: Float[Array, "n m"], epsilon: float, num_iters: int = 100, normalize_cost: bool = False
+) -> Float[Array, "n m"]:
+    r"""Log of the entropic OT plan between uniform marginals, by log-domain Sinkhorn.
+
+    Iterates the dual potentials
+    :math:`f_i = \epsilon\log a_i - \epsilon \operatorname{LSE}_j((g_j - C_{ij})/\epsilon)` and
+    :math:`g_j = \epsilon\log b_j - \epsilon \operatorname{LSE}_i((f_i - C_{ij})/\epsilon)`,
+    then returns :math:`\log\pi_{ij} = (f_i + g_j - C_{ij})/\epsilon` (rows sum to ``1/n``
+    after convergence; columns to ``1/m`` exactly after every iteration).
+    """
+    cost = jax.lax.stop_gradient(cost)
+    if normalize_cost:
+        cost = cost / jnp.maximum(jnp.max(cost), jnp.finfo(cost.dtype).tiny)
+    n, m = cost.shape
+    log_a = -jnp.log(n) * jnp.ones(n, cost.dtype)
+    log_b = -jnp.log(m) * jnp.ones(m, cost.dtype)
+
+    def update(g):
+        f = epsilon * log_a - epsilon * jax.nn.logsumexp((g[None, :] - cost) / epsilon, axis=1)
+        g = epsilon * log_b - epsilon * jax.nn.logsumexp((f[:, None] - cost) / epsilon, axis=0)
+        return f, g
+
+    g = jax.lax.fori_loop(0, num_iters - 1, lambda _, g: update(g)[1], jnp.zeros(m, cost.dtype))
+    f, g = update(g)
+    return (f[:, None] + g[None, :] - cost) / epsilon

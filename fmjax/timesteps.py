@@ -1,0 +1,81 @@
+r"""Samplers of the training time ``t``.
+
+A time sampler is any function ``(key, shape) -> t`` returning floats in ``[0, 1]`` (``t = 0``
+noise, ``t = 1`` data). :func:`fmjax.loss.cfm_loss` calls it with ``shape=()`` once per
+example, so that each example's time depends only on its own key.
+
+Where a parameterisation conversion divides by :math:`\sigma_t` or :math:`\alpha_t` (see
+:class:`fmjax.paths.AffinePath`), keep ``t`` inside ``[t_min, 1 - t_min]``: both samplers here
+take ``t_min``. :func:`uniform` defaults to ``0`` (the velocity parameterisation divides by
+nothing); :func:`logit_normal` defaults to ``1e-4``, the clip of Meta's recipes, because a
+float32 sigmoid rounds to exactly ``0`` or ``1`` in its tails.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+__all__ = ["TimeSampler", "logit_normal", "uniform"]
+
+TimeSampler = Callable[[PRNGKeyArray, Sequence[int]], Float[Array, "..."]]
+"""The type of a time sampler: ``(key, shape) -> t`` with ``t`` of that shape in ``[0, 1]``."""
+
+
+def _check_t_min(t_min: float) -> None:
+    if not 0.0 <= t_min < 0.5:
+        raise ValueError(
+            f"t_min must be in [0, 0.5) so that [t_min, 1 - t_min] is not empty; got {t_min}."
+        )
+
+
+def uniform(
+    key: PRNGKeyArray, shape: Sequence[int] = (), *, t_min: float = 0.0, dtype=jnp.float32
+) -> Float[Array, "..."]:
+    r"""Draws :math:`t \sim U[t_{\min}, 1 - t_{\min}]`, the standard flow-matching choice.
+
+    Args:
+        key: a PRNG key.
+        shape: the shape of ``t``.
+        t_min: the distance kept from both ends (``functools.partial(uniform, t_min=1e-4)``
+            makes a sampler with another value).
+        dtype: a float dtype.
+
+    Example:
+        >>> import jax
+        >>> from fmjax.timesteps import uniform
+        >>> t = uniform(jax.random.key(0), (1000,))
+        >>> bool((t >= 0).all() and (t < 1).all()), t.shape
+        (True, (1000,))
+    """
+    _check_t_min(t_min)
+    return jax.random.uniform(key, shape, dtype, minval=t_min, maxval=1.0 - t_min)
+
+
+def logit_normal(mean: float = 0.0, std: float = 1.0, *, t_min: float = 1e-4) -> TimeSampler:
+    r"""A sampler with :math:`\operatorname{logit}(t) \sim N(\text{mean}, \text{std}^2)`.
+
+    :math:`t = 1 / (1 + e^{-(\text{mean} + \text{std}\, z)})`, :math:`z \sim N(0, 1)`, clipped to
+    ``[t_min, 1 - t_min]``. A positive ``mean`` leans towards the data end ``t = 1``. SD3 uses
+    ``(0, 1)``; Meta's CIFAR-10 recipe draws :math:`t = 1/(1 + e^{s})`, :math:`s \sim N(-1.2,
+    1.2^2)`, which is ``logit_normal(1.2, 1.2)`` in this (t = 1 is data) convention.
+
+    Example:
+        >>> import jax
+        >>> from fmjax.timesteps import logit_normal
+        >>> t = logit_normal(1.2, 1.2)(jax.random.key(0), (10000,))
+        >>> bool(t.mean() > 0.6)  # leans to the data end
+        True
+    """
+    if std <= 0:
+        raise ValueError(f"logit_normal std must be positive; got std={std}.")
+    _check_t_min(t_min)
+
+    def sample(
+        key: PRNGKeyArray, shape: Sequence[int] = (), dtype=jnp.float32
+    ) -> Float[Array, "..."]:
+        z = jax.random.normal(key, shape, dtype)
+        return jnp.clip(jax.nn.sigmoid(mean + std * z), t_min, 1.0 - t_min)
+
+    return sample
