@@ -202,10 +202,12 @@ class Cosine(Scheduler):
         return jnp.sin(0.5 * math.pi * t)
 
     def sigma(self, t):
-        return jnp.cos(0.5 * math.pi * t)
+        # cos(pi t / 2) written as sin(pi (1 - t) / 2): exactly 0 at t = 1 in float32, where the
+        # cosine form gives -4.4e-8 (a negative noise scale).
+        return jnp.sin(0.5 * math.pi * (1.0 - t))
 
     def d_alpha(self, t):
-        return 0.5 * math.pi * jnp.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * jnp.sin(0.5 * math.pi * (1.0 - t))
 
     def d_sigma(self, t):
         return -0.5 * math.pi * jnp.sin(0.5 * math.pi * t)
