@@ -5,6 +5,8 @@
   classic source of wrong-but-running code.
 - A persistent compilation cache, so a second run of the suite skips most XLA compiles.
 - `x64` fixture for tests that check numerics to tight tolerances.
+- `FMJAX_CORE_ONLY=1` collects only the core modules and their tests: CI's second leg runs
+  them on the oldest supported versions, where flax and the rest are not installed.
 """
 
 import os
@@ -12,6 +14,8 @@ import os
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib
 
 import jax
 import pytest
@@ -33,3 +37,29 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent
+CORE_MODULES = {
+    "__init__",
+    "_checks",
+    "paths",
+    "couplings",
+    "timesteps",
+    "loss",
+    "sampling",
+    "likelihood",
+}
+CORE_TESTS = {f"test_{name}" for name in CORE_MODULES} | {"test_readme"}
+
+
+def pytest_ignore_collect(collection_path: pathlib.Path, config):
+    """Under FMJAX_CORE_ONLY=1, skips every file and package outside the core and its tests."""
+    if os.environ.get("FMJAX_CORE_ONLY") != "1":
+        return None
+    parts = collection_path.resolve().relative_to(ROOT).parts
+    if parts[0] == "fmjax" and len(parts) > 1:
+        return collection_path.is_dir() or collection_path.stem not in CORE_MODULES
+    if parts[0] == "tests" and len(parts) > 1:
+        return collection_path.stem not in CORE_TESTS
+    return None

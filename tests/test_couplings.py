@@ -9,8 +9,6 @@ import pytest
 
 from fmjax.couplings import exact_ot, independent, sinkhorn_log_plan, sinkhorn_ot, squared_distances
 
-pytestmark = pytest.mark.core
-
 exact_ot_jit = jax.jit(exact_ot)
 
 

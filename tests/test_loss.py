@@ -13,8 +13,6 @@ from fmjax.loss import cfm_loss
 from fmjax.paths import AffinePath, Cosine
 from fmjax.timesteps import uniform
 
-pytestmark = pytest.mark.core
-
 B, D = 6, 3
 
 

@@ -9,8 +9,6 @@ import pytest
 
 from fmjax.paths import VP, AffinePath, CondOT, Cosine, FunctionScheduler, LinearVP, Polynomial
 
-pytestmark = pytest.mark.core
-
 
 def _vp_closed_form(t, b=0.1, B=20.0):
     T = 0.5 * (1 - t) ** 2 * (B - b) + (1 - t) * b

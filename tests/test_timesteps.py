@@ -9,8 +9,6 @@ import pytest
 
 from fmjax.timesteps import logit_normal, uniform
 
-pytestmark = pytest.mark.core
-
 N = 200_000
 
 
