@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a training run: async, atomic, keep the last K, restore on any mesh.
+
+A checkpoint holds the whole :class:`fmjax.train.TrainState` (step, params, EMA params,
+optimizer state). Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save leaves the previous checkpoints usable; on restore, a newest
+checkpoint that cannot be read is skipped with a warning naming its step. The data order is
+stateless, so the step is all a resumed run needs besides the state.
+"""
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpoints", "RunArtifacts", "load_config", "load_run"]
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """The checkpoints under ``workdir/checkpoints``.
+
+    Args:
+        workdir: the run's directory.
+        keep: how many of the newest checkpoints to keep.
+        async_save: write in a background thread while training continues.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any) -> None:
+        """Starts saving ``state`` as step ``step`` (waits for the previous save first)."""
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
+        """The newest readable checkpoint, placed as ``abstract_state`` says, or None.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings (e.g. on a
+        mesh of a different size than the one that saved it). Checkpoints that fail to load
+        are skipped, newest first, with a warning naming the step.
+        """
+        for step in reversed(self.steps()):
+            try:
+                state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as error:  # any unreadable checkpoint is skipped
+                log.warning(
+                    "Checkpoint at step %d cannot be restored (%s); trying an older one.",
+                    step,
+                    error,
+                )
+                continue
+            return state, step
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run saved as ``workdir/config.json``."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: {workdir} is not an fmjax run directory.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+class RunArtifacts(dict):
+    """What :func:`load_run` returns: ``config``, ``model``, ``ema_params`` and ``step``."""
+
+    __getattr__ = dict.__getitem__
+
+
+def load_run(workdir: str | os.PathLike) -> RunArtifacts:
+    """The config, the model and the EMA parameters of a run's newest checkpoint.
+
+    The optimizer state is not kept. Parameters land on the default device, whatever mesh
+    saved them, ready for :func:`fmjax.sampling.sample` from Python.
+
+    Example::
+
+        run = load_run("runs/digits")
+        velocity = fmjax.train.velocity_fn(run.model, run.ema_params, run.config)
+    """
+    from fmjax import train
+
+    config = load_config(workdir)
+    model = train.build_model(config.model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = train.abstract_state(config, model, sharding=device)
+    restored = Checkpoints(workdir, async_save=False).restore_latest(abstract)
+    if restored is None:
+        raise ValueError(f"{workdir} has no readable checkpoint under {workdir}/checkpoints.")
+    state, step = restored
+    return RunArtifacts(config=config, model=model, ema_params=state.ema_params, step=step)

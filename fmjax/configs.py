@@ -1,0 +1,153 @@
+"""The configuration every experiment shares, as an ``ml_collections.ConfigDict``.
+
+Experiment config files (``experiments/configs/*.py``) start from :func:`base_config` and
+change what they need; every key can then be set from the command line, e.g.
+``--config.train.num_steps=100``. Each key is documented where it is defined below, and
+:func:`validate` checks a config before anything is compiled.
+"""
+
+import ml_collections
+
+__all__ = ["base_config", "validate"]
+
+SCHEDULERS = ("condot", "cosine", "linear_vp", "vp", "polynomial")
+COUPLINGS = ("independent", "exact_ot", "sinkhorn_ot")
+TIME_SAMPLERS = ("uniform", "logit_normal")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the training engine reads, with its default.
+
+    Example:
+        >>> from fmjax.configs import base_config
+        >>> config = base_config()
+        >>> config.train.batch_size, config.path.scheduler
+        (128, 'condot')
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # every random draw derives from (seed, step, global example index)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1000  # optimizer updates
+    t.batch_size = 128  # global batch per update; divisible by devices x accumulation_steps
+    t.accumulation_steps = 1  # micro-batches per update (gradient accumulation)
+    t.log_every = 50  # metrics.jsonl / TensorBoard / progress line
+    t.checkpoint_every = 1000  # Orbax checkpoint (also saved at the end)
+    t.keep_checkpoints = 3  # the last K are kept
+    t.sample_every = 1000  # sample grid PNG from the EMA parameters; 0 turns it off
+    t.num_grid_samples = 64
+    t.sample_solver = "heun"  # for the grid; see fmjax.sampling.SOLVERS
+    t.sample_steps = 50
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "unet_tiny"  # a preset of fmjax.models.PRESETS; other keys override its fields
+    m.num_classes = ml_collections.config_dict.placeholder(int)  # set for class conditioning
+    m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.optimizer = "adamw"  # adam | adamw
+    o.learning_rate = 1e-4
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0  # adamw only
+    o.schedule = "constant"  # constant | warmup_constant | warmup_cosine
+    o.warmup_steps = 0
+    o.final_lr_fraction = 0.0  # warmup_cosine: the LR at the last step, as a fraction
+    o.grad_clip = 0.0  # clip by global norm; 0 turns it off
+    o.ema_decay = 0.9999
+    o.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "digits"  # see fmjax.data.SOURCES
+    d.random_flip = False  # random horizontal flip (keyed by seed, epoch, example)
+    d.label_drop_prob = 0.0  # classifier-free guidance training: labels -> null label
+
+    c.path = p = ml_collections.ConfigDict()
+    p.scheduler = "condot"  # condot | cosine | linear_vp | vp | polynomial
+    p.sigma_min = 0.0  # condot only (Lipman et al.)
+    p.polynomial_n = 2.0  # polynomial only
+    p.coupling = "independent"  # independent | exact_ot | sinkhorn_ot (per-device batch)
+    p.sinkhorn_epsilon = 0.1
+    p.time_sampler = "uniform"  # uniform | logit_normal
+    p.logit_mean = 0.0
+    p.logit_std = 1.0
+    p.t_min = 0.0
+    p.prediction = "velocity"  # velocity | target | epsilon
+    p.loss_space = "prediction"  # prediction | velocity
+    return c
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{name}={value!r} is not valid; expected one of {list(choices)}.")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        raise ValueError(
+            f"config.{name}={value!r} is not valid; expected {'a non-negative' if allow_zero else 'a positive'} integer."
+        )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks a config before anything is compiled; raises ``ValueError`` naming the key.
+
+    Args:
+        config: a config from :func:`base_config` (or an experiment file).
+        num_devices: the number of devices the global batch is split over.
+    """
+    t, o, p = config.train, config.optim, config.path
+    for name in (
+        "num_steps",
+        "batch_size",
+        "accumulation_steps",
+        "keep_checkpoints",
+        "sample_steps",
+    ):
+        _positive(f"train.{name}", t[name])
+    for name in ("log_every", "checkpoint_every"):
+        _positive(f"train.{name}", t[name])
+    _positive("train.sample_every", t.sample_every, allow_zero=True)
+    _positive("train.num_grid_samples", t.num_grid_samples)
+    per_update = num_devices * t.accumulation_steps
+    if t.batch_size % per_update:
+        raise ValueError(
+            f"config.train.batch_size={t.batch_size} must be divisible by devices x "
+            f"accumulation_steps = {num_devices} x {t.accumulation_steps} = {per_update}."
+        )
+    if p.coupling != "independent" and t.batch_size // per_update < 2:
+        raise ValueError(
+            f"config.path.coupling={p.coupling!r} pairs within each per-device micro-batch, which "
+            f"has {t.batch_size // per_update} example(s) here; it needs at least 2."
+        )
+    _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
+    _choice("path.scheduler", p.scheduler, SCHEDULERS)
+    _choice("path.coupling", p.coupling, COUPLINGS)
+    _choice("path.time_sampler", p.time_sampler, TIME_SAMPLERS)
+    _choice("path.prediction", p.prediction, ("velocity", "target", "epsilon"))
+    _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
+    _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
+    if not o.learning_rate > 0:
+        raise ValueError(f"config.optim.learning_rate={o.learning_rate!r} must be positive.")
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ValueError(f"config.optim.ema_decay={o.ema_decay!r} must be in [0, 1).")
+    if o.schedule != "constant":
+        _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if not 0.0 <= config.data.label_drop_prob <= 1.0:
+        raise ValueError(
+            f"config.data.label_drop_prob={config.data.label_drop_prob!r} must be in [0, 1]."
+        )
+    if config.data.label_drop_prob > 0 and config.model.num_classes is None:
+        raise ValueError(
+            "config.data.label_drop_prob > 0 trains classifier-free guidance, which needs a "
+            "class-conditional model: set config.model.num_classes."
+        )

@@ -1,0 +1,331 @@
+"""fmjax.train and fmjax.checkpoint: the mesh step, device-count invariance, exact resume,
+restore on other meshes, EMA, accumulation, preemption, non-finite losses, bad configs.
+
+A two-layer MLP stands in for the U-Net so that each compile takes a second, not fifteen;
+the U-Net itself is exercised end to end by the slow test at the bottom.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fmjax import checkpoint, configs, data, models, train
+from fmjax.loss import cfm_loss
+
+B = 16
+
+
+class TinyVelocity(nn.Module):
+    """An MLP on flattened images: cheap to compile, enough to test the engine."""
+
+    num_classes: int | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train=False):
+        b = x.shape[0]
+        h = jnp.concatenate([x.reshape(b, -1), jnp.broadcast_to(t, (b,))[:, None]], axis=1)
+        if self.num_classes is not None:
+            h = jnp.concatenate([h, nn.Embed(self.num_classes + 1, 4)(y)], axis=1)
+        h = nn.silu(nn.Dense(32)(h))
+        return nn.Dense(x[0].size)(h).reshape(x.shape)
+
+
+models.PRESETS.setdefault("test_mlp", TinyVelocity)
+
+
+def tiny_config(**train_overrides):
+    c = configs.base_config()
+    c.model.name = "test_mlp"
+    c.train.update(
+        num_steps=12,
+        batch_size=B,
+        log_every=1,
+        checkpoint_every=4,
+        sample_every=0,
+        num_grid_samples=4,
+        sample_steps=2,
+    )
+    c.train.update(train_overrides)
+    c.optim.update(learning_rate=1e-2, ema_decay=0.9)
+    return c
+
+
+def tiny_source(seed=0):
+    rng = np.random.default_rng(0)
+    images = np.tanh(rng.normal(size=(40, 4, 4, 1))).astype(np.float32)
+    return data.ArraySource(images, rng.integers(0, 3, 40), seed=seed)
+
+
+def mesh_of(n):
+    return train.make_mesh(jax.devices()[:n])
+
+
+def read_metrics(workdir):
+    lines = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 12-step run on 1, 2 and 4 devices (shared by several tests)."""
+    out = {}
+    for n in (1, 2, 4):
+        workdir = tmp_path_factory.mktemp(f"devices{n}")
+        state = train.train_and_evaluate(
+            tiny_config(), workdir, source=tiny_source(), mesh=mesh_of(n)
+        )
+        out[n] = (workdir, jax.device_get(state))
+    return out
+
+
+def test_losses_do_not_depend_on_the_device_count(runs):
+    losses = {n: [m["loss"] for m in read_metrics(w)] for n, (w, _) in runs.items()}
+    assert len(losses[1]) == 12
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+def test_metrics_and_files(runs):
+    workdir, state = runs[1]
+    first = read_metrics(workdir)[0]
+    assert set(first) == {"step", "loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"}
+    assert first["step"] == 1 and first["lr"] == pytest.approx(1e-2)
+    assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["image_shape"] == [4, 4, 1] and saved["model"]["name"] == "test_mlp"
+    assert checkpoint.Checkpoints(workdir).steps() == [4, 8, 12]
+    assert int(state.step) == 12
+
+
+def test_checkpoint_from_4_devices_restores_on_1_and_2(runs):
+    workdir, state = runs[4]
+    config = checkpoint.load_config(workdir)
+    model = train.build_model(config.model)
+    for n in (1, 2):
+        mesh = mesh_of(n)
+        abstract = train.abstract_state(config, model, NamedSharding(mesh, P()))
+        restored, step = checkpoint.Checkpoints(workdir).restore_latest(abstract)
+        assert step == 12 and restored.params["Dense_0"]["kernel"].sharding.mesh.size == n
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), state)
+
+
+def test_load_run_gives_the_ema_params(runs):
+    workdir, state = runs[2]
+    run = checkpoint.load_run(workdir)
+    assert run.step == 12 and run.config.model.name == "test_mlp"
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.ema_params), state.ema_params)
+
+
+def _hand_step(config, model, tx, params, opt_state, batch, step):
+    """One update computed by hand on one device, from the documented key derivation."""
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), step)
+    keys = jnp.stack([jax.random.fold_in(step_key, i) for i in range(B)])
+
+    def loss_fn(p):
+        apply = lambda p, x, t: model.apply({"params": p}, x, t)  # noqa: E731
+        return cfm_loss(apply, p, keys, jnp.asarray(batch["image"]))[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def test_mesh_step_equals_hand_computation_and_ema():
+    config = tiny_config()
+    config.data.image_shape = (4, 4, 1)
+    model = train.build_model(config.model)
+    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    state0 = train.init_state(config, model, tx)
+    mesh = mesh_of(4)
+    step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+    source = tiny_source()
+    # Host copies for the hand computation: the step donates (deletes) its input buffers.
+    params, opt_state = jax.device_get((state0.params, state0.opt_state))
+    ema = params
+    state = jax.device_put(state0, NamedSharding(mesh, P()))
+    for step in range(3):
+        batch = source.batch(step, B)
+        state, metrics = step_fn(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+        params, opt_state, loss = _hand_step(config, model, tx, params, opt_state, batch, step)
+        d = min(0.9, (1 + step + 1) / (10 + step + 1))  # EMA warmup after step + 1 updates
+        ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, ema, params)
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            state.params,
+            params,
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            state.ema_params,
+            ema,
+        )
+    assert int(state.step) == 3
+    assert step_fn._cache_size() == 1  # no recompilation after the first call
+
+
+def test_ema_decay_warmup():
+    assert float(train.ema_decay(0, 0.999, warmup=True)) == pytest.approx(0.1)
+    assert float(train.ema_decay(10**6, 0.999, warmup=True)) == pytest.approx(0.999)
+    assert float(train.ema_decay(5, 0.999, warmup=False)) == pytest.approx(0.999)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    config = tiny_config()
+    config.data.image_shape = (4, 4, 1)
+    model = train.build_model(config.model)
+    tx, schedule = train.make_optimizer(config.optim, 12)
+    mesh = mesh_of(2)
+    batch = jax.device_put(tiny_source().batch(0, B), NamedSharding(mesh, P("data")))
+    results = []
+    for accumulation in (1, 2):
+        config.train.accumulation_steps = accumulation
+        step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+        state = jax.device_put(train.init_state(config, model, tx), NamedSharding(mesh, P()))
+        results.append(step_fn(state, batch))
+    (s1, m1), (s2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, s2.params
+    )
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_exact_resume_after_a_crash(runs, tmp_path):
+    _, uninterrupted = runs[1]
+
+    def crash(step, state):
+        raise _Crash(f"simulated crash at step {step}")
+
+    with pytest.raises(_Crash):
+        train.train_and_evaluate(
+            tiny_config(),
+            tmp_path,
+            source=tiny_source(),
+            mesh=mesh_of(1),
+            hooks=[train.EvalHook(every=6, fn=crash)],
+        )
+    assert checkpoint.Checkpoints(tmp_path).steps() == [4]
+    resumed = train.train_and_evaluate(
+        tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1)
+    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), uninterrupted)
+
+
+def test_sigterm_checkpoints_and_returns(tmp_path):
+    def preempt(step, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    state = train.train_and_evaluate(
+        tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1),
+        hooks=[train.EvalHook(every=5, fn=preempt)],
+    )  # fmt: skip
+    assert int(state.step) == 5
+    assert checkpoint.Checkpoints(tmp_path).steps() == [4, 5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+class _PoisonedSource(data.ArraySource):
+    def batch(self, step, *args, **kwargs):
+        out = super().batch(step, *args, **kwargs)
+        if step == 5:  # the batch of update 6
+            out["image"] = np.full_like(out["image"], np.nan)
+        return out
+
+
+def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path):
+    rng = np.random.default_rng(0)
+    source = _PoisonedSource(np.tanh(rng.normal(size=(40, 4, 4, 1))).astype(np.float32))
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 6"):
+        train.train_and_evaluate(tiny_config(log_every=3), tmp_path, source=source, mesh=mesh_of(1))
+    assert checkpoint.Checkpoints(tmp_path).steps() == [4]
+
+
+def test_refuses_a_workdir_with_another_model(runs):
+    workdir, _ = runs[1]
+    config = tiny_config()
+    config.model.num_classes = 3
+    with pytest.raises(ValueError, match=r"different model config.*num_classes: saved None, now 3"):
+        train.train_and_evaluate(config, workdir, source=tiny_source(), mesh=mesh_of(1))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "train.batch_size",
+            12,
+            r"batch_size=12 must be divisible by devices x accumulation_steps = 8 x 1",
+        ),
+        ("train.num_steps", 0, r"train.num_steps=0 is not valid; expected a positive integer"),
+        ("path.coupling", "ot", r"path.coupling='ot' is not valid; expected one of"),
+        ("optim.schedule", "linear", r"optim.schedule='linear' is not valid"),
+        ("data.label_drop_prob", 0.1, r"needs a class-conditional model"),
+        ("model.name", "resnet", r"model.name='resnet' is not a known model"),
+    ],
+)
+def test_bad_config_fails_before_compiling(tmp_path, key, value, message):
+    config = tiny_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, tmp_path, source=tiny_source())
+
+
+_TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    import test_train as t
+    t.train.train_and_evaluate(t.tiny_config(), workdir, source=t.tiny_source())
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
+    import portpicker
+
+    port = str(portpicker.pick_unused_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    root = pathlib.Path(__file__).resolve().parent.parent
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(i), port, str(tmp_path)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    two_hosts = [m["loss"] for m in read_metrics(tmp_path)]
+    one_host = [m["loss"] for m in read_metrics(runs[4][0])]
+    np.testing.assert_allclose(two_hosts, one_host, rtol=1e-5)
