@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_float(name: str, x: jax.Array) -> None:
@@ -54,3 +55,9 @@ def broadcast_time(t: jax.Array, x: jax.Array, name: str = "t") -> jax.Array:
             f"matching the leading axis of x with shape {jnp.shape(x)}; got {name}.shape={t.shape}."
         )
     return t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raises `ValueError` unless `value` is a Python (or NumPy) integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {name}={value!r}.")

@@ -1,0 +1,296 @@
+"""fmjax.sampling: closed-form Gaussian flows, convergence orders, exact nfe, guidance, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fmjax.sampling import (
+    ADAPTIVE_SOLVERS,
+    FIXED_STEP_SOLVERS,
+    SOLVERS,
+    classifier_free_guidance,
+    edm_time_grid,
+    sample,
+    uniform_time_grid,
+)
+
+MU = (1.0, -2.0, 0.5)
+S = (0.5, 2.0, 1.5)
+
+
+def gaussian_flow(dtype=jnp.float32):
+    """Data N(mu, diag(s^2)) on the CondOT path x_t = t x1 + (1 - t) x0.
+
+    The marginal velocity is u(x, t) = mu + (t s^2 - (1 - t)) / sigma_t^2 (x - t mu) with
+    sigma_t^2 = t^2 s^2 + (1 - t)^2, and its flow is x_t = t mu + sigma_t x0: at t = 1,
+    x0 -> mu + s x0.
+    """
+    mu, s = jnp.asarray([MU], dtype), jnp.asarray([S], dtype)  # shape [1, dims]
+
+    def velocity(x, t):
+        var = t**2 * s**2 + (1 - t) ** 2
+        return mu + (t * s**2 - (1 - t)) / var * (x - t * mu)
+
+    def flow(x0, t):
+        return t * mu + jnp.sqrt(t**2 * s**2 + (1 - t) ** 2) * x0
+
+    return velocity, flow
+
+
+def noise(batch=8, dtype=jnp.float32, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, len(MU)), dtype)
+
+
+@pytest.mark.parametrize("solver", ADAPTIVE_SOLVERS)
+def test_adaptive_solvers_reach_the_exact_flow_to_tolerance(x64, solver):
+    velocity, flow = gaussian_flow(jnp.float64)
+    x0 = noise(dtype=jnp.float64)
+    exact = flow(x0, 1.0)
+    errors = []
+    for tol in (1e-5, 1e-8):
+        out = sample(velocity, x0, solver=solver, rtol=tol, atol=tol)
+        assert bool(out.success)
+        errors.append(float(jnp.max(jnp.abs(out.x - exact))))
+        # Global error within a small multiple of the per-step tolerance.
+        assert errors[-1] < 20 * tol, (solver, tol, errors[-1])
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize(
+    ("solver", "order", "steps"),
+    [
+        ("euler", 1, (16, 64)),
+        ("midpoint", 2, (8, 32)),
+        ("heun", 2, (8, 32)),
+        ("rk4", 4, (4, 16)),
+    ],
+)
+def test_fixed_step_solvers_converge_at_their_order(x64, solver, order, steps):
+    velocity, flow = gaussian_flow(jnp.float64)
+    x0 = noise(dtype=jnp.float64)
+    exact = flow(x0, 1.0)
+    errors = [
+        float(jnp.max(jnp.abs(sample(velocity, x0, solver=solver, steps=n).x - exact)))
+        for n in steps
+    ]
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert slope > order - 0.2, (solver, slope, errors)
+
+
+def counting(fn):
+    """Wraps fn so that every executed call (not every trace) adds one to `calls[0]`."""
+    calls = [0]
+
+    def increment():
+        calls[0] += 1
+
+    def wrapped(x, t):
+        jax.debug.callback(increment)
+        return fn(x, t)
+
+    return wrapped, calls
+
+
+PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+@pytest.mark.parametrize(
+    ("solver", "t0", "t1"),
+    [(solver, 0.0, 1.0) for solver in SOLVERS] + [("heun", 1.0, 0.0), ("dopri5", 1.0, 0.0)],
+)
+def test_nfe_equals_the_number_of_calls(solver, t0, t1):
+    velocity, _ = gaussian_flow()
+    fn, calls = counting(velocity)
+    x0 = noise()
+    steps = 7 if solver in FIXED_STEP_SOLVERS else None
+    out = sample(fn, x0, solver=solver, steps=steps, t0=t0, t1=t1, rtol=1e-6, atol=1e-6)
+    out.x.block_until_ready()
+    jax.effects_barrier()
+    assert bool(out.success)
+    assert int(out.nfe) == calls[0]
+    if solver in FIXED_STEP_SOLVERS:
+        assert int(out.nfe) == PER_STEP[solver] * steps
+    assert out.trajectory is None and out.ts is None
+
+
+def test_nfe_counts_rejected_steps():
+    # A sharp pulse in time makes the controller reject steps, the first one included.
+    fn, calls = counting(lambda x, t: 50.0 * jnp.exp(-((t - 0.01) ** 2) / 1e-5) * jnp.cos(x))
+    out = sample(fn, noise(), solver="dopri5", rtol=1e-7, atol=1e-7)
+    out.x.block_until_ready()
+    jax.effects_barrier()
+    assert bool(out.success)
+    assert int(out.nfe) == calls[0]
+
+
+def test_save_at_records_the_trajectory(x64):
+    velocity, flow = gaussian_flow(jnp.float64)
+    x0 = noise(dtype=jnp.float64)
+    times = jnp.array([0.0, 0.25, 0.5, 0.9, 1.0])
+    out = sample(velocity, x0, save_at=times, rtol=1e-9, atol=1e-9)
+    assert out.trajectory.shape == (5, *x0.shape)
+    np.testing.assert_array_equal(out.ts, times)
+    expected = jax.vmap(lambda t: flow(x0, t))(times)
+    np.testing.assert_allclose(out.trajectory, expected, atol=1e-6)
+    np.testing.assert_allclose(out.trajectory[-1], out.x, atol=1e-12)
+
+
+def test_time_grids():
+    np.testing.assert_allclose(uniform_time_grid(4), [0.0, 0.25, 0.5, 0.75, 1.0])
+    grid = edm_time_grid(50)
+    assert grid.shape == (51,)
+    np.testing.assert_allclose(grid[0], 1.0 / 81.0, rtol=1e-6)  # 1 - 80 / (1 + 80)
+    assert float(grid[-1]) == 1.0
+    assert bool(jnp.all(jnp.diff(grid) > 0))
+    # Steps are small at both ends of the path and largest in the middle.
+    steps = jnp.diff(grid)
+    assert float(jnp.max(steps)) > 20 * float(jnp.maximum(steps[0], steps[-1]))
+    assert edm_time_grid(1).shape == (2,)
+
+
+def test_time_grid_wins_over_t0():
+    # A constant field moves x by c * (time covered): the EDM grid starts at 1/81, not at t0.
+    x0 = noise()
+    grid = edm_time_grid(10)
+    out = sample(lambda x, t: jnp.ones_like(x), x0, solver="heun", time_grid=grid, t0=0.0)
+    np.testing.assert_allclose(out.x, x0 + (1.0 - 1.0 / 81.0), rtol=1e-5)
+    assert int(out.nfe) == 20
+
+
+def test_guidance_scales_zero_and_one_give_the_unconditional_and_conditional_fields():
+    calls = []
+
+    def apply_fn(w, x, t, y):
+        calls.append(x.shape[0])
+        return x @ w + (t[:, None] + y[:, None].astype(x.dtype))
+
+    w = jnp.eye(3) * 0.5
+    x = noise(4)
+    labels = jnp.array([1, 2, 3, 4])
+    t = jnp.asarray(0.3)
+    conditional = apply_fn(w, x, jnp.full((4,), t), labels)
+    unconditional = apply_fn(w, x, jnp.full((4,), t), jnp.zeros_like(labels))
+    calls.clear()
+    for scale, expected in [(0.0, unconditional), (1.0, conditional)]:
+        v = classifier_free_guidance(apply_fn, w, labels, null_label=0, scale=scale)
+        np.testing.assert_allclose(v(x, t), expected, rtol=1e-6)
+    v = classifier_free_guidance(apply_fn, w, labels, null_label=0, scale=3.0)
+    np.testing.assert_allclose(
+        v(x, t), unconditional + 3.0 * (conditional - unconditional), rtol=1e-5
+    )
+    assert calls == [8, 8, 8]  # both branches in one call on a doubled batch
+    out = sample(v, x, solver="euler", steps=2)
+    assert bool(out.success)
+
+
+def test_no_recompilation_on_a_second_call():
+    traces = [0]
+
+    def velocity(x, t):
+        traces[0] += 1
+        return -x
+
+    sample(velocity, noise(seed=0)).x.block_until_ready()
+    first = traces[0]
+    assert first > 0
+    sample(velocity, noise(seed=1)).x.block_until_ready()
+    sample(velocity, noise(seed=2), solver="heun", steps=4).x.block_until_ready()
+    middle = traces[0]
+    sample(velocity, noise(seed=3), solver="heun", steps=4).x.block_until_ready()
+    assert traces[0] == middle
+    assert middle > first  # the heun solve did compile once
+
+
+def test_arrays_inside_velocity_fn_are_traced_not_baked_in():
+    traces = [0]
+
+    def model(params, x, t):
+        traces[0] += 1
+        return params * x
+
+    for params in (1.0, -1.0):
+        out = sample(jax.tree_util.Partial(model, jnp.asarray(params)), noise(), solver="dopri5")
+        np.testing.assert_allclose(out.x, noise() * np.exp(params), rtol=1e-4)
+    after_first = traces[0]
+    sample(jax.tree_util.Partial(model, jnp.asarray(2.0)), noise())
+    assert traces[0] == after_first
+
+
+def test_works_under_jit_sharded_jit_and_shard_map():
+    velocity, flow = gaussian_flow()
+    x0 = noise(batch=8)
+    expected = flow(x0, 1.0)
+    solve = jax.jit(lambda x: sample(velocity, x, solver="tsit5").x)
+    np.testing.assert_allclose(solve(x0), expected, atol=5e-4)
+
+    # The caller shards the batch; the solve (one step size for the whole batch) follows.
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded_x0 = jax.device_put(x0, NamedSharding(mesh, PartitionSpec("data")))
+    np.testing.assert_allclose(solve(sharded_x0), expected, atol=5e-4)
+
+    # Inside a mapped device step each shard takes its own steps. Diffrax's loops are not
+    # typed for varying manual axes yet (diffrax issue #735), hence check_vma=False.
+    per_shard = jax.jit(
+        jax.shard_map(
+            lambda x: sample(velocity, x, solver="tsit5").x,
+            mesh=mesh,
+            in_specs=PartitionSpec("data"),
+            out_specs=PartitionSpec("data"),
+            check_vma=False,
+        )
+    )
+    np.testing.assert_allclose(per_shard(x0), expected, atol=5e-4)
+
+
+def test_nan_is_reported_as_failure():
+    x0 = noise()
+
+    def blows_up(x, t):
+        return jnp.where(t > 0.5, jnp.nan, 1.0) * x
+
+    for solver, kwargs in [("euler", {"steps": 10}), ("dopri5", {"max_steps": 64})]:
+        out = sample(blows_up, x0, solver=solver, **kwargs)
+        assert not bool(out.success), solver
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"solver": "rk45"}, r"Unknown solver 'rk45'; expected one of 'euler', .*'dopri8'"),
+        ({"solver": "euler"}, r"needs exactly one of steps .* or time_grid"),
+        ({"solver": "heun", "steps": 4, "time_grid": [0.0, 1.0]}, r"exactly one of steps"),
+        ({"solver": "dopri5", "steps": 10}, r"'dopri5' chooses its own steps"),
+        ({"solver": "euler", "steps": 0}, r"steps must be a positive integer; got steps=0"),
+        ({"solver": "euler", "steps": 2.5}, r"steps must be a positive integer"),
+        ({"t0": 0.5, "t1": 0.5}, r"t0 != t1; got t0 = t1 = 0.5"),
+        ({"solver": "euler", "steps": 4, "t1": 0.0}, r"t0 != t1"),
+        ({"solver": "euler", "time_grid": [0.0, 0.5, 0.4]}, r"strictly increasing or decreasing"),
+        ({"solver": "euler", "time_grid": [0.0]}, r"time_grid must be a 1-D array of at least 2"),
+        ({"save_at": [0.5, 1.5]}, r"save_at must lie within the solve, between 0.0 and 1.0"),
+        ({"max_steps": 0}, r"max_steps must be a positive integer"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(lambda x, t: -x, noise(), **kwargs)
+
+
+def test_bad_velocity_or_state_raise():
+    x0 = noise()
+    with pytest.raises(
+        ValueError, match=r"must return an array of the shape \(8, 3\) and dtype float32"
+    ):
+        sample(lambda x, t: x[:, :2], x0)
+    with pytest.raises(ValueError, match=r"got shape \(8, 3\) and dtype float16"):
+        sample(lambda x, t: x.astype(jnp.float16), x0)
+    with pytest.raises(ValueError, match=r"x0 must be a floating-point array"):
+        sample(lambda x, t: x, jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"x0 must have a leading batch axis"):
+        sample(lambda x, t: x, jnp.float32(1.0))
+    with pytest.raises(ValueError, match=r"labels must have one entry per example"):
+        v = classifier_free_guidance(
+            lambda p, x, t, y: x, None, jnp.arange(3), null_label=0, scale=1.0
+        )
+        v(x0, 0.5)
