@@ -9,14 +9,57 @@ hosts or devices, and resuming needs nothing but the step.
 
 Augmentation (a random horizontal flip) is keyed by (seed, epoch, example index) for the
 same reason.
+
+Sources (all :class:`Source`: ``batch``, ``image_shape``, ``num_classes``, ``num_examples``):
+
+- :class:`ArraySource`: images in memory, e.g. :func:`digits` (offline, scikit-learn).
+- :class:`TfdsSource`: any tensorflow-datasets image dataset, read by random access from its
+  ArrayRecord files (``tfds.data_source``; no TensorFlow at train time).
+
+:func:`prefetch_batches` produces consecutive batches on a pool of threads (grain), in order.
+The 2-D toy distributions of :data:`TOY_2D` (8 Gaussians, moons, checkerboard) sample with a
+JAX key and carry their exact log-density where one exists.
 """
 
-from collections.abc import Callable
+import abc
+import dataclasses
+import functools
+import importlib.util
+import logging
+import math
+from collections.abc import Callable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-__all__ = ["SOURCES", "ArraySource", "build_source", "digits", "global_batch_indices"]
+__all__ = [
+    "SOURCES",
+    "TOY_2D",
+    "ArraySource",
+    "Source",
+    "TfdsSource",
+    "Toy2D",
+    "build_source",
+    "checkerboard",
+    "digits",
+    "eight_gaussians",
+    "global_batch_indices",
+    "moons",
+    "prefetch_batches",
+]
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    # Cached: every batch of an epoch needs the same permutation, which costs milliseconds
+    # for a million examples. Read-only, because the cache hands out the same array.
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    permutation.flags.writeable = False
+    return permutation
 
 
 def global_batch_indices(
@@ -34,8 +77,7 @@ def global_batch_indices(
     epoch, within = np.divmod(position, num_examples)
     indices = np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
-        permutation = np.random.default_rng([seed, int(e)]).permutation(num_examples)
-        indices[epoch == e] = permutation[within[epoch == e]]
+        indices[epoch == e] = _epoch_permutation(seed, int(e), num_examples)[within[epoch == e]]
     return indices, epoch
 
 
@@ -52,8 +94,65 @@ def _hash_bits(seed: int, epoch: np.ndarray, index: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-class ArraySource:
-    """An in-memory image dataset with the stateless global order of this module.
+class Source(abc.ABC):
+    """Examples read by index, served in the stateless global order of this module.
+
+    A subclass says how many examples there are, their shape and classes, and how to
+    :meth:`read` examples by index; the order, the per-host slice and the flip are shared.
+
+    Args:
+        seed: the seed of the order and the augmentation.
+        random_flip: flip each example horizontally with probability 1/2, keyed by (seed,
+            epoch, example index).
+    """
+
+    num_classes: int | None
+    """The number of classes, or None for an unlabelled source."""
+
+    def __init__(self, *, seed: int, random_flip: bool):
+        self.seed, self.random_flip = seed, random_flip
+
+    @property
+    @abc.abstractmethod
+    def num_examples(self) -> int:
+        """The number of examples (one epoch)."""
+
+    @property
+    @abc.abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)``."""
+
+    @abc.abstractmethod
+    def read(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        """Examples ``indices``: float32 images in [-1, 1] and int32 labels (zeros if none)."""
+
+    def batch(
+        self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """This host's slice of global batch ``step``: ``{"image": [b, h, w, c], "label": [b]}``.
+
+        ``b = batch_size / process_count``; images are float32 in [-1, 1], labels int32
+        (zeros for an unlabelled source).
+        """
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by process_count={process_count}."
+            )
+        indices, epoch = global_batch_indices(step, batch_size, self.num_examples, self.seed)
+        local = batch_size // process_count
+        rows = slice(process_index * local, (process_index + 1) * local)
+        indices, epoch = indices[rows], epoch[rows]
+        images, labels = self.read(indices)
+        if self.random_flip:
+            flip = (_hash_bits(self.seed, epoch, indices) >> np.uint64(63)).astype(bool)
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        return {"image": images, "label": labels}
+
+
+class ArraySource(Source):
+    """An in-memory image dataset.
 
     Args:
         images: ``[n, h, w, c]`` float images in [-1, 1].
@@ -80,6 +179,7 @@ class ArraySource:
         random_flip: bool = False,
         num_classes: int | None = None,
     ):
+        super().__init__(seed=seed, random_flip=random_flip)
         images = np.asarray(images, np.float32)
         if images.ndim != 4:
             raise ValueError(
@@ -94,7 +194,6 @@ class ArraySource:
                 )
             labels = labels.astype(np.int32)
         self.images, self.labels = images, labels
-        self.seed, self.random_flip = seed, random_flip
         self.num_classes = (
             num_classes
             if num_classes is not None
@@ -103,35 +202,19 @@ class ArraySource:
 
     @property
     def num_examples(self) -> int:
-        """The number of examples (one epoch)."""
         return self.images.shape[0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(height, width, channels)``."""
         return tuple(self.images.shape[1:])
 
-    def batch(
-        self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
-    ) -> dict[str, np.ndarray]:
-        """This host's slice of global batch ``step``: ``{"image": [b, h, w, c], "label": [b]}``.
-
-        ``b = batch_size / process_count``; labels are zeros for an unlabelled source.
-        """
-        if batch_size % process_count:
-            raise ValueError(
-                f"batch_size={batch_size} must be divisible by process_count={process_count}."
-            )
-        indices, epoch = global_batch_indices(step, batch_size, self.num_examples, self.seed)
-        local = batch_size // process_count
-        rows = slice(process_index * local, (process_index + 1) * local)
-        indices, epoch = indices[rows], epoch[rows]
-        images = self.images[indices]
-        if self.random_flip:
-            flip = (_hash_bits(self.seed, epoch, indices) >> np.uint64(63)).astype(bool)
-            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        labels = self.labels[indices] if self.labels is not None else np.zeros(local, np.int32)
-        return {"image": images, "label": labels}
+    def read(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        labels = (
+            self.labels[indices] if self.labels is not None else np.zeros(len(indices), np.int32)
+        )
+        return self.images[indices], labels
 
 
 def digits(split: str = "train", **kwargs) -> ArraySource:
@@ -140,6 +223,12 @@ def digits(split: str = "train", **kwargs) -> ArraySource:
     Pixel values 0..16 are scaled to [-1, 1]. The split is fixed: 300 test images chosen by a
     permutation with seed 0, the other 1,497 for training. ``kwargs`` go to
     :class:`ArraySource`.
+
+    Example:
+        >>> from fmjax.data import digits
+        >>> source = digits("test")
+        >>> source.num_examples, source.image_shape, source.num_classes
+        (300, (8, 8, 1), 10)
     """
     if split not in ("train", "test"):
         raise ValueError(f"digits split must be 'train' or 'test'; got {split!r}.")
@@ -152,15 +241,379 @@ def digits(split: str = "train", **kwargs) -> ArraySource:
     return ArraySource(images[chosen], bunch.target[chosen], num_classes=10, **kwargs)
 
 
-SOURCES: dict[str, Callable[..., ArraySource]] = {"digits": digits}
-"""Data sources by ``config.data.name``: each takes ``split`` and :class:`ArraySource` kwargs."""
+# --- tensorflow-datasets ----------------------------------------------------------------------
 
 
-def build_source(data_config, seed: int, split: str = "train") -> ArraySource:
-    """The source named by ``data_config.name``, seeded, with its augmentation options."""
-    if data_config.name not in SOURCES:
-        raise ValueError(
-            f"config.data.name={data_config.name!r} is not a known source; expected one of "
-            f"{sorted(SOURCES)}."
+def _import_tfds():
+    """``tensorflow_datasets``, after hiding every accelerator from TensorFlow if it is installed.
+
+    tfds imports TensorFlow when it can, and TensorFlow would otherwise reserve most of the
+    GPU memory JAX needs. Hiding must happen before TF initialises its runtime.
+    """
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow as tf
+
+        for kind in ("GPU", "TPU"):
+            if tf.config.list_physical_devices(kind):
+                try:
+                    tf.config.set_visible_devices([], kind)
+                except RuntimeError:  # TF was initialised before this module could hide them
+                    log.warning("TensorFlow already initialised; it may hold %s memory.", kind)
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 ``[h, w, c]`` image cropped to its central square, then resized to ``size``."""
+    from PIL import Image
+
+    h, w, c = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top : top + side, left : left + side]
+    # PIL's bicubic filter widens with the scale factor, so downsizing is antialiased.
+    resized = Image.fromarray(square[..., 0] if c == 1 else square).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
+    return np.asarray(resized).reshape(size, size, c)
+
+
+def _not_prepared(name: str, split: str, data_dir: str | None, builder, reason: Exception) -> str:
+    where = f" --data_dir={data_dir}" if data_dir else ""
+    build = f"tfds build {name} --file_format=array_record{where}"
+    if builder.is_prepared():
+        return (
+            f"tfds dataset {name!r} is prepared at {builder.data_dir}, but its split {split!r} "
+            f"cannot be read by random access ({reason}). fmjax reads ArrayRecord files: "
+            f"rebuild it with `{build}` or choose another config.data.data_dir."
         )
-    return SOURCES[data_config.name](split, seed=seed, random_flip=data_config.random_flip)
+    return (
+        f"tfds dataset {name!r} is not prepared in {builder.data_dir} and fmjax never downloads "
+        f"during training. Prepare it once on a machine with network access (TensorFlow may be "
+        f"needed for this step only): `{build}`, or in Python `tfds.builder({name!r}, "
+        f"data_dir=..., file_format='array_record').download_and_prepare()`. If it is already "
+        f"prepared elsewhere, set config.data.data_dir (or TFDS_DATA_DIR) to that directory."
+    )
+
+
+class TfdsSource(Source):
+    """A tensorflow-datasets image dataset, read by random access from ArrayRecord files.
+
+    Reading goes through ``builder.as_data_source`` (what ``tfds.data_source`` returns), so no
+    TensorFlow is needed at train time, and nothing is downloaded: a dataset that is not
+    prepared raises a ``ValueError`` that says what to run. Images are scaled to [-1, 1];
+    with ``image_size`` they are cropped to their central square and resized (bicubic) when
+    their size differs. Labels come from a ``"label"`` class feature when there is one.
+
+    Args:
+        name: a tfds name, with a config if any: ``"cifar10"``, ``"imagenette/160px"``.
+        split: a tfds split: ``"train"``, ``"test"``, ``"train[:90%]"``...
+        data_dir: where the dataset is prepared (default: ``TFDS_DATA_DIR`` or
+            ``~/tensorflow_datasets``).
+        image_size: the side of the square images produced; None keeps the stored size
+            (required when stored sizes vary).
+        seed: the seed of the order and the augmentation.
+        random_flip: flip each example horizontally with probability 1/2.
+
+    Raises:
+        ValueError: for an unknown dataset, one without an ``"image"`` feature, one whose
+            images vary in size without ``image_size``, or one not prepared as ArrayRecord.
+
+    Example (offline, with tfds' generated examples):
+        >>> import tensorflow_datasets as tfds
+        >>> from fmjax.data import TfdsSource
+        >>> with tfds.testing.mock_data(num_examples=8):
+        ...     source = TfdsSource("cifar10", "train", image_size=16)
+        >>> batch = source.batch(step=0, batch_size=4)
+        >>> batch["image"].shape, batch["label"].dtype, source.num_classes
+        ((4, 16, 16, 3), dtype('int32'), 10)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        *,
+        data_dir: str | None = None,
+        image_size: int | None = None,
+        seed: int = 0,
+        random_flip: bool = False,
+    ):
+        super().__init__(seed=seed, random_flip=random_flip)
+        tfds = _import_tfds()
+        try:
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except tfds.core.DatasetNotFoundError:
+            raise ValueError(
+                f"{name!r} is not a tensorflow-datasets dataset; see `tfds.list_builders()` or "
+                "https://www.tensorflow.org/datasets/catalog for names."
+            ) from None
+        features = builder.info.features
+        if "image" not in features or not isinstance(features["image"], tfds.features.Image):
+            raise ValueError(
+                f"tfds dataset {name!r} has no 'image' feature (features: {sorted(features)})."
+            )
+        height, width, channels = features["image"].shape
+        if image_size is None and (height is None or width is None):
+            raise ValueError(
+                f"The images of tfds dataset {name!r} vary in size; set an image size "
+                "(config.data.image_size) to crop and resize them to."
+            )
+        label = features["label"] if "label" in features else None
+        self.num_classes = (
+            label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+        )
+        try:
+            self._examples = builder.as_data_source(split=split)
+        except (KeyError, NotImplementedError) as error:
+            raise ValueError(_not_prepared(name, split, data_dir, builder, error)) from None
+        self.name, self.split, self.image_size = name, split, image_size
+        self._image_shape = (
+            (height, width, channels) if image_size is None else (image_size, image_size, channels)
+        )
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._examples)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._image_shape
+
+    def read(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        examples = [self._examples[int(i)] for i in indices]
+        size = self.image_size
+        images = np.stack(
+            [
+                _center_crop_resize(ex["image"], size)
+                if size is not None and ex["image"].shape[:2] != (size, size)
+                else ex["image"]
+                for ex in examples
+            ]
+        )
+        if self.num_classes is None:
+            labels = np.zeros(len(indices), np.int32)
+        else:
+            labels = np.array([ex["label"] for ex in examples], np.int32)
+        return images.astype(np.float32) / 127.5 - 1.0, labels
+
+
+def prefetch_batches(
+    source: Source,
+    start: int,
+    stop: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    num_threads: int = 8,
+    buffer_size: int = 16,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``source.batch(step, ...)`` for ``step`` in ``[start, stop)``, in order, made ahead.
+
+    grain computes up to ``buffer_size`` batches ahead on ``num_threads`` threads, so slow
+    reads (decoding, resizing) overlap with each other and with the train step. The batches
+    are exactly those of :meth:`Source.batch`: resuming is starting at another ``start``.
+
+    Example:
+        >>> import numpy as np
+        >>> from fmjax.data import ArraySource, prefetch_batches
+        >>> source = ArraySource(np.zeros((10, 4, 4, 1), np.float32))
+        >>> [b["image"].shape[0] for b in prefetch_batches(source, 3, 6, batch_size=2)]
+        [2, 2, 2]
+    """
+    import grain
+
+    batches = grain.MapDataset.range(start, stop).map(
+        functools.partial(
+            _batch_at,
+            source,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer_size)
+    return iter(batches.to_iter_dataset(options))
+
+
+def _batch_at(source: Source, step: int, **kwargs) -> dict[str, np.ndarray]:
+    return source.batch(int(step), **kwargs)
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def _digits_source(
+    split: str, *, seed: int, random_flip: bool, data_dir: str | None, image_size: int | None
+) -> ArraySource:
+    del data_dir  # the digits ship with scikit-learn
+    if image_size not in (None, 8):
+        raise ValueError(f"digits are 8x8; config.data.image_size={image_size} is not supported.")
+    return digits(split, seed=seed, random_flip=random_flip)
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "digits": _digits_source,
+    "cifar10": functools.partial(TfdsSource, "cifar10"),
+    "mnist": functools.partial(TfdsSource, "mnist"),
+    "fashion_mnist": functools.partial(TfdsSource, "fashion_mnist"),
+}
+"""Data sources by ``config.data.name``. Each is called as ``factory(split, seed=...,
+random_flip=..., data_dir=..., image_size=...)``. Any other tfds image dataset is named
+``"tfds:<name>"``, e.g. ``"tfds:imagenette/160px"`` with ``config.data.image_size=64``."""
+
+TFDS_PREFIX = "tfds:"
+
+_OPTIONAL_DATA_KEYS = {"data_dir": None, "image_size": None}
+"""Keys of ``config.data`` that configs written before them lack, with their defaults."""
+
+
+def build_source(data_config, seed: int, split: str = "train") -> Source:
+    """The source named by ``data_config.name``, seeded, with its options.
+
+    Reads ``name``, ``random_flip``, and ``data_dir`` and ``image_size`` (both None when the
+    config lacks them).
+
+    Example:
+        >>> import ml_collections
+        >>> from fmjax.data import build_source
+        >>> config = ml_collections.ConfigDict({"name": "digits", "random_flip": False})
+        >>> build_source(config, seed=0).image_shape
+        (8, 8, 1)
+    """
+    name = data_config.name
+    options = {
+        key: data_config[key] if key in data_config else default
+        for key, default in _OPTIONAL_DATA_KEYS.items()
+    }
+    if name.startswith(TFDS_PREFIX):
+        factory = functools.partial(TfdsSource, name.removeprefix(TFDS_PREFIX))
+    elif name in SOURCES:
+        factory = SOURCES[name]
+    else:
+        raise ValueError(
+            f"config.data.name={name!r} is not a known source; expected one of "
+            f"{sorted(SOURCES)} or '{TFDS_PREFIX}<tfds dataset name>'."
+        )
+    return factory(split, seed=seed, random_flip=data_config.random_flip, **options)
+
+
+# --- 2-D toy distributions -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy2D:
+    """A distribution on the plane: a jittable sampler and its log-density if it has one.
+
+    Attributes:
+        sample: ``sample(key, num) -> [num, 2]`` float32 (``num`` static under ``jit``).
+        log_prob: ``log_prob(x [n, 2]) -> [n]``, the exact log-density; None when it has
+            no closed form.
+    """
+
+    sample: Callable[[PRNGKeyArray, int], Float[Array, " num 2"]]
+    log_prob: Callable[[Float[Array, " n 2"]], Float[Array, " n"]] | None
+
+
+def eight_gaussians(radius: float = 5.0, std: float = 0.1**0.25) -> Toy2D:
+    r"""Eight equal Gaussians :math:`\mathcal{N}(c_k, \text{std}^2 I)` with centres ``c_k`` at
+    angles :math:`k\pi/4` on a circle of ``radius``.
+
+    The defaults are torchcfm's ``sample_8gaussians`` (scale 5 and covariance
+    :math:`\sqrt{0.1}\,I`, i.e. ``std`` :math:`= 0.1^{1/4}`), so results compare with it.
+    ``log_prob`` is the exact mixture density.
+
+    Example:
+        >>> import jax
+        >>> from fmjax.data import eight_gaussians
+        >>> toy = eight_gaussians()
+        >>> x = toy.sample(jax.random.key(0), 5)
+        >>> x.shape, toy.log_prob(x).shape
+        ((5, 2), (5,))
+    """
+    angles = np.arange(8) * np.pi / 4
+    # NumPy, not JAX: building TOY_2D at import must not start the JAX backend.
+    centers = (radius * np.stack([np.cos(angles), np.sin(angles)], -1)).astype(np.float32)
+
+    def sample(key: PRNGKeyArray, num: int) -> Float[Array, " num 2"]:
+        component_key, noise_key = jax.random.split(key)
+        component = jax.random.randint(component_key, (num,), 0, 8)
+        return jnp.asarray(centers)[component] + std * jax.random.normal(noise_key, (num, 2))
+
+    def log_prob(x: Float[Array, " n 2"]) -> Float[Array, " n"]:
+        squared = jnp.sum((x[:, None, :] - centers[None, :, :]) ** 2, axis=-1)
+        log_normal = -squared / (2 * std**2) - jnp.log(2 * jnp.pi * std**2)
+        return jax.nn.logsumexp(log_normal, axis=-1) - jnp.log(8.0)
+
+    return Toy2D(sample, log_prob)
+
+
+def moons(noise: float = 0.2) -> Toy2D:
+    r"""Two interleaved half circles, mapped by :math:`x \mapsto 3x - 1` as torchcfm does.
+
+    A point is, with probability 1/2 each, :math:`(\cos\theta, \sin\theta)` or
+    :math:`(1 - \cos\theta, \tfrac12 - \sin\theta)` with :math:`\theta \sim U(0, \pi)`, plus
+    Gaussian noise of standard deviation ``noise`` (before the map; scikit-learn's
+    ``make_moons`` spaces the angles evenly instead). No closed-form density:
+    ``log_prob`` is None.
+
+    Example:
+        >>> import jax
+        >>> from fmjax.data import moons
+        >>> moons().sample(jax.random.key(0), 3).shape
+        (3, 2)
+    """
+
+    def sample(key: PRNGKeyArray, num: int) -> Float[Array, " num 2"]:
+        moon_key, angle_key, noise_key = jax.random.split(key, 3)
+        lower = jax.random.bernoulli(moon_key, 0.5, (num,))
+        theta = jax.random.uniform(angle_key, (num,), maxval=jnp.pi)
+        upper_moon = jnp.stack([jnp.cos(theta), jnp.sin(theta)], -1)
+        lower_moon = jnp.stack([1.0 - jnp.cos(theta), 0.5 - jnp.sin(theta)], -1)
+        x = jnp.where(lower[:, None], lower_moon, upper_moon)
+        return 3.0 * (x + noise * jax.random.normal(noise_key, (num, 2))) - 1.0
+
+    return Toy2D(sample, None)
+
+
+def checkerboard() -> Toy2D:
+    r"""Uniform on the 8 dark squares of a 4x4 board of 2x2 squares covering :math:`[-4, 4)^2`.
+
+    A square :math:`[2i, 2i + 2) \times [2j, 2j + 2)` is dark when :math:`i + j` is even (the
+    FFJORD checkerboard). The density is :math:`1/32` on the dark squares and 0 elsewhere, so
+    ``log_prob`` is :math:`-\log 32` or :math:`-\infty`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fmjax.data import checkerboard
+        >>> checkerboard().log_prob(jnp.array([[0.5, 0.5], [0.5, -0.5]])).tolist()
+        [-3.465735912322998, -inf]
+    """
+
+    def sample(key: PRNGKeyArray, num: int) -> Float[Array, " num 2"]:
+        column_key, row_key, offset_key = jax.random.split(key, 3)
+        column = jax.random.randint(column_key, (num,), 0, 4)
+        # Of the 4 rows, the dark ones in column i are those j with i + j even.
+        row = 2 * jax.random.randint(row_key, (num,), 0, 2) + column % 2
+        corner = 2.0 * jnp.stack([column, row], -1).astype(jnp.float32) - 4.0
+        return corner + 2.0 * jax.random.uniform(offset_key, (num, 2))
+
+    def log_prob(x: Float[Array, " n 2"]) -> Float[Array, " n"]:
+        cell = jnp.floor(x / 2.0)
+        inside = jnp.all((x >= -4.0) & (x < 4.0), axis=-1)
+        dark = jnp.sum(cell, axis=-1) % 2 == 0
+        return jnp.where(inside & dark, -math.log(32.0), -jnp.inf)
+
+    return Toy2D(sample, log_prob)
+
+
+TOY_2D: dict[str, Toy2D] = {
+    "8gaussians": eight_gaussians(),
+    "moons": moons(),
+    "checkerboard": checkerboard(),
+}
+"""The 2-D toy distributions by name, with their default parameters."""
