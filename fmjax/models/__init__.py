@@ -1,0 +1,39 @@
+"""Networks for fmjax (need Flax: ``pip install fmjax[train]``); the core never imports this.
+
+:class:`UNet` is a guided-diffusion U-Net whose ``apply`` is directly an ``apply_fn`` of
+:func:`fmjax.loss.cfm_loss`; the presets reproduce the CIFAR-10 networks of Meta's
+``flow_matching`` example and of torchcfm, plus small models for digits and tests.
+"""
+
+from fmjax.models.unet import (
+    UNet,
+    UNetCIFAR10Meta,
+    UNetCIFAR10TorchCFM,
+    UNetDigits,
+    UNetTiny,
+    UNetTinyConditional,
+    drop_labels,
+    param_count,
+    sinusoidal_embedding,
+)
+
+__all__ = [
+    "UNet",
+    "UNetCIFAR10Meta",
+    "UNetCIFAR10TorchCFM",
+    "UNetDigits",
+    "UNetTiny",
+    "UNetTinyConditional",
+    "drop_labels",
+    "param_count",
+    "sinusoidal_embedding",
+]
+
+PRESETS = {
+    "unet_cifar10_meta": UNetCIFAR10Meta,
+    "unet_cifar10_torchcfm": UNetCIFAR10TorchCFM,
+    "unet_digits": UNetDigits,
+    "unet_tiny": UNetTiny,
+}
+"""Model constructors by the name ``config.model.name`` uses; each takes the preset's fields as
+keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``)."""
