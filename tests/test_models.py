@@ -1,0 +1,310 @@
+"""fmjax.models.UNet: shapes, preset sizes, dropout, class conditioning, bf16, errors, training.
+
+XLA on CPU compiles and runs conv backward passes slowly, so shapes, sizes and errors are checked
+with ``jax.eval_shape`` (nothing compiled or computed), forward passes share jitted functions
+through module-scoped fixtures, and parameters come from NumPy instead of a compiled ``init``.
+"""
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fmjax.loss import cfm_loss
+from fmjax.models import (
+    UNet,
+    UNetCIFAR10Meta,
+    UNetCIFAR10TorchCFM,
+    UNetDigits,
+    UNetTiny,
+    UNetTinyConditional,
+    drop_labels,
+    param_count,
+)
+
+IMAGE = (8, 8, 1)
+B = 4
+
+
+def abstract_params(model, image_shape, batch=1):
+    x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t)
+
+
+def random_params(model, image_shape, seed=0):
+    """Parameters with no zero-initialised layer (a fresh init outputs exactly 0), from NumPy."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if name == "kernel":
+            return jnp.asarray(noise / math.sqrt(math.prod(leaf.shape[:-1])))
+        if name == "scale":
+            return jnp.asarray(1.0 + 0.1 * noise)
+        return jnp.asarray(0.1 * noise)  # biases and embeddings
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_params(model, image_shape))
+
+
+def images(batch=B, shape=IMAGE, seed=1):
+    return jax.random.normal(jax.random.key(seed), (batch, *shape))
+
+
+TIMES = jnp.linspace(0.05, 0.95, B)
+
+
+# --- shapes and sizes (abstract evaluation only) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (UNetTiny(), (8, 8, 1)),
+        (UNetTiny(), (16, 16, 3)),
+        (UNetTiny(), (8, 16, 2)),
+        (UNetTinyConditional(channel_mult=(1, 2, 2), attention_ds=(2, 4)), (16, 16, 3)),
+        (
+            UNetTiny(resblock_updown=True, scale_shift_norm=False, head_channels=8),
+            (16, 8, 4),
+        ),
+        (UNetTiny(conv_resample=False, num_res_blocks=2), (8, 8, 3)),
+        (UNet(model_channels=8, channel_mult=(1,), attention_ds=(1,), num_groups=4), (4, 4, 1)),
+    ],
+)
+def test_output_shape_is_input_shape(model, shape):
+    params = abstract_params(model, shape, batch=2)
+    x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+    out = jax.eval_shape(model.apply, params, x, jax.ShapeDtypeStruct((2,), jnp.float32))
+    assert out.shape == x.shape
+    assert out.dtype == jnp.float32
+
+
+def test_out_channels_and_scalar_time():
+    model = UNetTiny(out_channels=2)
+    params = abstract_params(model, IMAGE)
+    out = jax.eval_shape(model.apply, params, jnp.zeros((3, *IMAGE)), 0.5)
+    assert out.shape == (3, 8, 8, 2)
+
+
+@pytest.mark.parametrize(
+    ("preset", "peer_count"),
+    [(UNetCIFAR10Meta, 55.7e6), (UNetCIFAR10TorchCFM, 35.7e6)],
+    ids=["meta", "torchcfm"],
+)
+def test_preset_parameter_count_matches_peer(preset, peer_count):
+    assert param_count(preset(), (32, 32, 3)) == pytest.approx(peer_count, rel=0.02)
+
+
+def test_small_presets_are_small():
+    assert param_count(UNetDigits(), (8, 8, 1)) < 300_000
+    assert param_count(UNetTiny(), IMAGE) < 60_000
+    # 11 rows of the label embedding: 10 classes and the null label.
+    extra = param_count(UNetTinyConditional(), IMAGE) - param_count(UNetTiny(), IMAGE)
+    assert extra == 11 * 4 * UNetTiny().model_channels
+
+
+def test_params_are_float32_under_bfloat16():
+    params = abstract_params(UNetTiny(dtype=jnp.bfloat16), IMAGE)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "match"),
+    [
+        (UNetTiny(), (9, 8, 1), r"9x8 cannot be downsampled by channel_mult=\(1, 2\)"),
+        (UNetTiny(channel_mult=(1, 2, 2, 2)), (12, 12, 1), r"12x12 .* divisible by .* = 8"),
+        (UNetTiny(num_groups=32), IMAGE, "num_groups=32 must divide every channel count"),
+        (UNetTiny(attention_ds=(4,)), IMAGE, r"attention_ds=\(4,\) contains 4"),
+        (UNetTiny(num_heads=3), IMAGE, "num_heads=3"),
+        (UNetTiny(head_channels=64), IMAGE, "head_channels=64"),
+    ],
+)
+def test_bad_configuration_raises(model, shape, match):
+    with pytest.raises(ValueError, match=match):
+        abstract_params(model, shape)
+
+
+def test_bad_inputs_raise():
+    model = UNetTiny()
+    params = abstract_params(model, IMAGE)
+    x = jnp.zeros((2, *IMAGE))
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[batch\]=\(2,\)"):
+        jax.eval_shape(model.apply, params, x, jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"x_t must be float images .* shape \(2, 64\)"):
+        jax.eval_shape(model.apply, params, x.reshape(2, 64), jnp.zeros(2))
+    with pytest.raises(ValueError, match="unconditional"):
+        jax.eval_shape(model.apply, params, x, jnp.zeros(2), jnp.zeros(2, jnp.int32))
+
+
+def test_labels_out_of_range_raise_when_concrete():
+    model = UNetTinyConditional()
+    params = abstract_params(model, IMAGE)
+    x, t = jnp.zeros((3, *IMAGE)), jnp.zeros(3)
+    # Labels made outside and closed over stay concrete while eval_shape traces the parameters.
+    bad, floats = jnp.array([11, 3, -1]), jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"\[0, num_classes=10\] .* got \[11, -1\]"):
+        jax.eval_shape(lambda p: model.apply(p, x, t, bad), params)
+    with pytest.raises(ValueError, match=r"integers of shape \[batch\]=\(3,\)"):
+        jax.eval_shape(lambda p: model.apply(p, x, t, floats), params)
+
+
+# --- forward passes on the tiny presets (shared compilations) ----------------------------------
+
+# One class-conditional model with dropout serves the dropout and the conditioning tests.
+COND = UNetTinyConditional(dropout=0.2)
+
+
+@pytest.fixture(scope="module")
+def cond_apply():
+    params = random_params(COND, IMAGE)
+    apply = jax.jit(COND.apply, static_argnames="train")
+    return functools.partial(apply, params)
+
+
+def test_deterministic_without_dropout(cond_apply):
+    x, y = images(), jnp.arange(B)
+    a = cond_apply(x, TIMES, y, rngs={"dropout": jax.random.key(0)})
+    b = cond_apply(x, TIMES, y, rngs={"dropout": jax.random.key(1)})
+    assert a.shape == x.shape
+    assert jnp.all(jnp.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_with_dropout(cond_apply):
+    x, y = images(), jnp.arange(B)
+    eval_out = cond_apply(x, TIMES, y, rngs={"dropout": jax.random.key(0)})
+    a = cond_apply(x, TIMES, y, train=True, rngs={"dropout": jax.random.key(0)})
+    b = cond_apply(x, TIMES, y, train=True, rngs={"dropout": jax.random.key(0)})
+    c = cond_apply(x, TIMES, y, train=True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+    assert float(jnp.max(jnp.abs(a - eval_out))) > 1e-3
+
+
+def test_class_conditioning(cond_apply):
+    x = images()
+    rngs = {"dropout": jax.random.key(0)}
+    out = cond_apply(x, TIMES, jnp.array([0, 1, 2, 3]), rngs=rngs)
+    other = cond_apply(x, TIMES, jnp.array([0, 1, 2, 9]), rngs=rngs)
+    np.testing.assert_array_equal(out[:3], other[:3])
+    assert float(jnp.max(jnp.abs(out[3] - other[3]))) > 1e-3
+    # y=None is the null label (10) for every example: the unconditional field of CFG.
+    np.testing.assert_array_equal(
+        cond_apply(x, TIMES, None, rngs=rngs), cond_apply(x, TIMES, jnp.full(B, 10), rngs=rngs)
+    )
+
+
+def test_out_of_range_label_under_jit_gives_nan(cond_apply):
+    out = cond_apply(images(), TIMES, jnp.array([0, 11, 2, 3]), rngs={"dropout": jax.random.key(0)})
+    finite = jnp.all(jnp.isfinite(out), axis=(1, 2, 3))
+    np.testing.assert_array_equal(finite, [True, False, True, True])
+
+
+def test_unconditional_and_bfloat16_close_to_float32():
+    f32, bf16 = UNetTiny(), UNetTiny(dtype=jnp.bfloat16)
+    params = random_params(f32, IMAGE)
+    x = images()
+    ref = jax.jit(f32.apply)(params, x, TIMES)
+    out = jax.jit(bf16.apply)(params, x, TIMES)
+    assert out.dtype == jnp.float32
+    assert float(jnp.std(ref)) > 0.1
+    # bfloat16 keeps 8 bits of mantissa: a few 1e-3 relative error per op, accumulated over ~30.
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+    assert float(jnp.max(jnp.abs(out - ref))) > 0.0
+
+
+@pytest.mark.slow  # compiling an init takes ~30 s on a busy 2-core CPU (threefry per parameter)
+def test_fresh_init_outputs_zero_with_float32_params():
+    model = UNetTiny(dtype=jnp.bfloat16)
+    x = images(batch=1)
+    params = jax.jit(model.init)(jax.random.key(0), x, TIMES[:1])
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(model.apply(params, x, TIMES[:1]), jnp.zeros_like(x))
+
+
+# --- label dropout -----------------------------------------------------------------------------
+
+
+def test_drop_labels():
+    labels = jnp.arange(10_000) % 10
+    key = jax.random.key(3)
+    dropped = drop_labels(key, labels, 0.25, null_label=10)
+    is_null = dropped == 10
+    assert float(jnp.mean(is_null)) == pytest.approx(0.25, abs=0.02)
+    np.testing.assert_array_equal(dropped[~is_null], labels[~is_null])
+    # Example i's draw comes from its own key: the first half alone gives the same labels.
+    keys = jax.random.split(key, labels.shape[0])
+    np.testing.assert_array_equal(drop_labels(keys[:5000], labels[:5000], 0.25, 10), dropped[:5000])
+    jitted = jax.jit(drop_labels, static_argnames="null_label")
+    np.testing.assert_array_equal(jitted(key, labels, 0.25, null_label=10), dropped)
+
+
+def test_drop_labels_errors():
+    with pytest.raises(ValueError, match=r"prob=1.5"):
+        drop_labels(jax.random.key(0), jnp.arange(3), 1.5, 10)
+    with pytest.raises(ValueError, match=r"integers of shape \[batch\]; got dtype float32"):
+        drop_labels(jax.random.key(0), jnp.zeros(3), 0.1, 10)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def overfit(steps, fixed_noise):
+    """Adam on one batch of 4 labelled 8x8 images; returns the mean loss of the first 10 and
+    last 50 steps, and the seconds taken (compilation included)."""
+    model = UNetTinyConditional()
+    x1 = jnp.sign(images(seed=2))  # a binary, digit-like batch
+    labels = jnp.arange(B)
+    params = random_params(model, IMAGE, seed=4)
+    optimizer = optax.adam(3e-3)
+
+    def loss_fn(params, key):
+        return cfm_loss(
+            model.apply,
+            params,
+            key,
+            x1,
+            model_kwargs={"train": True, "rngs": {"dropout": key}},
+            example_kwargs={"y": labels},
+        )[0]
+
+    def step(carry, key):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    if fixed_noise:
+        keys = jnp.broadcast_to(jax.random.key(5), (steps,))
+    else:
+        keys = jax.random.split(jax.random.key(5), steps)
+    start = time.perf_counter()
+    _, losses = jax.jit(lambda c, k: jax.lax.scan(step, c, k))(
+        (params, optimizer.init(params)), keys
+    )
+    losses = np.asarray(losses)
+    return losses[:10].mean(), losses[-50:].mean(), time.perf_counter() - start
+
+
+def test_tiny_model_overfits_one_batch():
+    # The same noise and times every step: pure regression, the classic "can it fit" check.
+    first, last, seconds = overfit(steps=200, fixed_noise=True)
+    print(f"\nfixed noise: loss {first:.3f} -> {last:.4f} in 200 steps, {seconds:.1f} s")
+    assert last < first / 10
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch_with_fresh_noise():
+    first, last, seconds = overfit(steps=2000, fixed_noise=False)
+    print(f"\nfresh noise: loss {first:.3f} -> {last:.4f} in 2000 steps, {seconds:.1f} s")
+    assert last < first / 10
