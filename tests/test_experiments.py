@@ -1,0 +1,59 @@
+"""The entry points users run, end to end in shortened settings (fresh processes)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_module(module: str, *args: str) -> str:
+    env = dict(os.environ)
+    env["FMJAX_JAX_CACHE"] = str(ROOT / ".jax_cache")
+    for name in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS"):  # one CPU device, like a user's laptop
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def steps_logged(workdir: pathlib.Path) -> list[int]:
+    return [
+        json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.fixture(scope="module")
+def digits_quick(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits")
+    output = run_module(
+        "experiments.digits", f"--workdir={workdir}", "--config=experiments/configs/digits.py:quick"
+    )
+    return workdir, output
+
+
+def test_digits_quick_writes_every_artefact(digits_quick):
+    workdir, output = digits_quick
+    assert steps_logged(workdir) == [2, 4, 6]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    grid = Image.open(workdir / "samples" / "step_00000006.png")
+    assert grid.size == (4 * 8 * 8 + 5 * 8,) * 2  # 16 samples of 8x8, 4 per row, enlarged 8x
+    assert "Done at step 6" in output and "CheckpointManager" not in output
+
+
+def test_digits_resumes_where_it_stopped(digits_quick):
+    workdir, _ = digits_quick
+    output = run_module(
+        "experiments.digits", f"--workdir={workdir}", "--config=experiments/configs/digits.py:quick",
+        "--config.train.num_steps=8",
+    )  # fmt: skip
+    assert "Resuming" in output and "from step 6" in output
+    assert steps_logged(workdir) == [2, 4, 6, 8]
