@@ -329,3 +329,14 @@ def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
     two_hosts = [m["loss"] for m in read_metrics(tmp_path)]
     one_host = [m["loss"] for m in read_metrics(runs[4][0])]
     np.testing.assert_allclose(two_hosts, one_host, rtol=1e-5)
+
+
+def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
+    config = tiny_config(num_steps=6, sample_every=3, num_grid_samples=9, checkpoint_every=6)
+    train.train_and_evaluate(config, tmp_path, source=tiny_source(), mesh=mesh_of(1))
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step_00000003.png", "step_00000006.png"]
+    from PIL import Image
+
+    # 9 samples of 4x4, 3 per row, 1-pixel borders, enlarged 16x.
+    assert Image.open(tmp_path / "samples" / grids[-1]).size == ((3 * 4 + 4) * 16,) * 2
