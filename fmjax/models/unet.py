@@ -80,7 +80,7 @@ def sinusoidal_embedding(
         scale: multiplies ``t`` first. ``1000`` spreads ``t`` in ``[0, 1]`` over the range of
             DDPM's integer timesteps, so that the high frequencies vary over ``[0, 1]``; ``1``
             feeds ``t`` unscaled, as Meta's ``flow_matching`` and torchcfm U-Nets do.
-        max_period: the longest period, :math:`1 / \omega_{h-1}` up to one step.
+        max_period: sets the lowest frequency, :math:`\omega_{h-1} = \mathrm{max\_period}^{-(h-1)/h}`.
 
     Returns:
         The embedding, shape ``[batch, dim]``, float32.
