@@ -193,7 +193,10 @@ def init_state(
     x = jnp.zeros((1, h, w, c), jnp.float32)
     kwargs = {"y": jnp.zeros((1,), jnp.int32)} if config.model.num_classes is not None else {}
     key = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
-    params = model.init({"params": key}, x, jnp.zeros((1,)), **kwargs)["params"]
+    # The non-partitionable threefry lowering compiles ~5x faster on CPU (UNetDigits' init:
+    # 4 s instead of 24 s); init runs once per run, so its partitioning does not matter.
+    with jax.threefry_partitionable(False):
+        params = model.init({"params": key}, x, jnp.zeros((1,)), **kwargs)["params"]
     # A copy, not the same buffers: the step donates its input, and donating one buffer
     # through two leaves crashes the runtime.
     ema_params = jax.tree.map(jnp.copy, params)
