@@ -201,7 +201,7 @@ def test_toy_2d_density_integrates_to_one(name):
 
 def test_eight_gaussians_log_prob_at_a_centre():
     toy = data.eight_gaussians(radius=5.0, std=0.5)
-    # At a centre the other seven components are > 3.8 / 0.5 standard deviations away.
+    # At a centre the nearest other component is 3.8 / 0.5 > 7 standard deviations away.
     expected = -np.log(8 * 2 * np.pi * 0.25)
     log_prob = jax.jit(toy.log_prob)(jnp.array([[5.0, 0.0]]))
     np.testing.assert_allclose(log_prob, [expected], rtol=1e-5)
