@@ -334,6 +334,8 @@ def sample(
     check_batched("x0", x0)
     check_float("x0", x0)
     _check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
+    if time_grid is not None:
+        time_grid = jnp.asarray(time_grid)
     if save_at is not None:
         save_at = _check_times("save_at", save_at, min_length=1)
         _check_save_at(save_at, time_grid, t0, t1)

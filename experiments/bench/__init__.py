@@ -1,0 +1,32 @@
+"""Benchmark areas for `python -m experiments.benchmark`; shared timing helpers."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs after one warm-up (compile) run."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Median wall times of several functions, run in turn so that drifting machine load
+    (other processes, thermal state) affects them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

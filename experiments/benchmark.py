@@ -1,0 +1,70 @@
+"""Benchmarks, one module per area under `experiments/bench/`: prints Markdown, writes JSON.
+
+    python -m experiments.benchmark [--only AREA] [--quick] [--json PATH]
+
+Each area module has `run(quick: bool) -> list[dict]`; a row is one measurement (its keys
+become table columns). Timings are medians over repeats after a warm-up (compile) call.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+AREAS = ("sampling",)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table; columns in first-seen order, missing cells empty."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = [_format(row.get(column, "")) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=AREAS, help="run one area")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--json", default="runs/benchmark.json", help="where to write rows")
+    args = parser.parse_args(argv)
+
+    import jax  # after argument parsing, so --help is instant
+
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(device) for device in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "areas": {},
+    }
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices)")
+    for area in (args.only,) if args.only else AREAS:
+        module = importlib.import_module(f"experiments.bench.{area}")
+        rows = module.run(quick=args.quick)
+        report["areas"][area] = rows
+        print(f"\n## {area}\n\n{markdown_table(rows)}\n", flush=True)
+
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
