@@ -2,7 +2,8 @@
 
     python -m experiments.benchmark [--only AREA] [--quick] [--json PATH]
 
-Each area module has `run(quick: bool) -> list[dict]`; a row is one measurement (its keys
+Each area is a public module of `experiments.bench` (found by name, so a new area needs no
+change here) with `run(quick: bool) -> list[dict]`; a row is one measurement (its keys
 become table columns). Timings are medians over repeats after a warm-up (compile) call.
 """
 
@@ -10,11 +11,22 @@ import argparse
 import importlib
 import json
 import os
+import pkgutil
 import platform
 import sys
 import time
 
-AREAS = ("sampling",)
+import jax
+
+import experiments.bench
+
+AREAS = tuple(
+    sorted(
+        info.name
+        for info in pkgutil.iter_modules(experiments.bench.__path__)
+        if not info.name.startswith("_")
+    )
+)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -39,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--json", default="runs/benchmark.json", help="where to write rows")
     args = parser.parse_args(argv)
-
-    import jax  # after argument parsing, so --help is instant
 
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
