@@ -61,7 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
     o.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
 
     c.data = d = ml_collections.ConfigDict()
-    d.name = "digits"  # see fmjax.data.SOURCES
+    d.name = "digits"  # see fmjax.data.SOURCES, or "tfds:<tfds dataset name>"
+    d.data_dir = ml_collections.config_dict.placeholder(str)  # tfds; None: TFDS_DATA_DIR or default
+    d.image_size = ml_collections.config_dict.placeholder(
+        int
+    )  # crop + resize tfds images; None: as stored
+    d.image_shape = ml_collections.config_dict.placeholder(tuple)  # filled in from the source
     d.random_flip = False  # random horizontal flip (keyed by seed, epoch, example)
     d.label_drop_prob = 0.0  # classifier-free guidance training: labels -> null label
 

@@ -468,28 +468,21 @@ random_flip=..., data_dir=..., image_size=...)``. Any other tfds image dataset i
 
 TFDS_PREFIX = "tfds:"
 
-_OPTIONAL_DATA_KEYS = {"data_dir": None, "image_size": None}
-"""Keys of ``config.data`` that configs written before them lack, with their defaults."""
-
 
 def build_source(data_config, seed: int, split: str = "train") -> Source:
     """The source named by ``data_config.name``, seeded, with its options.
 
-    Reads ``name``, ``random_flip``, and ``data_dir`` and ``image_size`` (both None when the
-    config lacks them).
+    Reads ``name``, ``random_flip``, ``data_dir`` and ``image_size`` (see
+    :func:`fmjax.configs.base_config`).
 
     Example:
-        >>> import ml_collections
+        >>> from fmjax.configs import base_config
         >>> from fmjax.data import build_source
-        >>> config = ml_collections.ConfigDict({"name": "digits", "random_flip": False})
-        >>> build_source(config, seed=0).image_shape
+        >>> build_source(base_config().data, seed=0).image_shape
         (8, 8, 1)
     """
     name = data_config.name
-    options = {
-        key: data_config[key] if key in data_config else default
-        for key, default in _OPTIONAL_DATA_KEYS.items()
-    }
+    options = {"data_dir": data_config.data_dir, "image_size": data_config.image_size}
     if name.startswith(TFDS_PREFIX):
         factory = functools.partial(TfdsSource, name.removeprefix(TFDS_PREFIX))
     elif name in SOURCES:

@@ -20,11 +20,10 @@ import json
 import logging
 import os
 import pathlib
-import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -289,12 +288,18 @@ def make_train_step(
             )
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grad_sum, loss_sum), _ = jax.lax.scan(
-            accumulate,
-            (zeros, jnp.zeros((), jnp.float32)),
-            (jnp.arange(accumulation), split(x1), split(labels), split(keys)),
-        )
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+        if accumulation == 1:
+            # No scan for one micro-batch: on XLA:CPU a conv net's backward pass inside a
+            # while loop ran 11x slower than the same code outside it (UNetDigits: 0.97 s vs
+            # 0.088 s per step). The scan stays for accumulation, whose point is memory.
+            (grad_sum, loss_sum), _ = accumulate(zeros, (0, x1, labels, keys))
+        else:
+            (grad_sum, loss_sum), _ = jax.lax.scan(
+                accumulate,
+                zeros,
+                (jnp.arange(accumulation), split(x1), split(labels), split(keys)),
+            )
         grads = jax.lax.pmean(jax.tree.map(lambda g: g / accumulation, grad_sum), "data")
         loss = jax.lax.pmean(loss_sum / accumulation, "data")
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -383,26 +388,6 @@ class _MetricWriter:
             self._tb.close()
 
 
-def _prefetch(batches: Iterator, size: int = 2) -> Iterator:
-    """Runs ``batches`` ``size`` items ahead in a thread, so the host never blocks the step."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-
-    def produce():
-        try:
-            for item in batches:
-                q.put(item)
-        except BaseException as error:  # re-raised in the consumer
-            q.put(error)
-        q.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     path = workdir / "config.json"
     if not path.exists():
@@ -468,7 +453,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
     *,
-    source: data.ArraySource | None = None,
+    source: data.Source | None = None,
     hooks: Sequence[EvalHook] = (),
     mesh: Mesh | None = None,
 ) -> TrainState:
@@ -529,9 +514,8 @@ def train_and_evaluate(
             for k, v in batch.items()
         }
 
-    batches = _prefetch(
-        source.batch(s, t.batch_size, jax.process_index(), jax.process_count())
-        for s in range(start, t.num_steps)
+    batches = data.prefetch_batches(
+        source, start, t.num_steps, t.batch_size, jax.process_index(), jax.process_count()
     )
     velocity = make_velocity(model, config)
     pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched from the device

@@ -8,18 +8,20 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from fmjax import data
+from fmjax.configs import base_config
 
 NUM_MOCK = 48  # examples per mocked split: small, so a batch of 16 crosses epochs quickly
 
 
 def data_config(name, **options):
-    return ml_collections.ConfigDict({"name": name, "random_flip": False, **options})
+    config = base_config().data
+    config.update(name=name, **options)
+    return config
 
 
 @pytest.fixture(params=[("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1))], ids=lambda p: p[0])
@@ -31,7 +33,7 @@ def mocked(request):
 
 def test_tfds_batch_contract(mocked):
     name, shape = mocked
-    source = data.build_source(data_config(name), seed=0)  # no data_dir / image_size keys
+    source = data.build_source(data_config(name), seed=0)
     assert (source.num_examples, source.image_shape, source.num_classes) == (NUM_MOCK, shape, 10)
     batch = source.batch(step=0, batch_size=16)
     assert batch["image"].shape == (16, *shape) and batch["image"].dtype == np.float32
