@@ -57,3 +57,19 @@ def test_digits_resumes_where_it_stopped(digits_quick):
     )  # fmt: skip
     assert "Resuming" in output and "from step 6" in output
     assert steps_logged(workdir) == [2, 4, 6, 8]
+
+
+def test_readme_sampling_snippet_runs_on_a_trained_run(digits_quick, tmp_path, monkeypatch):
+    workdir, _ = digits_quick
+    text = (ROOT / "README.md").read_text().split("## Sample from a trained run\n", 1)[1]
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"runs/digits"' in snippet
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(
+        compile(snippet.replace('"runs/digits"', repr(str(workdir))), "README.md", "exec"),
+        namespace,
+    )
+    result = namespace["result"]
+    assert bool(result.success) and result.x.shape == (16, 8, 8, 1) and int(result.nfe) > 0
+    assert (tmp_path / "digits.png").exists()

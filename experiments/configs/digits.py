@@ -1,7 +1,7 @@
 """The offline quick start: scikit-learn's 8x8 digits on a laptop CPU.
 
 Variants (``--config=experiments/configs/digits.py:VARIANT``):
-- default: about 10 minutes on 2 CPU cores; recognisable digits.
+- default: about 5 minutes on 2 CPU cores; recognisable digits.
 - ``quick``: a few steps of a tiny U-Net, to check that everything runs (CI).
 """
 
@@ -13,11 +13,11 @@ def get_config(variant: str | None = None):
     c = base_config()
     c.model.name = "unet_digits"
     c.data.name = "digits"
-    c.train.num_steps = 1500
+    c.train.num_steps = 3000
     c.train.batch_size = 64
     c.train.log_every = 50
-    c.train.checkpoint_every = 500
-    c.train.sample_every = 500
+    c.train.checkpoint_every = 1000
+    c.train.sample_every = 1000
     c.train.num_grid_samples = 100
     c.train.sample_solver = "heun"
     c.train.sample_steps = 25
