@@ -306,7 +306,6 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
     import portpicker
 
