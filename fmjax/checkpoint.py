@@ -23,16 +23,24 @@ log = logging.getLogger(__name__)
 
 
 class Checkpoints:
-    """The checkpoints under ``workdir/checkpoints``.
+    """The checkpoints under ``workdir/checkpoints`` (or another ``subdir``).
 
     Args:
         workdir: the run's directory.
         keep: how many of the newest checkpoints to keep.
         async_save: write in a background thread while training continues.
+        subdir: the directory inside ``workdir`` (``checkpoints_best`` for the best state).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        subdir: str = "checkpoints",
+    ):
+        self.directory = pathlib.Path(workdir).absolute() / subdir
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -92,8 +100,9 @@ class RunArtifacts(dict):
     __getattr__ = dict.__getitem__
 
 
-def load_run(workdir: str | os.PathLike) -> RunArtifacts:
-    """The config, the model and the EMA parameters of a run's newest checkpoint.
+def load_run(workdir: str | os.PathLike, *, best: bool = False) -> RunArtifacts:
+    """The config, the model and the EMA parameters of a run's newest checkpoint (or, with
+    ``best=True``, of its best-scoring one: see :class:`fmjax.train.EvalHook`).
 
     The optimizer state is not kept. Parameters land on the default device, whatever mesh
     saved them, ready for :func:`fmjax.sampling.sample` from Python.
@@ -109,8 +118,9 @@ def load_run(workdir: str | os.PathLike) -> RunArtifacts:
     model = train.build_model(config.model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = train.abstract_state(config, model, sharding=device)
-    restored = Checkpoints(workdir, async_save=False).restore_latest(abstract)
+    subdir = "checkpoints_best" if best else "checkpoints"
+    restored = Checkpoints(workdir, async_save=False, subdir=subdir).restore_latest(abstract)
     if restored is None:
-        raise ValueError(f"{workdir} has no readable checkpoint under {workdir}/checkpoints.")
+        raise ValueError(f"{workdir} has no readable checkpoint under {workdir}/{subdir}.")
     state, step = restored
     return RunArtifacts(config=config, model=model, ema_params=state.ema_params, step=step)

@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.num_grid_samples = 64
     t.sample_solver = "heun"  # for the grid; see fmjax.sampling.SOLVERS
     t.sample_steps = 50
+    t.eval_every = 0  # the experiment's in-training score every N steps; 0 turns it off
+    t.eval_samples = 500  # samples per in-training score
 
     c.model = m = ml_collections.ConfigDict()
     m.name = "unet_tiny"  # a preset of fmjax.models.PRESETS; other keys override its fields
@@ -121,6 +123,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for name in ("log_every", "checkpoint_every"):
         _positive(f"train.{name}", t[name])
     _positive("train.sample_every", t.sample_every, allow_zero=True)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.eval_samples", t.eval_samples)
     _positive("train.num_grid_samples", t.num_grid_samples)
     per_update = num_devices * t.accumulation_steps
     if t.batch_size % per_update:

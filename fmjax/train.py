@@ -47,6 +47,7 @@ __all__ = [
     "build_path",
     "ema_decay",
     "ema_update",
+    "generate",
     "init_state",
     "make_mesh",
     "make_optimizer",
@@ -81,11 +82,28 @@ class EvalHook:
     """A callable run every ``every`` steps (and at the end) as ``fn(step, state) -> metrics``.
 
     It runs on every process (it may use collectives); the returned ``{name: float}`` is
-    written to ``metrics.jsonl`` and TensorBoard by process 0.
+    written to ``metrics.jsonl`` and TensorBoard by process 0. With ``keep_best`` naming one
+    of those metrics, the state with its best value so far (the lowest, or the highest with
+    ``mode="max"``) is kept in ``workdir/checkpoints_best`` and described in
+    ``workdir/best.json``, beside the latest checkpoints.
     """
 
     every: int
     fn: Callable[[int, TrainState], dict[str, float]]
+    keep_best: str | None = None
+    mode: str = "min"
+
+    def __post_init__(self):
+        if not (isinstance(self.every, int) and self.every > 0):
+            raise ValueError(f"EvalHook every={self.every!r} must be a positive int.")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EvalHook mode={self.mode!r} must be 'min' or 'max'.")
+
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` (None: nothing yet) in this hook's direction."""
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
 
 
 # --- building blocks from the config -----------------------------------------------------
@@ -504,6 +522,7 @@ def train_and_evaluate(
         log.info("Resuming %s from step %d.", workdir, start)
     train_step = make_train_step(config, model, tx, schedule, mesh)
     writer = _MetricWriter(workdir, is_main)
+    best = _BestCheckpoint(workdir, is_main)
     t = config.train
 
     def place(batch):
@@ -559,7 +578,10 @@ def train_and_evaluate(
                     last_log_time, last_log_step = now, step
                 for hook in hooks:
                     if step % hook.every == 0 or last:
-                        writer.write(step, hook.fn(step, state))
+                        scores = hook.fn(step, state)
+                        writer.write(step, scores)
+                        if hook.keep_best is not None:
+                            best.offer(hook, step, state, scores, flush_metrics)
                 if t.sample_every and (step % t.sample_every == 0 or last) and is_main:
                     _write_grid(
                         config, velocity, state, workdir / "samples" / f"step_{step:08d}.png"
@@ -577,21 +599,76 @@ def train_and_evaluate(
                     break
     finally:
         ckpt.close()
+        best.close()
         writer.close()
     return state
 
 
-def _write_grid(config, velocity, state: TrainState, path: pathlib.Path) -> None:
-    """A grid of samples from the EMA parameters (same noise every time, so grids compare)."""
+class _BestCheckpoint:
+    """The best-scoring state so far under ``checkpoints_best/``, described by ``best.json``."""
+
+    def __init__(self, workdir: pathlib.Path, is_main: bool):
+        self._workdir, self._is_main = workdir, is_main
+        self._record = workdir / "best.json"
+        self.value = (
+            json.loads(self._record.read_text())["value"] if self._record.exists() else None
+        )
+        self._checkpoints: checkpoint.Checkpoints | None = None
+
+    def offer(self, hook: EvalHook, step: int, state: TrainState, scores: dict, flush) -> None:
+        if hook.keep_best not in scores:
+            raise ValueError(
+                f"EvalHook keep_best={hook.keep_best!r} is not among the metrics its fn returned: "
+                f"{sorted(scores)}."
+            )
+        value = float(scores[hook.keep_best])
+        if not (np.isfinite(value) and hook.improves(value, self.value)):
+            return
+        flush()  # never keep a non-finite state
+        if self._checkpoints is None:
+            self._checkpoints = checkpoint.Checkpoints(
+                self._workdir, keep=1, subdir="checkpoints_best"
+            )
+        self._checkpoints.save(step, state)
+        self._checkpoints.wait()  # best.json must never name a checkpoint still being written
+        self.value = value
+        if self._is_main:
+            record = {"step": step, "metric": hook.keep_best, "mode": hook.mode, "value": value}
+            tmp = self._record.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self._record)
+
+    def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+
+
+def generate(
+    config: ml_collections.ConfigDict,
+    velocity: Callable,
+    state: TrainState,
+    num_samples: int,
+    key: jax.Array,
+    *,
+    labels: jax.Array | None = None,
+) -> sampling.SampleResult:
+    """Samples from the EMA parameters with the config's grid solver (``train.sample_solver``,
+    ``train.sample_steps``); ``velocity`` comes from :func:`make_velocity`.
+
+    A conditional model gets ``labels`` (default: cycling through the classes).
+    """
     t = config.train
-    h, w, c = config.data.image_shape
-    key = jax.random.fold_in(jax.random.key(config.seed), _GRID_STREAM)
-    x0 = jax.random.normal(key, (t.num_grid_samples, h, w, c))
-    labels = None
-    if config.model.num_classes is not None:
-        labels = jnp.arange(t.num_grid_samples, dtype=jnp.int32) % config.model.num_classes
+    x0 = jax.random.normal(key, (num_samples, *config.data.image_shape))
+    if config.model.num_classes is not None and labels is None:
+        labels = jnp.arange(num_samples, dtype=jnp.int32) % config.model.num_classes
     params = jax.device_get(state.ema_params)  # replicated: the host copy is complete
     fn = jax.tree_util.Partial(velocity, params, labels)
-    result = sampling.sample(fn, x0, solver=t.sample_solver, steps=t.sample_steps)
+    return sampling.sample(fn, x0, solver=t.sample_solver, steps=t.sample_steps)
+
+
+def _write_grid(config, velocity, state: TrainState, path: pathlib.Path) -> None:
+    """A grid of samples from the EMA parameters (same noise every time, so grids compare)."""
+    key = jax.random.fold_in(jax.random.key(config.seed), _GRID_STREAM)
+    result = generate(config, velocity, state, config.train.num_grid_samples, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images.save_grid(np.asarray(result.x), path, scale=max(1, 64 // h))
+    images.save_grid(np.asarray(result.x), path, scale=max(1, 64 // config.data.image_shape[0]))

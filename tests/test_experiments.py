@@ -25,10 +25,13 @@ def run_module(module: str, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def metrics(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def steps_logged(workdir: pathlib.Path) -> list[int]:
-    return [
-        json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
-    ]
+    """The steps of the training-metric lines (evaluation scores have lines of their own)."""
+    return [m["step"] for m in metrics(workdir) if "loss" in m]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,15 @@ def test_digits_quick_writes_every_artefact(digits_quick):
     grid = Image.open(workdir / "samples" / "step_00000006.png")
     assert grid.size == (4 * 8 * 8 + 5 * 8,) * 2  # 16 samples of 8x8, 4 per row, enlarged 8x
     assert "Done at step 6" in output and "CheckpointManager" not in output
+    scored = [(m["step"], m["digits_fd"]) for m in metrics(workdir) if "digits_fd" in m]
+    assert [step for step, _ in scored] == [3, 6]
+    best = json.loads((workdir / "best.json").read_text())
+    assert best["value"] == min(fd for _, fd in scored) and best["metric"] == "digits_fd"
+    report = json.loads((workdir / "eval" / "digits.json").read_text())
+    assert report["num_samples"] == 1000 and report["nfe"] == 4  # heun, 2 steps
+    # Six steps of a tiny model: far from the floor, but the score is well defined.
+    assert report["floor_train_vs_test"] < report["digits_fd"]
+    assert "Digits score" in output
 
 
 def test_digits_resumes_where_it_stopped(digits_quick):

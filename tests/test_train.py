@@ -339,3 +339,33 @@ def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
 
     # 9 samples of 4x4, 3 per row, 1-pixel borders, enlarged 16x.
     assert Image.open(tmp_path / "samples" / grids[-1]).size == ((3 * 4 + 4) * 16,) * 2
+
+
+def test_the_best_checkpoint_follows_the_best_logged_score(tmp_path):
+    scores = {2: 5.0, 4: 3.0, 6: 4.0, 8: 2.0, 10: 6.0}  # goes down, up, down, up
+    ema_at = {}
+
+    def score(step, state):
+        ema_at[step] = jax.device_get(state.ema_params)
+        return {"score": scores[step]}
+
+    hook = train.EvalHook(every=2, fn=score, keep_best="score")
+    train.train_and_evaluate(
+        tiny_config(num_steps=10), tmp_path, source=tiny_source(), mesh=mesh_of(1), hooks=[hook]
+    )
+    assert json.loads((tmp_path / "best.json").read_text()) == {
+        "step": 8, "metric": "score", "mode": "min", "value": 2.0
+    }  # fmt: skip
+    logged = [m["score"] for m in read_metrics(tmp_path) if "score" in m]
+    assert logged == [5.0, 3.0, 4.0, 2.0, 6.0]
+    best = checkpoint.load_run(tmp_path, best=True)
+    assert best.step == 8
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.ema_params), ema_at[8])
+    assert checkpoint.load_run(tmp_path).step == 10
+
+
+def test_eval_hook_validates():
+    with pytest.raises(ValueError, match="mode='median' must be 'min' or 'max'"):
+        train.EvalHook(every=2, fn=lambda s, st: {}, keep_best="x", mode="median")
+    with pytest.raises(ValueError, match="every=0 must be a positive int"):
+        train.EvalHook(every=0, fn=lambda s, st: {})

@@ -21,6 +21,8 @@ def get_config(variant: str | None = None):
     c.train.num_grid_samples = 100
     c.train.sample_solver = "heun"
     c.train.sample_steps = 25
+    c.train.eval_every = 1000  # digits score (Fréchet distance to the test digits); best kept
+    c.train.eval_samples = 500
     c.optim.optimizer = "adam"
     c.optim.learning_rate = 2e-3
     c.optim.schedule = "warmup_cosine"
@@ -29,7 +31,10 @@ def get_config(variant: str | None = None):
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.999
     if variant == "quick":
-        c.train.update(num_steps=6, log_every=2, checkpoint_every=3, sample_every=6, sample_steps=2)
+        c.train.update(
+            num_steps=6, log_every=2, checkpoint_every=3, sample_every=6, sample_steps=2,
+            eval_every=3, eval_samples=64,
+        )  # fmt: skip
         c.train.num_grid_samples = 16
         c.optim.schedule = "constant"  # independent of num_steps: a longer rerun reuses the compile
         c.model.name = "unet_tiny"  # compiles in a fraction of the time
