@@ -1,35 +1,13 @@
-"""Sample-quality metrics: FID by the standard protocol and the Fréchet distance beneath it.
+"""Sample-quality metrics, each a submodule imported on its own (as ``python -m`` runs them):
 
-``fmjax.metrics.fid`` needs the ``train`` extra (Flax, tensorflow-datasets for reference
-statistics); PyTorch only to convert pytorch-fid's weights once. ``fmjax.metrics.digits`` is
-the offline analogue for the 8x8 digits.
+- ``fmjax.metrics.frechet``: the Fréchet distance between Gaussians (NumPy/SciPy, float64),
+  re-exported here.
+- ``fmjax.metrics.fid``: FID by the standard protocol (Flax Inception-v3, pickle-free weights,
+  reference statistics, ``fid_of_samples``); needs the ``train`` extra, and PyTorch only to
+  convert pytorch-fid's weights once.
+- ``fmjax.metrics.digits``: the offline analogue of FID for the 8x8 digits.
 """
 
-from fmjax.metrics.fid import (
-    FIDInceptionV3,
-    FIDResult,
-    GaussianStats,
-    InceptionFeatures,
-    dataset_statistics,
-    fid_of_samples,
-    load_inception,
-    load_statistics,
-    save_statistics,
-    to_uint8,
-)
 from fmjax.metrics.frechet import frechet_distance, gaussian_statistics
 
-__all__ = [
-    "FIDInceptionV3",
-    "FIDResult",
-    "GaussianStats",
-    "InceptionFeatures",
-    "dataset_statistics",
-    "fid_of_samples",
-    "frechet_distance",
-    "gaussian_statistics",
-    "load_inception",
-    "load_statistics",
-    "save_statistics",
-    "to_uint8",
-]
+__all__ = ["frechet_distance", "gaussian_statistics"]

@@ -28,9 +28,8 @@ How this differs from the TF1 code: the 2015 graph resizes with TF1's ``ResizeBi
 coordinate ``i * in / out``. That grid is anchored at the top-left corner instead of the centre,
 so the image is shifted by up to half an input pixel (about 0.45 pixels when upsampling 32 to
 299) and the right/bottom edge pixels are under-weighted. pytorch-fid's authors checked that
-their port gives the TF features on identical 299 x 299 inputs; the resize is what remains, and
-moves CIFAR-10 FIDs by a small fraction of a point (clean-fid measures such resize effects).
-Numbers from this module are therefore "pytorch-fid protocol" FIDs, the convention of most
+their port gives the TF features on identical 299 x 299 inputs; the resize is what remains
+(clean-fid studies how much such resize choices move FID). Numbers from this module are therefore "pytorch-fid protocol" FIDs, the convention of most
 PyTorch flow-matching papers (torchcfm, Meta's ``flow_matching`` example).
 
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` is converted once (PyTorch is
@@ -584,8 +583,9 @@ class InceptionFeatures:
 
     Call it with a host array of any size: it runs in chunks of at most ``batch_size`` images,
     the last one padded, each chunk sharded over the ``("data",)`` axis of ``mesh``. A global
-    ``jax.Array`` whose size divides by the device count (e.g. a batch of samples) goes straight
-    to the devices without a trip through the host. Every process of a multi-host run passes
+    ``jax.Array`` whose size divides by the device count and is at most ``batch_size`` (e.g. a
+    batch of samples) goes straight to the devices without a trip through the host; on several
+    hosts, that is the only way to pass an array that no single host holds whole. Every process of a multi-host run passes
     the same images and gets all features. Build it with :func:`load_inception` or
     :func:`make_inception`.
 
@@ -824,7 +824,8 @@ def fid_of_samples(
         num_samples: how many samples to score (the protocol uses 50,000).
         reference: statistics of the reference set (:func:`dataset_statistics`).
         inception: uint8 images to features, e.g. :func:`load_inception`'s function.
-        batch_size: images per ``sample_fn`` call.
+        batch_size: images per ``sample_fn`` call; a multiple of the device count and at most
+            ``inception.batch_size`` keeps the samples on the devices.
         progress: show a progress bar on process 0.
 
     Raises:
