@@ -110,7 +110,9 @@ def load_run(workdir: str | os.PathLike, *, best: bool = False) -> RunArtifacts:
     Example::
 
         run = load_run("runs/digits")
-        velocity = fmjax.train.velocity_fn(run.model, run.ema_params, run.config)
+        f = fmjax.train.make_velocity(run.model, run.config)
+        velocity = jax.tree_util.Partial(f, run.ema_params, None)  # None: no class labels
+        x1 = fmjax.sampling.sample(velocity, x0, solver="heun", steps=25).x
     """
     from fmjax import train
 
