@@ -73,6 +73,10 @@ QUICK = Settings(steps=300, log_every=50, num_samples=500, grid_size=30)
 
 # --- the velocity field: a plain-function MLP -----------------------------------------------
 
+# Time enters through sin/cos features, the usual embedding of t in flow and diffusion models;
+# t only spans [0, 1], so a few low frequencies are enough.
+_FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
+
 
 def init_mlp(key: PRNGKeyArray, width: int = 256, depth: int = 3) -> list[tuple[Array, Array]]:
     """Parameters of an MLP ``[x, sin/cos features of t] -> velocity`` (a list of (w, b))."""
@@ -82,11 +86,6 @@ def init_mlp(key: PRNGKeyArray, width: int = 256, depth: int = 3) -> list[tuple[
         (jax.random.normal(k, (m, n)) / math.sqrt(m), jnp.zeros(n))
         for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
     ]
-
-
-# Low frequencies suffice: the field changes smoothly in t. Features instead of a raw t let a
-# small MLP bend its field quickly near t = 1, where the modes separate.
-_FREQUENCIES = (1.0, 2.0, 4.0, 8.0)
 
 
 def velocity_mlp(
