@@ -1,0 +1,174 @@
+"""`python -m experiments.cifar10`: the smoke variants end to end on tfds mock data (in-process,
+since the mock lives in this process), and the full recipes' configs without training them."""
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from experiments import cifar10
+from experiments.configs.cifar10 import get_config
+from fmjax.configs import validate
+from fmjax.models import param_count
+from fmjax.train import build_model
+
+NUM_MOCK = 32  # mock CIFAR-10 examples; 8x8 crops of them train the smoke model
+
+
+def train(variant: str, workdir, **train_options) -> None:
+    config = get_config(variant)
+    config.train.update(train_options)
+    with tfds.testing.mock_data(num_examples=NUM_MOCK):
+        cifar10.run(config, workdir, "train")
+
+
+def steps_logged(workdir) -> list[int]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def run_main(monkeypatch, *argv: str) -> None:
+    """``main`` as ``python -m experiments.cifar10 ARGV`` would run it, in this process.
+
+    ``common.setup`` points JAX at the entry points' compilation cache; keep the test suite's.
+    """
+    monkeypatch.setenv("FMJAX_JAX_CACHE", jax.config.jax_compilation_cache_dir)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    cifar10.FLAGS(["cifar10", *argv])
+    try:
+        cifar10.main(["cifar10"])
+    finally:
+        cifar10.FLAGS.unparse_flags()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cifar10_smoke")
+    train("smoke", workdir)
+    return workdir
+
+
+def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, caplog, capsys):
+    workdir = smoke_run
+    assert steps_logged(workdir) == [2, 4]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    grid = Image.open(workdir / "samples" / "step_00000004.png")
+    assert grid.size == (4 * 8 * 8 + 5 * 8,) * 2  # 16 samples of 8x8, 4 per row, enlarged 8x
+
+    with caplog.at_level(logging.INFO, logger="fmjax.train"):
+        train("smoke", workdir, num_steps=6)
+    assert "Resuming" in caplog.text and "from step 4" in caplog.text
+    assert steps_logged(workdir) == [2, 4, 6]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+    run_main(
+        monkeypatch, f"--workdir={workdir}", "--mode=sample", "--num_samples=10", "--steps=2",
+        "--sample_batch_size=6",
+    )  # fmt: skip
+    stem = workdir / "samples" / "sample_step00000006_heun-edm2_n10_seed0"
+    assert "NFE 4 per solve" in capsys.readouterr().out  # heun: 2 evaluations a step
+    with np.load(stem.with_suffix(".npz")) as npz:
+        assert npz["images"].shape == (10, 8, 8, 3) and npz["images"].dtype == np.float32
+        assert npz["images"].min() >= -1.0 and npz["images"].max() <= 1.0
+        assert npz["images_uint8"].shape == (10, 8, 8, 3) and npz["images_uint8"].dtype == np.uint8
+        assert npz["nfe"].tolist() == [4, 4] and npz["success"].all()  # two solves: 6 + 4
+        assert int(npz["step"]) == 6 and str(npz["method"]) == "heun-edm2"
+        assert "labels" not in npz
+    assert Image.open(stem.with_suffix(".png")).size == (4 * 8 * 8 + 5 * 8, 3 * 8 * 8 + 4 * 8)
+
+    with pytest.raises(ValueError, match="unconditional"):
+        cifar10.sample(workdir, cifar10.SamplingOptions(guidance_scale=2.0))
+
+
+def test_conditional_smoke_samples_with_guidance(tmp_path):
+    train("conditional,smoke", tmp_path, num_steps=2)
+    out = cifar10.sample(
+        tmp_path, cifar10.SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0)
+    )
+    assert out.npz.name == "sample_step00000002_heun-edm2_n12_seed0_w2.npz"
+    with np.load(out.npz) as npz:
+        assert npz["labels"].tolist() == [*range(10), 0, 1]  # cycles through the classes
+        assert float(npz["guidance_scale"]) == 2.0 and npz["nfe"].tolist() == [4]
+        assert npz["images"].shape == (12, 8, 8, 3) and np.isfinite(npz["images"]).all()
+    assert Image.open(out.png).size == (10 * 8 * 8 + 11 * 8, 2 * 8 * 8 + 3 * 8)  # a column a class
+
+    chosen = cifar10.sample(
+        tmp_path,
+        cifar10.SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0, labels=(3, 5)),
+    )
+    with np.load(chosen.npz) as npz:
+        assert npz["labels"].tolist() == [3, 5] * 6
+    with pytest.raises(ValueError, match=r"classes in \[0, 9\]"):
+        cifar10.sample(tmp_path, cifar10.SamplingOptions(labels=(10,)))
+
+
+@pytest.mark.parametrize(
+    ("variant", "params", "batch_size"),
+    [
+        (None, 55_676_419, 512),  # Meta's 55.7M U-Net
+        ("torchcfm", 35_746_307, 128),  # torchcfm's 35.7M U-Net
+        ("conditional", 55_676_419 + 11 * 512, 512),  # + a 512-wide embedding of 10 + null
+        ("torchcfm,conditional", 35_746_307 + 11 * 512, 128),
+    ],
+)
+def test_full_variants_are_valid_with_the_peers_model_sizes(variant, params, batch_size):
+    config = get_config(variant)
+    validate(config, num_devices=8)
+    assert config.train.batch_size == batch_size and config.data.name == "cifar10"
+    assert config.data.image_size is None and config.data.random_flip
+    assert param_count(build_model(config.model), (32, 32, 3)) == params
+    # The one-GPU launch: four micro-batches make the update.
+    config.train.accumulation_steps = 4
+    validate(config, num_devices=1)
+
+
+def test_recipes_match_the_references():
+    meta, torchcfm = get_config(), get_config("torchcfm")
+    assert (meta.path.time_sampler, meta.path.logit_mean, meta.path.logit_std) == (
+        "logit_normal", 1.2, 1.2,
+    )  # fmt: skip
+    assert (meta.optim.optimizer, meta.optim.learning_rate, meta.optim.b2) == ("adamw", 1e-4, 0.95)
+    assert (meta.optim.schedule, meta.optim.grad_clip, meta.optim.ema_decay) == (
+        "constant",
+        0,
+        0.999,
+    )
+    assert meta.optim.ema_warmup and meta.train.num_steps == 175_000
+    assert (torchcfm.optim.optimizer, torchcfm.optim.learning_rate) == ("adam", 2e-4)
+    assert (torchcfm.optim.schedule, torchcfm.optim.warmup_steps) == ("warmup_constant", 5000)
+    assert (torchcfm.optim.grad_clip, torchcfm.optim.ema_decay) == (1.0, 0.9999)
+    assert torchcfm.path.time_sampler == "uniform" and torchcfm.train.num_steps == 400_000
+    conditional = get_config("smoke,conditional")
+    assert conditional.model.num_classes == 10 and conditional.data.label_drop_prob == 0.2
+    assert conditional.to_dict() == get_config("conditional,smoke").to_dict()
+
+
+@pytest.mark.parametrize("variant", ["bogus", "smoke,smoke", "conditional,torchcfm"])
+def test_unknown_variants_raise(variant):
+    with pytest.raises(ValueError, match="Unknown CIFAR-10 config variant"):
+        get_config(variant)
+
+
+def test_initial_noise_of_a_sample_does_not_depend_on_the_batches():
+    key = jax.random.key(3)
+    whole = cifar10.initial_noise(key, 0, 10, (8, 8, 3))
+    parts = [
+        cifar10.initial_noise(key, 0, 6, (8, 8, 3)),
+        cifar10.initial_noise(key, 6, 10, (8, 8, 3)),
+    ]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert whole.shape == (10, 8, 8, 3) and 0.9 < float(whole.std()) < 1.1
+
+
+def test_bad_sampling_options_raise():
+    with pytest.raises(ValueError, match="--solver='rk45'"):
+        cifar10.SamplingOptions(solver="rk45")
+    with pytest.raises(ValueError, match="--num_samples=0"):
+        cifar10.SamplingOptions(num_samples=0)
+    with pytest.raises(ValueError, match="--mode='bogus'"):
+        cifar10.run(None, "unused", "bogus")
