@@ -14,7 +14,7 @@ network access::
     pip install tensorflow  # only for this step
     tfds build cifar10 --file_format=array_record [--data_dir=DATA]
 
-Launch commands (also in ``experiments/CIFAR10.md``). The global batch (512 for the default
+Launch commands (also in README.md, "CIFAR-10"). The global batch (512 for the default
 Meta recipe) is split over every device of every process; ``accumulation_steps`` splits each
 device's share further into micro-batches, so the update is the same on any hardware.
 

@@ -18,7 +18,7 @@ Variants (``--config=experiments/configs/cifar10.py:VARIANT``); a variant is a r
   8, 4 updates, a checkpoint every 2, float32.
 
 Every run needs CIFAR-10 prepared for tfds once (``tfds build cifar10
---file_format=array_record``; see ``experiments/CIFAR10.md``).
+--file_format=array_record``; see README.md, "CIFAR-10").
 """
 
 from fmjax.configs import base_config
