@@ -48,6 +48,7 @@ Sampling (one process; heun on the EDM grid, 50 steps: 100 NFE)::
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import pathlib
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 _CONFIG = os.path.join(os.path.dirname(__file__), "configs", "cifar10.py")
 config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do with the run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do with the run.")
 flags.DEFINE_bool(
     "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
 )
@@ -98,6 +99,11 @@ flags.DEFINE_list("labels", None, "--mode=sample, conditional runs: classes to c
 flags.DEFINE_float("guidance_scale", 1.0, "--mode=sample: classifier-free guidance weight w.")
 flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed of the initial noise.")
 flags.DEFINE_integer("sample_batch_size", 500, "--mode=sample: samples per ODE solve.")
+flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
+flags.DEFINE_string("fid_stats", None, "--mode=eval: reference statistics (fid stats CLI).")
+flags.DEFINE_string("inception", None, "--mode=eval: converted Inception weights (default: cache).")
+flags.DEFINE_integer("bpd_examples", 10_000, "--mode=eval: test images for bits/dim (0: none).")
+flags.DEFINE_integer("bpd_draws", 1, "--mode=eval: dequantisation draws K (the paper: 50).")
 FLAGS = flags.FLAGS
 
 
@@ -260,11 +266,7 @@ def sample(
     config = run.config
     image_shape = tuple(config.data.image_shape)
     bind = _velocity_binder(run.model, config, options.guidance_scale)
-    if options.solver in sampling.FIXED_STEP_SOLVERS:
-        grid = {"edm": sampling.edm_time_grid, "uniform": sampling.uniform_time_grid}
-        solve_options = {"time_grid": grid[options.time_grid](options.steps)}
-    else:
-        solve_options = {"rtol": options.rtol, "atol": options.atol}
+    solve_options = _solve_options(options)
 
     key = jax.random.key(options.seed)
     parts, nfe, success = [], [], []
@@ -314,26 +316,175 @@ def sample(
     return SampleOutput(png=png, npz=npz, nfe=nfe)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What ``--mode=eval`` measures (its sampler is that of :class:`SamplingOptions`).
+
+    Attributes:
+        num_samples: samples scored by FID against ``fid_stats`` (0: no FID).
+        fid_stats: reference statistics, from ``python -m fmjax.metrics.fid stats``.
+        inception: converted Inception weights (None: ``fmjax.metrics.fid`` 's cache path).
+        bpd_examples: test-split images whose bits/dim is measured (0: none), by
+            Hutchinson's estimator with dopri5 at the sampler's ``rtol``/``atol``.
+        bpd_draws: uniform dequantisation draws per image (the Flow Matching paper: 50).
+    """
+
+    num_samples: int = 50_000
+    fid_stats: str | None = None
+    inception: str | None = None
+    bpd_examples: int = 10_000
+    bpd_draws: int = 1
+
+    def __post_init__(self):
+        for name in ("num_samples", "bpd_examples"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(
+                    f"--{name.replace('num_samples', 'eval_samples')}={value!r} must be >= 0."
+                )
+        if not (isinstance(self.bpd_draws, int) and self.bpd_draws > 0):
+            raise ValueError(f"--bpd_draws={self.bpd_draws!r} must be a positive integer.")
+        if self.num_samples and self.fid_stats is None:
+            raise ValueError(
+                "--mode=eval with --eval_samples > 0 needs --fid_stats: reference statistics from "
+                "`python -m fmjax.metrics.fid stats --dataset=cifar10 --split=train --out=...`."
+            )
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    options: SamplingOptions = SamplingOptions(),
+    eval_options: EvalOptions = EvalOptions(fid_stats=None, num_samples=0),
+) -> dict:
+    """FID and bits/dim of the EMA parameters of the run in ``workdir``.
+
+    FID: ``eval_options.num_samples`` samples drawn as ``--mode=sample`` draws them (sample
+    ``i`` from ``fold_in(key(seed), i)``, the solver of ``options``), batches sharded over
+    every device, against ``eval_options.fid_stats``. Bits/dim: the first
+    ``eval_options.bpd_examples`` test images, each averaged over ``bpd_draws`` uniform
+    dequantisations (Hutchinson divergence, dopri5 at ``options.rtol``/``atol``). Writes
+    ``workdir/eval/<name>.json`` (``name`` from the step, the solver and the counts) with the
+    numbers, the NFE of each and the settings, and returns that dict.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fmjax import data, likelihood
+    from fmjax.metrics import fid
+
+    if options.guidance_scale != 1.0 or options.labels is not None:
+        raise ValueError("--mode=eval scores the model as trained; drop --labels/--guidance_scale.")
+    run = checkpoint.load_run(workdir)
+    config, mesh = run.config, train.make_mesh()
+    params = jax.device_put(run.ema_params, NamedSharding(mesh, P()))
+    labels = _class_labels(options, config.model.num_classes, options.batch_size)
+    bind = _velocity_binder(run.model, config, options.guidance_scale)
+    report: dict = {"step": run.step, "method": options.method, "seed": options.seed}
+
+    if eval_options.num_samples:
+        if options.batch_size % mesh.size:
+            raise ValueError(
+                f"--sample_batch_size={options.batch_size} must be divisible by the "
+                f"{mesh.size} devices for --mode=eval."
+            )
+        inception = fid.load_inception(eval_options.inception, mesh=mesh)
+        reference = fid.load_statistics(eval_options.fid_stats)
+        key = jax.random.key(options.seed)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        image_shape = tuple(config.data.image_shape)
+        nfe = []
+
+        def sample_fn(index, batch_size):
+            x0 = initial_noise(key, index * batch_size, (index + 1) * batch_size, image_shape)
+            batch_labels = None if labels is None else jax.device_put(labels, batch_sharding)
+            result = sampling.sample(
+                bind(params, batch_labels),
+                jax.device_put(x0, batch_sharding),
+                solver=options.solver,
+                **_solve_options(options),
+            )
+            nfe.append(int(result.nfe))
+            return result.x
+
+        scored = fid.fid_of_samples(
+            sample_fn, eval_options.num_samples, reference, inception, batch_size=options.batch_size
+        )
+        report.update(
+            fid=scored.fid, fid_samples=eval_options.num_samples, fid_nfe=float(np.mean(nfe))
+        )
+        log.info(
+            "FID %.3f of %d samples, %.1f NFE per solve",
+            scored.fid,
+            eval_options.num_samples,
+            np.mean(nfe),
+        )
+
+    if eval_options.bpd_examples:
+        test = data.build_source(config.data, seed=config.seed, split="test")
+        count = min(eval_options.bpd_examples, test.num_examples)
+        pixels = fid.to_uint8(test.read(np.arange(count))[0])
+        velocity = bind(run.ema_params, None)
+        bpd = likelihood.dequantized_bits_per_dim(
+            velocity,
+            jax.random.key(options.seed),
+            pixels,
+            num_draws=eval_options.bpd_draws,
+            divergence="hutchinson",
+            solver="dopri5",
+            rtol=options.rtol,
+            atol=options.atol,
+        )
+        report.update(
+            bits_per_dim=float(np.mean(bpd.bpd)),
+            bpd_examples=count,
+            bpd_draws=eval_options.bpd_draws,
+            bpd_nfe_per_draw=float(bpd.nfe) / eval_options.bpd_draws,
+        )
+        log.info("bits/dim %.4f on %d test images", report["bits_per_dim"], count)
+
+    name = f"step{run.step:08d}_{options.method}_fid{eval_options.num_samples}_bpd{eval_options.bpd_examples}"
+    path = pathlib.Path(workdir) / "eval" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}: {json.dumps(report)}")
+    return report
+
+
+def _solve_options(options: SamplingOptions) -> dict:
+    """The time grid of a fixed-step solver or the tolerances of an adaptive one."""
+    if options.solver in sampling.FIXED_STEP_SOLVERS:
+        grid = {"edm": sampling.edm_time_grid, "uniform": sampling.uniform_time_grid}
+        return {"time_grid": grid[options.time_grid](options.steps)}
+    return {"rtol": options.rtol, "atol": options.atol}
+
+
 def train_mode(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike, options: SamplingOptions
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    options: SamplingOptions,
+    eval_options: EvalOptions,
 ) -> train.TrainState:
-    """``--mode=train``: trains or resumes the run (``options`` are for sampling, unused)."""
-    del options
+    """``--mode=train``: trains or resumes the run (the other options are unused)."""
+    del options, eval_options
     state = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         print(f"Done at step {int(state.step)}; grids in {pathlib.Path(workdir) / 'samples'}")
     return state
 
 
-def _sample_mode(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike, options: SamplingOptions
-) -> SampleOutput:
-    del config  # the run's saved config is the one that matches its checkpoint
+def _sample_mode(config, workdir, options: SamplingOptions, eval_options) -> SampleOutput:
+    del config, eval_options  # the run's saved config is the one that matches its checkpoint
     return sample(workdir, options)
 
 
-MODES: dict[str, Callable] = {"train": train_mode, "sample": _sample_mode}
-"""``--mode`` -> ``fn(config, workdir, options)``."""
+def _eval_mode(config, workdir, options: SamplingOptions, eval_options: EvalOptions) -> dict:
+    del config
+    return evaluate(workdir, options, eval_options)
+
+
+MODES: dict[str, Callable] = {"train": train_mode, "sample": _sample_mode, "eval": _eval_mode}
+"""``--mode`` -> ``fn(config, workdir, options, eval_options)``."""
 
 
 def run(
@@ -341,8 +492,9 @@ def run(
     workdir: str | os.PathLike,
     mode: str = "train",
     options: SamplingOptions = SamplingOptions(),
+    eval_options: EvalOptions | None = None,
 ):
-    """What ``main`` does after parsing flags: ``MODES[mode](config, workdir, options)``.
+    """What ``main`` does after parsing flags: ``MODES[mode](config, workdir, options, ...)``.
 
     Example (tests call it in-process, e.g. under ``tfds.testing.mock_data``)::
 
@@ -351,7 +503,7 @@ def run(
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r} is not valid; expected one of {sorted(MODES)}.")
-    return MODES[mode](config, workdir, options)
+    return MODES[mode](config, workdir, options, eval_options)
 
 
 def _options_from_flags() -> SamplingOptions:
@@ -381,7 +533,16 @@ def main(argv):
         # Every process must join before JAX picks its backend, i.e. before any device use.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     common.setup()
-    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, _options_from_flags())
+    eval_options = None
+    if FLAGS.mode == "eval":
+        eval_options = EvalOptions(
+            num_samples=FLAGS.eval_samples,
+            fid_stats=FLAGS.fid_stats,
+            inception=FLAGS.inception,
+            bpd_examples=FLAGS.bpd_examples,
+            bpd_draws=FLAGS.bpd_draws,
+        )
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, _options_from_flags(), eval_options)
 
 
 if __name__ == "__main__":
