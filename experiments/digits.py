@@ -26,9 +26,15 @@ from fmjax import data, train
 from fmjax.metrics.digits import digits_score
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
-config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
-flags.DEFINE_string("workdir", "runs/digits", "Run directory: checkpoints, metrics, samples.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags; defined only when run as a program, so that importing this
+    module beside another entry point does not define ``--workdir`` twice."""
+    config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
+    flags.DEFINE_string("workdir", "runs/digits", "Run directory: checkpoints, metrics, samples.")
+
 
 FINAL_SAMPLES = 1000
 _EVAL_STREAM = 7  # a key stream of its own, apart from the engine's
@@ -91,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -34,12 +34,18 @@ from fmjax import cfm_loss, exact_ot, independent, log_likelihood, sample
 from fmjax.couplings import Coupling
 from fmjax.data import TOY_2D, Toy2D
 
-flags.DEFINE_string("workdir", "runs/toy2d", "Output directory: toy2d.png, metrics.json.")
-flags.DEFINE_enum("dataset", "8gaussians", sorted(TOY_2D), "The 2-D distribution.")
-flags.DEFINE_integer("steps", None, "Training steps per coupling (default 2000, --quick 300).")
-flags.DEFINE_bool("quick", False, "A shortened run (fewer steps, smaller evaluation), for CI.")
-flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags; defined only when run as a program, so that importing this
+    module beside another entry point does not define ``--workdir`` twice."""
+    flags.DEFINE_string("workdir", "runs/toy2d", "Output directory: toy2d.png, metrics.json.")
+    flags.DEFINE_enum("dataset", "8gaussians", sorted(TOY_2D), "The 2-D distribution.")
+    flags.DEFINE_integer("steps", None, "Training steps per coupling (default 2000, --quick 300).")
+    flags.DEFINE_bool("quick", False, "A shortened run (fewer steps, smaller evaluation), for CI.")
+    flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
+
 
 COUPLINGS: dict[str, Coupling] = {"independent": independent, "exact_ot": exact_ot}
 """The couplings compared, by the name used in ``metrics.json`` and the figure."""
@@ -340,4 +346,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
