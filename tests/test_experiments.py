@@ -85,3 +85,28 @@ def test_readme_sampling_snippet_runs_on_a_trained_run(digits_quick, tmp_path, m
     result = namespace["result"]
     assert bool(result.success) and result.x.shape == (16, 8, 8, 1) and int(result.nfe) > 0
     assert (tmp_path / "digits.png").exists()
+
+
+def test_digits_score_separates_a_trained_model_from_an_untrained_one(tmp_path):
+    import jax
+    import numpy as np
+
+    from fmjax import checkpoint, train
+    from fmjax.metrics.digits import digits_score
+
+    workdir = tmp_path / "digits300"
+    run_module(
+        "experiments.digits", f"--workdir={workdir}", "--config=experiments/configs/digits.py:quick",
+        "--config.train.num_steps=300", "--config.train.log_every=100",
+        "--config.train.checkpoint_every=300", "--config.train.sample_every=300",
+        "--config.train.eval_every=300", "--config.train.sample_steps=10",
+    )  # fmt: skip
+    trained = json.loads((workdir / "eval" / "digits.json").read_text())
+    run = checkpoint.load_run(workdir)
+    tx, _ = train.make_optimizer(run.config.optim, run.config.train.num_steps)
+    untrained_state = train.init_state(run.config, run.model, tx)
+    velocity = train.make_velocity(run.model, run.config)
+    result = train.generate(run.config, velocity, untrained_state, 1000, jax.random.key(0))
+    untrained = digits_score(np.asarray(result.x))
+    # Measured: 300 steps of the tiny U-Net 3.07, untrained 97.3, floor 1.29.
+    assert trained["floor_train_vs_test"] < trained["digits_fd"] < untrained.fd / 5
