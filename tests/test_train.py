@@ -369,3 +369,23 @@ def test_eval_hook_validates():
         train.EvalHook(every=2, fn=lambda s, st: {}, keep_best="x", mode="median")
     with pytest.raises(ValueError, match="every=0 must be a positive int"):
         train.EvalHook(every=0, fn=lambda s, st: {})
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_path, caplog):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(runs[1][0], workdir)
+    for blob in (workdir / "checkpoints" / "12").rglob("*"):
+        if blob.is_file() and blob.parent.name == "d":  # the array data files
+            blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    config = checkpoint.load_config(workdir)
+    abstract = train.abstract_state(
+        config, train.build_model(config.model), NamedSharding(mesh_of(1), P())
+    )
+    checkpoints = checkpoint.Checkpoints(workdir, async_save=False)
+    with caplog.at_level("WARNING", logger="fmjax.checkpoint"):
+        restored, step = checkpoints.restore_latest(abstract)
+    checkpoints.close()
+    assert step == 8 and int(restored.step) == 8
+    assert "Checkpoint at step 12 cannot be restored" in caplog.text
