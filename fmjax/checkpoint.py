@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -94,10 +94,20 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-class RunArtifacts(dict):
-    """What :func:`load_run` returns: ``config``, ``model``, ``ema_params`` and ``step``."""
+class RunArtifacts(NamedTuple):
+    """What :func:`load_run` returns.
 
-    __getattr__ = dict.__getitem__
+    Attributes:
+        config: the run's saved config (``config.json``).
+        model: the Flax module it names.
+        ema_params: the EMA parameters of the restored checkpoint.
+        step: that checkpoint's step.
+    """
+
+    config: ml_collections.ConfigDict
+    model: Any
+    ema_params: Any
+    step: int
 
 
 def load_run(workdir: str | os.PathLike, *, best: bool = False) -> RunArtifacts:
