@@ -1,12 +1,28 @@
 """Training-step benchmarks: throughput, compile time, FLOPs, fraction of a matmul peak, memory.
 
+    python -m experiments.benchmark --only train [--quick]
+    python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
+        [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
+
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
-device present, at a fixed per-device batch: compile time, images/s per device, the step's
-FLOPs from XLA's cost analysis, the achieved FLOP/s as a fraction of a large matmul measured
-in the same run on the same device (a practical peak), and peak memory (the device's
-allocator statistics where it keeps them, else XLA's memory analysis of the step).
+device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
+parameters and optimiser state stay float32): compile time, images/s per device, the step's
+FLOPs from XLA's cost analysis, the achieved FLOP/s as a fraction of a large matmul in the
+step's compute dtype measured in the same run on the same device (a practical peak), and
+peak memory (the device's allocator statistics where it keeps them, else XLA's memory
+analysis of the step).
+
+For the Meta CIFAR-10 preset a row also projects the device-hours of the Meta recipe
+(`META_RECIPE_STEPS` steps at global batch `META_RECIPE_BATCH`, see
+/work/shared/REFERENCES.md) from the measured images/s per device: the recipe's images
+divided by that rate, i.e. perfect data-parallel scaling (the gradient all-reduce and the
+input pipeline are not in the measurement).
 """
 
+import argparse
+import json
+import os
+import sys
 import time
 
 import jax
@@ -18,6 +34,12 @@ from jax.sharding import PartitionSpec as P
 from experiments.bench import median_seconds
 from fmjax import configs, train
 
+META_RECIPE_STEPS = 175_000
+"""Training steps of Meta's CIFAR-10 flow-matching example."""
+
+META_RECIPE_BATCH = 512
+"""Its global batch."""
+
 # (preset, image shape, per-device batch) on CPU / on accelerators.
 QUICK = [("unet_tiny", (8, 8, 1), 32), ("unet_digits", (8, 8, 1), 64)]
 FULL_CPU = [*QUICK, ("unet_cifar10_torchcfm", (32, 32, 3), 4)]
@@ -28,12 +50,37 @@ FULL_ACCELERATOR = [
 ]
 
 
-def matmul_flops_per_second(dtype, repeats: int) -> float:
-    """FLOP/s of a large square matmul on the default device: the practical peak."""
-    n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
+def matmul_flops_per_second(dtype, repeats: int, n: int | None = None) -> float:
+    """FLOP/s of an ``n x n`` matmul in ``dtype`` on the default device: the practical peak.
+
+    ``n`` defaults to 1024 on CPU and 8192 on accelerators (large enough to saturate an
+    H100-class GPU's tensor cores). The operands are random: some GPUs draw less power, and
+    so clock higher, on constant data.
+    """
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda a: a @ a)
     return 2 * n**3 / median_seconds(lambda: matmul(a), repeats)
+
+
+def default_dtype() -> str:
+    """The compute dtype of a step by default: bfloat16 on accelerators, float32 on CPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def meta_recipe_device_hours(images_per_second_per_device: float) -> float:
+    r"""Device-hours of the Meta CIFAR-10 recipe at a measured per-device throughput.
+
+    :math:`\text{steps} \times \text{batch} / (\text{images/s per device}) / 3600`: perfect
+    data-parallel scaling (e.g. 4 devices at per-device batch 128 take a quarter of the
+    wall-clock time each).
+
+    Example:
+        >>> round(meta_recipe_device_hours(1000.0), 1)
+        24.9
+    """
+    return META_RECIPE_STEPS * META_RECIPE_BATCH / images_per_second_per_device / 3600
 
 
 def _flops(compiled) -> float | None:
@@ -58,12 +105,20 @@ def _peak_memory_bytes(compiled) -> int | None:
     )
 
 
-def step_row(preset: str, image_shape, per_device_batch: int, repeats: int, peak: float) -> dict:
-    """Benchmarks one preset's train step; returns one table row."""
+def step_row(
+    preset: str,
+    image_shape,
+    per_device_batch: int,
+    repeats: int,
+    peak: float,
+    dtype: str | None = None,
+) -> dict:
+    """Benchmarks one preset's train step in compute ``dtype`` (default: :func:`default_dtype`);
+    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row."""
     mesh = train.make_mesh()
     config = configs.base_config()
     config.model.name = preset
-    config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    config.model.dtype = dtype or default_dtype()
     config.data.image_shape = image_shape
     config.train.batch_size = per_device_batch * mesh.size
     model = train.build_model(config.model)
@@ -93,29 +148,105 @@ def step_row(preset: str, image_shape, per_device_batch: int, repeats: int, peak
 
     seconds = median_seconds(run_step, repeats)
     flops = _flops(compiled)
+    images_per_second = per_device_batch / seconds
     row = {
         "benchmark": "train step",
         "preset": preset,
+        "device": jax.devices()[0].device_kind,
         "devices": mesh.size,
         "batch_per_device": per_device_batch,
         "dtype": config.model.dtype,
         "compile_s": compile_seconds,
         "step_ms": 1e3 * seconds,
-        "images_per_s_per_device": per_device_batch / seconds,
+        "images_per_s_per_device": images_per_second,
         "gflop_per_step_per_device": flops / 1e9 if flops else None,
         "fraction_of_matmul_peak": flops / seconds / peak if flops else None,
         "peak_memory_mb": (_peak_memory_bytes(compiled) or 0) / 2**20,
     }
+    if preset == "unet_cifar10_meta":
+        row["meta_recipe_device_hours"] = meta_recipe_device_hours(images_per_second)
     return row
+
+
+def peak_row(dtype: str, repeats: int) -> tuple[dict, float]:
+    """The matmul-peak row of ``dtype`` and the peak in FLOP/s."""
+    peak = matmul_flops_per_second(jnp.dtype(dtype), repeats)
+    row = {
+        "benchmark": "matmul peak",
+        "device": jax.devices()[0].device_kind,
+        "dtype": dtype,
+        "gflop_per_s": peak / 1e9,
+    }
+    return row, peak
 
 
 def run(quick: bool) -> list[dict]:
     """Rows for every preset of this backend (`quick`: the two small presets, 3 repeats)."""
     accelerator = jax.default_backend() != "cpu"
     presets = QUICK if quick else (FULL_ACCELERATOR if accelerator else FULL_CPU)
-    repeats = 3 if quick else 10
-    peak = matmul_flops_per_second(jnp.bfloat16 if accelerator else jnp.float32, repeats)
-    rows = [{"benchmark": "matmul peak", "gflop_per_s": peak / 1e9}]
+    return run_presets(presets, 3 if quick else 10, default_dtype())
+
+
+def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
+    """The matmul peak of ``dtype``, then a row per ``(preset, image shape, batch)``."""
+    row, peak = peak_row(dtype, repeats)
+    rows = [row]
     for preset, image_shape, per_device_batch in presets:
-        rows.append(step_row(preset, image_shape, per_device_batch, repeats, peak))
+        rows.append(step_row(preset, image_shape, per_device_batch, repeats, peak, dtype))
     return rows
+
+
+# The image shape each preset is built for (--image-shape overrides it, e.g. for a small
+# dry run of a large preset).
+_NATIVE_SHAPES = {
+    "unet_tiny": (8, 8, 1),
+    "unet_digits": (8, 8, 1),
+    "unet_cifar10_torchcfm": (32, 32, 3),
+    "unet_cifar10_meta": (32, 32, 3),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), help="one preset")
+    parser.add_argument("--batch-per-device", type=int, default=128)
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default by backend)"
+    )
+    parser.add_argument("--image-shape", help="H,W,C (default: the preset's own)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.batch_per_device < 1 or args.repeats < 1:
+        raise ValueError(
+            f"--batch-per-device and --repeats must be positive; got "
+            f"{args.batch_per_device} and {args.repeats}."
+        )
+    dtype = args.dtype or default_dtype()
+    if args.preset is None:
+        accelerator = jax.default_backend() != "cpu"
+        presets = FULL_ACCELERATOR if accelerator else FULL_CPU
+    else:
+        shape = _NATIVE_SHAPES[args.preset]
+        if args.image_shape:
+            parts = args.image_shape.split(",")
+            if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(
+                    f"--image-shape must be three positive integers H,W,C; got {args.image_shape!r}."
+                )
+            shape = tuple(int(p) for p in parts)
+        presets = [(args.preset, shape, args.batch_per_device)]
+    from experiments.benchmark import markdown_table
+
+    print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
+    rows = run_presets(presets, args.repeats, dtype)
+    print(markdown_table(rows), flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The training and sampling benchmarks on an NVIDIA GPU, in one command:
+#
+#   bash experiments/bench/gpu.sh [RESULTS_DIR]            # default: $OUT, else ./bench-results
+#   bash experiments/bench/gpu.sh --dry-run [RESULTS_DIR]  # the same steps, tiny, on any backend
+#
+# From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
+# project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
+#  1. installs the CUDA 12 build of the JAX version pinned in requirements.txt (skipped when
+#     that JAX already runs on a GPU; offline, point pip at downloaded wheels with
+#     PIP_FIND_LINKS=DIR PIP_NO_INDEX=1),
+#  2. records nvidia-smi and the devices JAX sees,
+#  3. times the train step of the Meta CIFAR-10 preset (unet_cifar10_meta, 32x32x3) in
+#     bfloat16 at per-device batch 128 on every GPU: ms/step, images/s, GFLOP/step, the
+#     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
+#     GPU-hours of the Meta recipe (175k steps x 512); then torchcfm's preset the same way,
+#  4. runs the sampling benchmarks (experiments/bench/sampling.py),
+# writing gpu.log (everything printed) and one JSON file per benchmark to RESULTS_DIR.
+#
+# --dry-run skips the install and nvidia-smi and runs steps 3-4 at tiny sizes (8x8 images,
+# batch 1, one timed step, --quick sampling) on whatever backend JAX has: a check of this
+# script on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
+  shift
+fi
+results=${1:-${OUT:-bench-results}}
+mkdir -p "$results"
+python=${PYTHON:-.venv/bin/python}
+[[ -x "$python" ]] || python=python3
+exec > >(tee -a "$results/gpu.log") 2>&1
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') -> $results"
+
+if ((dry_run)); then
+  shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
+else
+  jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+  if [[ "$("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' 2>/dev/null)" \
+    == "$jax_version gpu" ]]; then
+    echo "== JAX $jax_version already runs on the GPU"
+  else
+    echo "== installing jax[cuda12]==$jax_version"
+    "$python" -m pip install -q -U "jax[cuda12]==$jax_version"
+  fi
+  nvidia-smi | tee "$results/nvidia-smi.txt"
+  shape=() batch=128 repeats=20 quick=()
+fi
+"$python" -c 'import jax; print("== jax", jax.__version__, jax.default_backend(), jax.devices())'
+
+for preset in unet_cifar10_meta unet_cifar10_torchcfm; do
+  echo "== train step: $preset, bfloat16, per-device batch $batch"
+  "$python" -m experiments.bench.train --preset "$preset" --dtype bfloat16 \
+    --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
+    --json "$results/train_${preset}_bf16.json"
+done
+
+echo "== sampling"
+"$python" -m experiments.benchmark --only sampling "${quick[@]}" --json "$results/sampling.json"
+echo "== done: $results"
