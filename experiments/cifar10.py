@@ -146,6 +146,11 @@ class SamplingOptions:
             raise ValueError(f"--solver={self.solver!r}; expected one of {list(sampling.SOLVERS)}.")
         if self.time_grid not in ("edm", "uniform"):
             raise ValueError(f"--time_grid={self.time_grid!r}; expected 'edm' or 'uniform'.")
+        if not (np.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(
+                f"--guidance_scale={self.guidance_scale!r}; expected a finite number >= 0 "
+                "(0: unconditional, 1: conditional, > 1: guided)."
+            )
 
     @property
     def method(self) -> str:
@@ -547,4 +552,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(common.user_errors_exit(main))

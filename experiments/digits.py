@@ -98,4 +98,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.user_errors_exit(main))

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from experiments import common
 from fmjax import cfm_loss, exact_ot, independent, log_likelihood, sample
+from fmjax.configs import prepare_workdir
 from fmjax.couplings import Coupling
 from fmjax.data import TOY_2D, Toy2D
 
@@ -294,6 +295,7 @@ def run(workdir: str, dataset: str, settings: Settings, seed: int = 0) -> dict[s
             f"steps must be a positive multiple of log_every={settings.log_every}; "
             f"got steps={settings.steps}."
         )
+    prepare_workdir(workdir)  # fail now, not after training
     toy = TOY_2D[dataset]
     key = jax.random.key(seed)
     train_key, noise_key, heldout_key = jax.random.split(key, 3)
@@ -342,7 +344,6 @@ def run(workdir: str, dataset: str, settings: Settings, seed: int = 0) -> dict[s
         None if toy.log_prob is None else float(-jnp.mean(toy.log_prob(heldout)))
     )
     metrics["w2_floor"] = empirical_w2(toy.sample(floor_key, w2_points), fresh)
-    os.makedirs(workdir, exist_ok=True)
     figure = os.path.join(workdir, "toy2d.png")
     plot(figure, dataset, data, extent, results, settings.num_trajectories)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -365,4 +366,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.user_errors_exit(main))

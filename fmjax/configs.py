@@ -6,9 +6,17 @@ change what they need; every key can then be set from the command line, e.g.
 :func:`validate` checks a config before anything is compiled.
 """
 
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
 import ml_collections
 
-__all__ = ["base_config", "validate"]
+from fmjax.sampling import SOLVERS
+
+__all__ = ["base_config", "prepare_workdir", "validate", "validate_image_shape"]
 
 SCHEDULERS = ("condot", "cosine", "linear_vp", "vp", "polynomial")
 COUPLINGS = ("independent", "exact_ot", "sinkhorn_ot")
@@ -126,6 +134,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.eval_samples", t.eval_samples)
     _positive("train.num_grid_samples", t.num_grid_samples)
+    _choice("train.sample_solver", t.sample_solver, SOLVERS)
     per_update = num_devices * t.accumulation_steps
     if t.batch_size % per_update:
         raise ValueError(
@@ -145,8 +154,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("path.prediction", p.prediction, ("velocity", "target", "epsilon"))
     _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
-    if not o.learning_rate > 0:
-        raise ValueError(f"config.optim.learning_rate={o.learning_rate!r} must be positive.")
+    if not (isinstance(o.learning_rate, int | float) and 0 < o.learning_rate < math.inf):
+        raise ValueError(
+            f"config.optim.learning_rate={o.learning_rate!r} is not valid; expected a positive "
+            "finite number."
+        )
     if not 0.0 <= o.ema_decay < 1.0:
         raise ValueError(f"config.optim.ema_decay={o.ema_decay!r} must be in [0, 1).")
     if o.schedule != "constant":
@@ -155,8 +167,88 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(
             f"config.data.label_drop_prob={config.data.label_drop_prob!r} must be in [0, 1]."
         )
+    if config.data.image_size is not None:
+        _positive("data.image_size", config.data.image_size)
+    if config.model.num_classes is not None:
+        _positive("model.num_classes", config.model.num_classes)
     if config.data.label_drop_prob > 0 and config.model.num_classes is None:
         raise ValueError(
             "config.data.label_drop_prob > 0 trains classifier-free guidance, which needs a "
             "class-conditional model: set config.model.num_classes."
         )
+
+
+def validate_image_shape(model, image_shape: Sequence[int]) -> None:
+    """Checks that ``model`` takes images of ``image_shape = (height, width, channels)``
+    before anything is traced; raises ``ValueError`` naming the size and what is expected.
+
+    A model that defines ``check_image_shape(image_shape)`` (every :class:`fmjax.models.UNet`:
+    its levels halve the image, so the sides must divide by ``2 ** (levels - 1)``) is asked;
+    any other model is checked only when it is first traced.
+
+    Example:
+        >>> from fmjax.configs import validate_image_shape
+        >>> from fmjax.models import UNetTiny
+        >>> validate_image_shape(UNetTiny(), (12, 12, 1))
+        >>> validate_image_shape(UNetTiny(), (7, 7, 1))
+        Traceback (most recent call last):
+        ...
+        ValueError: Image size 7x7 cannot be downsampled by channel_mult=(1, 2): ...
+    """
+    if len(image_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in image_shape):
+        raise ValueError(
+            f"image_shape={tuple(image_shape)!r} is not valid; expected (height, width, "
+            "channels) of positive integers."
+        )
+    check = getattr(model, "check_image_shape", None)
+    if check is not None:
+        check(tuple(image_shape))
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates the run directory if needed and checks that it can be read and written.
+
+    Raises ``ValueError`` naming the path and the reason (a regular file in the way, no
+    permission, a read-only file system) before anything is compiled, instead of an
+    ``OSError`` at the first checkpoint. Writing is probed by creating and removing a file,
+    which also catches what permission bits do not show (root ignores them; a read-only mount
+    does not).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from fmjax.configs import prepare_workdir
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> prepare_workdir(root / "run").is_dir()
+        True
+        >>> (root / "file").write_text("")
+        0
+        >>> prepare_workdir(root / "file" / "run")
+        Traceback (most recent call last):
+        ...
+        ValueError: workdir '.../file/run' cannot be created: .../file is not a directory.
+    """
+    path = pathlib.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"workdir {str(path)!r} is not valid: it exists and is not a directory; expected a "
+            "directory (or a path where one can be created)."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        raise ValueError(
+            f"workdir {str(path)!r} cannot be created: {blocker} is not a directory."
+        ) from None
+    except OSError as error:
+        raise ValueError(f"workdir {str(path)!r} cannot be created: {error.strerror}.") from None
+    try:
+        os.listdir(path)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"workdir {str(path)!r} is not readable and writable ({error.strerror}); expected a "
+            "directory this process can read and write."
+        ) from None
+    return path

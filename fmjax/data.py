@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 
 import jax
@@ -297,6 +298,21 @@ def _not_prepared(name: str, split: str, data_dir: str | None, builder, reason: 
     )
 
 
+# [namespace:]dataset_name[/config_name][:version], the forms tfds.builder takes; stricter
+# than tfds on purpose: tfds joins the name to the data directory, so it must not be a path.
+_TFDS_NAME = re.compile(r"([a-z0-9_]+:)?[a-z0-9_]+(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?")
+
+
+def _check_tfds_name(name: str) -> None:
+    valid = isinstance(name, str) and _TFDS_NAME.fullmatch(name)
+    if not valid or name.partition("/")[2].split(":")[0] in (".", ".."):
+        raise ValueError(
+            f"tfds dataset name {name!r} is not valid; expected dataset_name[/config_name]"
+            "[:version] (e.g. 'cifar10', 'imagenette/160px'), never a path: no '..', no "
+            "leading '/', at most one '/'."
+        )
+
+
 class TfdsSource(Source):
     """A tensorflow-datasets image dataset, read by random access from ArrayRecord files.
 
@@ -341,6 +357,7 @@ class TfdsSource(Source):
         random_flip: bool = False,
     ):
         super().__init__(seed=seed, random_flip=random_flip)
+        _check_tfds_name(name)
         tfds = _import_tfds()
         try:
             builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")

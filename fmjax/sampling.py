@@ -206,13 +206,19 @@ def classifier_free_guidance(
             ``[2 * batch]`` (as in :func:`fmjax.loss.cfm_loss`).
         params: the model parameters.
         labels: the class labels, leading axis ``[batch]``.
-        null_label: the label the model was trained to read as "no label".
-        scale: the guidance weight :math:`w` (a number or a traced scalar).
+        null_label: the label the model was trained to read as "no label" (an integer
+            >= 0; fmjax's U-Net uses its ``num_classes``).
+        scale: the guidance weight :math:`w \ge 0` (a number or a traced scalar).
         label_name: the keyword under which ``apply_fn`` takes labels.
         model_kwargs: extra keyword arguments for ``apply_fn``.
 
     Returns:
         ``velocity_fn(x, t)`` taking ``x`` of shape ``[batch, *dims]`` and a scalar ``t``.
+
+    Raises:
+        ValueError: for labels that are not integers with a leading batch axis, a negative
+            ``null_label``, and, when they are concrete (not traced), a negative label or a
+            ``scale`` that is negative or not finite.
 
     Example:
         >>> import jax.numpy as jnp
@@ -224,6 +230,7 @@ def classifier_free_guidance(
         Array([[6.],
                [6.]], dtype=float32)
     """
+    _check_guidance_args(labels, null_label, scale)
     labels = jnp.asarray(labels)
     check_batched("labels", labels)
     model_kwargs = dict(model_kwargs or {})
@@ -248,6 +255,30 @@ def classifier_free_guidance(
         return (unconditional + scale * (conditional - unconditional)).astype(jnp.result_type(x))
 
     return velocity_fn
+
+
+def _check_guidance_args(labels: Any, null_label: Any, scale: Any) -> None:
+    # Before any jnp call: that would turn concrete values into tracers under a caller's jit.
+    if isinstance(null_label, bool) or not isinstance(null_label, int | np.integer):
+        raise ValueError(f"null_label must be an integer >= 0; got null_label={null_label!r}.")
+    if null_label < 0:
+        raise ValueError(f"null_label must be an integer >= 0; got null_label={null_label}.")
+    label_values = _concrete(labels)  # None when traced
+    dtype = labels.dtype if label_values is None else label_values.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"labels must be integer class labels; got dtype {dtype}.")
+    if label_values is not None and np.any(label_values < 0):
+        raise ValueError(
+            f"labels must be class indices >= 0; got {np.unique(label_values[label_values < 0])}."
+        )
+    scale_value = _concrete(scale)
+    if scale_value is not None and not (
+        np.all(np.isfinite(scale_value)) and np.all(scale_value >= 0)
+    ):
+        raise ValueError(
+            f"The guidance scale must be finite and >= 0 (0: unconditional, 1: conditional, "
+            f"> 1: guided); got scale={scale_value}."
+        )
 
 
 def sample(
@@ -321,7 +352,7 @@ def sample(
             ``steps`` or ``time_grid``, or with both; ``steps`` or ``time_grid`` given to an
             adaptive solver; ``t0 == t1``; a time grid that is not strictly monotone;
             ``save_at`` outside the solve; a ``velocity_fn`` that returns the wrong shape or
-            dtype; a non-float or unbatched ``x0``.
+            dtype; a non-float, unbatched or empty ``x0``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -333,6 +364,8 @@ def sample(
     """
     check_batched("x0", x0)
     check_float("x0", x0)
+    if jnp.shape(x0)[0] < 1:
+        raise ValueError(f"x0 must hold at least one sample; got x0.shape={jnp.shape(x0)}.")
     _check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
     if time_grid is not None:
         time_grid = jnp.asarray(time_grid)

@@ -502,9 +502,9 @@ def train_and_evaluate(
     source = source or data.build_source(config.data, seed=config.seed)
     config.data.image_shape = tuple(source.image_shape)
     model = build_model(config.model)
-    workdir = pathlib.Path(workdir)
+    configs.validate_image_shape(model, config.data.image_shape)
+    workdir = configs.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
     _check_resumable(workdir, config)
     if is_main:
         (workdir / "config.json").write_text(config.to_json(indent=2))

@@ -745,16 +745,30 @@ def save_statistics(path: str | os.PathLike, stats: GaussianStats, **metadata: s
 
 
 def load_statistics(path: str | os.PathLike) -> GaussianStats:
-    """Reads statistics written by :func:`save_statistics` or pytorch-fid (no pickle)."""
+    """Reads statistics written by :func:`save_statistics` or pytorch-fid (no pickle).
+
+    Raises:
+        ValueError: for a file without ``mu`` and ``sigma``, with an object array (which would
+            need pickle), or whose ``mu`` is not ``[d]`` and ``sigma`` not a finite ``[d, d]``.
+    """
     with np.load(path, allow_pickle=False) as npz:
         if "mu" not in npz.files or "sigma" not in npz.files:
             raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {npz.files}).")
-        return GaussianStats(
+        stats = GaussianStats(
             np.asarray(npz["mu"], np.float64),
             np.asarray(npz["sigma"], np.float64),
             int(npz["num_examples"]) if "num_examples" in npz.files else 0,
             str(npz["weights"]) if "weights" in npz.files else "",
         )
+    d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
+    if d is None or stats.sigma.shape != (d, d):
+        raise ValueError(
+            f"{path} holds mu of shape {stats.mu.shape} and sigma of shape {stats.sigma.shape}; "
+            "expected [d] and [d, d] (d = 2048 for FID)."
+        )
+    if not (np.all(np.isfinite(stats.mu)) and np.all(np.isfinite(stats.sigma))):
+        raise ValueError(f"{path} holds non-finite statistics (NaN or inf in mu or sigma).")
+    return stats
 
 
 def _progress(iterable, total: int, desc: str):

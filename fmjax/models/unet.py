@@ -335,9 +335,23 @@ class UNet(nn.Module):
             )
         return heads
 
-    def _check_config(self, x: jax.Array) -> None:
+    def check_image_shape(self, image_shape: Sequence[int]) -> None:
+        """Raises ``ValueError`` unless this network takes images of shape ``(height, width,
+        channels)``: what :meth:`__call__` checks at trace time, without tracing anything.
+
+        Training calls it (through :func:`fmjax.configs.validate_image_shape`) before it
+        compiles, so a config whose image size the levels cannot halve fails in milliseconds.
+
+        Example:
+            >>> from fmjax.models import UNetTiny
+            >>> UNetTiny().check_image_shape((8, 8, 1))  # two levels: sides divisible by 2
+            >>> UNetTiny().check_image_shape((9, 8, 1))
+            Traceback (most recent call last):
+            ...
+            ValueError: Image size 9x8 cannot be downsampled by channel_mult=(1, 2): ...
+        """
         factor = 2 ** (len(self.channel_mult) - 1)
-        height, width = x.shape[1], x.shape[2]
+        height, width = image_shape[0], image_shape[1]
         if height % factor or width % factor:
             raise ValueError(
                 f"Image size {height}x{width} cannot be downsampled by channel_mult="
@@ -425,7 +439,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
             )
-        self._check_config(x_t)
+        self.check_image_shape(x_t.shape[1:])
         labels = self._labels(y, batch)
         dtype, groups = self.dtype, self.num_groups
         block = functools.partial(
