@@ -258,3 +258,12 @@ def test_entry_points_print_one_error_line_and_exit_2(tmp_path, module, args, me
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message.format(file=file))
+
+
+def test_fid_command_prints_one_error_line_and_exits_2(tmp_path, capsys):
+    missing = tmp_path / "missing.npz"
+    args = ["stats", "--dataset=cifar10", f"--weights={missing}", f"--out={tmp_path / 's.npz'}"]
+    with pytest.raises(SystemExit) as exit_info, no_compilation():
+        fid.main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: No Inception weights at {missing}.")

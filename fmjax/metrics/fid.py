@@ -875,7 +875,10 @@ _to_uint8_jit = jax.jit(to_uint8)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m fmjax.metrics.fid convert|download|stats ...``; ``--help`` for the flags."""
+    """``python -m fmjax.metrics.fid convert|download|stats ...``; ``--help`` for the flags.
+
+    Bad input (a ``ValueError`` or ``OSError``) exits with status 2 and ``error: <message>``.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m fmjax.metrics.fid", description=__doc__.split("\n\n")[0]
     )
@@ -898,7 +901,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     stats.add_argument("--batch_size", type=int, default=_DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        _run_command(args)
+    except (ValueError, OSError) as error:
+        # Bad input (a missing or wrong file, a bad name): its message, not a traceback.
+        parser.exit(2, f"error: {error}\n")
 
+
+def _run_command(args: argparse.Namespace) -> None:
     if args.command == "convert":
         _convert_file(args.pth, args.out)
         log.info("wrote %s", args.out)
