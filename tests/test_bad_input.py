@@ -51,7 +51,7 @@ def no_compilation():
 
 
 def test_the_compilation_detector_detects_compilation():
-    with pytest.raises(AssertionError, match="JAX compiled 1 program"):
+    with pytest.raises(AssertionError, match=r"JAX compiled \d+ program"):
         with no_compilation():
             jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))  # a function never compiled before
 
