@@ -1,0 +1,407 @@
+r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train step vs PyTorch.
+
+    python -m experiments.benchmark --only conv [--quick]
+    python -m experiments.bench.conv [--quick]
+
+1. A 3x3, stride-1, padding-1 convolution at batch 64 on shapes of the small U-Nets
+   (``UNetDigits``: 8x8 with 16-32 channels) and of CIFAR-10 (16x16 and 32x32, 32-128
+   channels): GFLOP/s (:math:`2 B H W C_{in} C_{out} 9` per pass) of the forward, the
+   input-gradient and the kernel-gradient passes for
+
+   - ``lax NHWC``: ``lax.conv_general_dilated`` in the layout of ``fmjax.models`` (what
+     ``jax.grad`` differentiates into two more convolutions);
+   - ``lax NCHW``: the same in PyTorch's layout;
+   - ``im2col grad``: a ``jax.custom_vjp`` whose forward and input gradient are the lax
+     convolutions, and whose kernel gradient is one matmul over im2col patches,
+     :math:`\partial W = P^\top G` with :math:`P` the ``[B H W, 9 C_{in}]`` patch matrix;
+   - ``torch``: ``torch.nn.functional.conv2d`` and ``aten.convolution_backward`` (NCHW,
+     oneDNN), when PyTorch is importable (the ``bench`` extra).
+
+2. The ``unet_digits`` train step (batch 64, 8x8x1 images): ours
+   (:func:`fmjax.train.make_train_step`: CondOT loss, AdamW, EMA, grad norm) against a
+   port of the same U-Net to PyTorch (same architecture and parameter count, checked) with
+   the same loss, ``torch.optim.AdamW`` and an EMA, one Python step per iteration.
+
+Timing: the machine this was written on has 2 cores shared with other jobs, so every variant
+is run in turn (interleaved; PyTorch's after XLA's, since XLA's spinning pool threads starve
+OpenMP's) and the best of the repeats is reported, with the median beside it for the step; PyTorch runs at the thread count XLA uses (the CPUs this process may run
+on) and, for the step, also at 1 thread, because OpenMP's spinning barriers degrade far more
+than XLA's thread pool when the cores are oversubscribed.
+"""
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fmjax import configs, models, train
+
+BATCH = 64
+# (height = width, in channels, out channels).
+QUICK_SHAPES = [(8, 16, 16), (8, 32, 32), (32, 32, 32)]
+FULL_SHAPES = [(8, 16, 16), (8, 32, 32), (16, 64, 64), (32, 32, 32), (32, 128, 128)]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_NCHW = ("NCHW", "OIHW", "NCHW")
+
+
+def has_torch() -> bool:
+    """Whether PyTorch is importable (the ``bench`` extra)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def threads() -> int:
+    """The CPUs this process may run on: the size of XLA:CPU's thread pool."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def best_and_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """``{name: (best, median)}`` wall seconds of each function, run in turn after a warm-up."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(v), statistics.median(v)) for name, v in times.items()}
+
+
+# --- convolution formulations ----------------------------------------------------------------
+
+
+def _lax_nhwc(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _patches(x):
+    """``[B, H, W, 9 C]``: the 3x3 neighbourhoods (zero padded), taps in HWIO kernel order."""
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)]
+    return jnp.concatenate(taps, axis=-1)
+
+
+@jax.custom_vjp
+def _im2col_grad(x, w):
+    return _lax_nhwc(x, w)
+
+
+def _im2col_grad_fwd(x, w):
+    return _lax_nhwc(x, w), (x, w)
+
+
+def _im2col_grad_bwd(residuals, g):
+    x, w = residuals
+    dx = jax.vjp(lambda x: _lax_nhwc(x, w), x)[1](g)[0]
+    patches = _patches(x).reshape(-1, 9 * x.shape[-1])
+    dw = (patches.T @ g.reshape(-1, g.shape[-1])).reshape(w.shape)
+    return dx, dw
+
+
+_im2col_grad.defvjp(_im2col_grad_fwd, _im2col_grad_bwd)
+
+
+def _jax_passes(conv, x, w, g):
+    """Jitted forward, input-gradient and kernel-gradient functions of ``conv`` at (x, w, g)."""
+    forward = jax.jit(conv)
+    grad_x = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    grad_w = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+    return {
+        "forward": lambda: forward(x, w),
+        "grad input": lambda: grad_x(x, w, g),
+        "grad kernel": lambda: grad_w(x, w, g),
+    }
+
+
+def conv_rows(quick: bool) -> list[dict]:
+    """GFLOP/s of each pass of a 3x3 convolution for each formulation and shape."""
+    repeats = 5 if quick else 15
+    rows = []
+    for size, c_in, c_out in QUICK_SHAPES if quick else FULL_SHAPES:
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (BATCH, size, size, c_in))
+        w = jax.random.normal(keys[1], (3, 3, c_in, c_out)) / math.sqrt(9 * c_in)
+        g = jax.random.normal(keys[2], (BATCH, size, size, c_out))
+        x_nchw, g_nchw, w_oihw = (
+            x.transpose(0, 3, 1, 2),
+            g.transpose(0, 3, 1, 2),
+            w.transpose(3, 2, 0, 1),
+        )
+
+        def lax_nchw(x, w):
+            return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NCHW)
+
+        variants = {
+            "lax NHWC": _jax_passes(_lax_nhwc, x, w, g),
+            "lax NCHW": _jax_passes(lax_nchw, x_nchw, w_oihw, g_nchw),
+            "im2col grad": _jax_passes(_im2col_grad, x, w, g),
+        }
+        reference = variants["lax NHWC"]["grad kernel"]()
+        error = float(jnp.max(jnp.abs(variants["im2col grad"]["grad kernel"]() - reference)))
+        if error > 1e-3 * float(jnp.max(jnp.abs(reference))):
+            raise AssertionError(f"im2col kernel gradient differs from lax's by {error}")
+        fns = {(name, p): fn for name, passes in variants.items() for p, fn in passes.items()}
+        timed = best_and_median_seconds(fns, repeats)
+        if has_torch():
+            # Timed after XLA's, not interleaved: XLA's pool threads spin for a while after
+            # each call, and their spinning starves PyTorch's OpenMP threads.
+            variants["torch"] = _torch_passes(x, w, g)
+            torch_fns = {("torch", p): fn for p, fn in variants["torch"].items()}
+            timed |= best_and_median_seconds(torch_fns, repeats)
+        flops = 2 * BATCH * size * size * c_in * c_out * 9
+        for name in variants:
+            row = {"benchmark": "conv 3x3", "shape": f"{BATCH}x{size}x{size}x{c_in}->{c_out}"}
+            row["impl"] = name
+            for p in ("forward", "grad input", "grad kernel"):
+                row[f"{p} GFLOP/s"] = flops / timed[name, p][0] / 1e9
+            rows.append(row)
+    return rows
+
+
+def _torch_passes(x, w, g):
+    import torch
+
+    torch.set_num_threads(threads())
+    x_t = torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))
+    w_t = torch.from_numpy(np.array(w.transpose(3, 2, 0, 1)))
+    g_t = torch.from_numpy(np.array(g.transpose(0, 3, 1, 2)))
+    c_out = w_t.shape[0]
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(
+            g_t, x_t, w_t, [c_out], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
+        )
+
+    return {
+        "forward": lambda: torch.nn.functional.conv2d(x_t, w_t, padding=1),
+        "grad input": lambda: backward([True, False, False]),
+        "grad kernel": lambda: backward([False, True, False]),
+    }
+
+
+# --- the U-Net train step --------------------------------------------------------------------
+
+
+def torch_unet(in_channels: int = 1, **overrides):
+    """``UNetDigits`` (or any ``UNet`` with ``scale_shift_norm``, conv resampling and no
+    dropout) in PyTorch, NCHW: the same layers, widths and parameter count."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    fields = ("model_channels", "channel_mult", "num_res_blocks", "attention_ds")
+    fields += ("num_heads", "num_groups", "time_scale")
+    cfg = {field: getattr(models.UNetDigits(), field) for field in fields}
+    cfg.update(overrides)
+    groups, heads = cfg["num_groups"], cfg["num_heads"]
+
+    class ResBlock(nn.Module):
+        def __init__(self, c_in, c_out, emb_dim):
+            super().__init__()
+            self.norm_in = nn.GroupNorm(groups, c_in, eps=1e-5)
+            self.conv_in = nn.Conv2d(c_in, c_out, 3, padding=1)
+            self.emb_proj = nn.Linear(emb_dim, 2 * c_out)
+            self.norm_out = nn.GroupNorm(groups, c_out, eps=1e-5)
+            self.conv_out = nn.Conv2d(c_out, c_out, 3, padding=1)
+            self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+        def forward(self, x, emb):
+            h = self.conv_in(F.silu(self.norm_in(x)))
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = self.conv_out(F.silu(self.norm_out(h) * (1 + scale) + shift))
+            return self.skip(x) + h
+
+    class Attention(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.norm = nn.GroupNorm(groups, c, eps=1e-5)
+            self.qkv = nn.Linear(c, 3 * c)
+            self.proj_out = nn.Linear(c, c)
+
+        def forward(self, x, emb):
+            b, c, height, width = x.shape
+            d = c // heads
+            h = self.norm(x).flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(h).reshape(b, height * width, 3 * heads, d).chunk(3, dim=2)
+            weights = (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)).softmax(-1)
+            out = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height * width, c)
+            return x + self.proj_out(out).transpose(1, 2).reshape(b, c, height, width)
+
+    class Resample(nn.Module):
+        def __init__(self, c, up):
+            super().__init__()
+            self.up = up
+            self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1)
+
+        def forward(self, x, emb):
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            m, mult = cfg["model_channels"], cfg["channel_mult"]
+            emb_dim = 4 * m
+            self.time_mlp_0 = nn.Linear(m, emb_dim)
+            self.time_mlp_1 = nn.Linear(emb_dim, emb_dim)
+            self.conv_in = nn.Conv2d(in_channels, m * mult[0], 3, padding=1)
+            ch, ds, skips = m * mult[0], 1, [m * mult[0]]
+            self.down = nn.ModuleList()
+            for level, k in enumerate(mult):
+                for _ in range(cfg["num_res_blocks"]):
+                    stage = [ResBlock(ch, m * k, emb_dim)]
+                    ch = m * k
+                    stage += [Attention(ch)] if ds in cfg["attention_ds"] else []
+                    self.down.append(nn.ModuleList(stage))
+                    skips.append(ch)
+                if level < len(mult) - 1:
+                    self.down.append(nn.ModuleList([Resample(ch, up=False)]))
+                    skips.append(ch)
+                    ds *= 2
+            self.mid = nn.ModuleList(
+                [ResBlock(ch, ch, emb_dim), Attention(ch), ResBlock(ch, ch, emb_dim)]
+            )
+            self.up = nn.ModuleList()
+            for level, k in reversed(list(enumerate(mult))):
+                for _ in range(cfg["num_res_blocks"] + 1):
+                    stage = [ResBlock(ch + skips.pop(), m * k, emb_dim)]
+                    ch = m * k
+                    stage += [Attention(ch)] if ds in cfg["attention_ds"] else []
+                    self.up.append(nn.ModuleList(stage))
+                if level > 0:
+                    self.up.append(nn.ModuleList([Resample(ch, up=True)]))
+                    ds //= 2
+            self.norm_out = nn.GroupNorm(groups, ch, eps=1e-5)
+            self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+
+        def forward(self, x, t):
+            half = cfg["model_channels"] // 2
+            freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+            args = (cfg["time_scale"] * t)[:, None] * freqs[None]
+            emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+            emb = self.time_mlp_1(F.silu(self.time_mlp_0(emb)))
+            h = self.conv_in(x)
+            skips = [h]
+            for stage in self.down:
+                for layer in stage:
+                    h = layer(h, emb)
+                skips.append(h)
+            for layer in self.mid:
+                h = layer(h, emb)
+            for stage in self.up:
+                if isinstance(stage[0], ResBlock):
+                    h = torch.cat([h, skips.pop()], dim=1)
+                for layer in stage:
+                    h = layer(h, emb)
+            return self.conv_out(F.silu(self.norm_out(h)))
+
+    return UNet()
+
+
+def _torch_step(images: np.ndarray, num_threads: int) -> Callable[[], float]:
+    """One CondOT flow-matching step of the PyTorch U-Net: loss, backward, AdamW, EMA."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_unet(images.shape[-1])
+    ours = models.param_count(models.UNetDigits(), images.shape[1:])
+    theirs = sum(p.numel() for p in model.parameters())
+    if theirs != ours:
+        raise AssertionError(f"PyTorch port has {theirs} parameters, ours {ours}")
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    x1 = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+    def step():
+        torch.set_num_threads(num_threads)
+        x0 = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0])
+        t4 = t[:, None, None, None]
+        loss = ((model((1 - t4) * x0 + t4 * x1, t) - (x1 - x0)) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.get_total_norm([p.grad for p in params])  # ours logs the grad norm
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1e-4)
+        return loss.item()
+
+    return step
+
+
+def _jax_step(images: np.ndarray, **model_overrides) -> Callable[[], object]:
+    mesh = train.make_mesh(jax.devices()[:1])
+    config = configs.base_config()
+    config.model.name = "unet_digits"
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    config.data.image_shape = images.shape[1:]
+    config.train.batch_size = images.shape[0]
+    model = train.build_model(config.model)
+    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    state = jax.jit(
+        lambda: train.init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
+    )()
+    batch = {"image": images, "label": np.zeros(images.shape[0], np.int32)}
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    step = train.make_train_step(config, model, tx, schedule, mesh)
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    return run_step
+
+
+def step_rows(quick: bool) -> list[dict]:
+    """ms per ``unet_digits`` train step (batch 64, 8x8x1): ours vs the PyTorch port."""
+    repeats = 5 if quick else 20
+    rng = np.random.default_rng(0)
+    images = np.tanh(rng.normal(size=(BATCH, 8, 8, 1))).astype(np.float32)
+    timed = best_and_median_seconds({"fmjax (XLA)": _jax_step(images)}, repeats)
+    if has_torch():
+        # Each PyTorch setting on its own after XLA's (see conv_rows).
+        for count in sorted({threads(), 1}, reverse=True):
+            name = f"torch, {count} thread{'s' if count > 1 else ''}"
+            timed |= best_and_median_seconds({name: _torch_step(images, count)}, repeats)
+    return [
+        {
+            "benchmark": "unet_digits train step",
+            "impl": name,
+            "batch": BATCH,
+            "best_ms": 1e3 * best,
+            "median_ms": 1e3 * median,
+            "threads": threads(),
+        }
+        for name, (best, median) in timed.items()
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    """Conv pass rows for every shape and formulation, then the train-step rows."""
+    return conv_rows(quick) + step_rows(quick)
+
+
+if __name__ == "__main__":
+    from experiments.benchmark import markdown_table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--steps-only", action="store_true", help="only the train-step rows")
+    args = parser.parse_args()
+    rows = step_rows(args.quick) if args.steps_only else run(args.quick)
+    print(markdown_table(rows))
+    sys.exit(0)
