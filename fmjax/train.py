@@ -15,6 +15,7 @@ network dropout draws one key per device and micro-batch.
 """
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -381,29 +382,70 @@ def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callab
 
 
 class _MetricWriter:
-    """``metrics.jsonl`` and TensorBoard events; a no-op on processes other than 0."""
+    """``metrics.jsonl`` and TensorBoard events; a no-op on processes other than 0.
 
-    def __init__(self, workdir: pathlib.Path, active: bool):
+    A line is appended with one ``os.write`` and cut off again if that fails (a full disk),
+    so the file only ever holds whole lines. A run resumed from step ``start`` first drops
+    the lines after ``start`` (logged after its checkpoint by the run that crashed), so the
+    file ends up with the lines of an uninterrupted run, without duplicates or gaps.
+    """
+
+    def __init__(self, workdir: pathlib.Path, active: bool, start: int):
         self.active = active
         if active:
             from tensorboardX import SummaryWriter
 
-            self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
+            self._path = workdir / "metrics.jsonl"
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.ftruncate(self._fd, _lines_up_to(self._path, start))
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        if not self.active:
+        if not (self.active and values):
             return
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
-        for name, value in values.items():
-            self._tb.add_scalar(name, value, step)
-        self._tb.flush()
+        line = (json.dumps({"step": step, **values}) + "\n").encode()
+        size = os.fstat(self._fd).st_size
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            os.ftruncate(self._fd, size)  # no partial line
+            raise OSError(
+                error.errno,
+                f"Could not append step {step} to {self._path} ({error.strerror}); is the "
+                "disk full? The lines before it are intact.",
+            ) from error
+        try:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"Could not write the TensorBoard events of step {step} to "
+                f"{self._path.parent / 'tensorboard'} ({error.strerror}); is the disk full?",
+            ) from error
 
     def close(self) -> None:
         if self.active:
-            self._jsonl.close()
+            os.close(self._fd)
             self._tb.close()
+
+
+def _lines_up_to(path: pathlib.Path, step: int) -> int:
+    """The length in bytes of the whole lines of ``path`` for steps up to ``step`` (lines are
+    in step order; a torn or unreadable line ends them)."""
+    end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                complete = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                complete = False
+            if not complete:
+                break
+            end += len(line)
+    return end
 
 
 def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -479,10 +521,13 @@ def train_and_evaluate(
 
     Writes ``config.json``, ``metrics.jsonl`` (one object per logged step: ``step``,
     ``loss`` and ``grad_norm`` averaged since the previous log line, ``lr``,
-    ``steps_per_sec``, ``images_per_sec``, plus hook metrics), TensorBoard events under
-    ``tensorboard/``, sample grids under ``samples/`` and Orbax checkpoints under
-    ``checkpoints/``. Resumes from the newest readable checkpoint; refuses a workdir whose
-    saved model config differs. SIGTERM saves a checkpoint and returns.
+    ``steps_per_sec``, ``images_per_sec``, plus hook metrics; a line every ``log_every``
+    steps and at every checkpoint), TensorBoard events under ``tensorboard/``, sample grids
+    under ``samples/`` and Orbax checkpoints under ``checkpoints/``. Resumes from the newest
+    readable checkpoint, dropping the ``metrics.jsonl`` lines logged after it, so that a run
+    killed and resumed any number of times ends with the parameters and the lines of an
+    uninterrupted one; refuses a workdir whose saved model config differs. SIGTERM saves a
+    checkpoint and returns.
 
     Args:
         config: see :func:`fmjax.configs.base_config`.
@@ -495,6 +540,10 @@ def train_and_evaluate(
         ValueError: for an invalid config (before any compilation) or a mismatched workdir.
         FloatingPointError: when the loss or the parameters become non-finite, naming the
             step; the checkpoints written before it are untouched.
+        fmjax.checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. a
+            full disk), naming the step and the directory; the earlier ones are intact.
+        OSError: a line could not be appended to ``metrics.jsonl``; the earlier lines are
+            intact.
     """
     config = ml_collections.ConfigDict(config.to_dict())  # our own copy: image_shape is filled in
     mesh = mesh or make_mesh()
@@ -506,13 +555,23 @@ def train_and_evaluate(
     workdir = configs.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     _check_resumable(workdir, config)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+    if is_main:  # written whole or not at all: a half-written one would block every resume
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(config.to_json(indent=2))
+        os.replace(tmp, workdir / "config.json")
 
+    # SIGTERM from here on checkpoints and returns (during restore and compilation too).
+    with _Preemption() as preemption:
+        return _train(config, model, workdir, source, hooks, mesh, preemption)
+
+
+def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainState:
+    """The loop of :func:`train_and_evaluate`, after validation."""
+    is_main = jax.process_index() == 0
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, clean_up=True)
     restored = ckpt.restore_latest(abstract_state(config, model, replicated))
     if restored is None:
         state = jax.jit(lambda: init_state(config, model, tx), out_shardings=replicated)()
@@ -521,7 +580,7 @@ def train_and_evaluate(
         state, start = restored
         log.info("Resuming %s from step %d.", workdir, start)
     train_step = make_train_step(config, model, tx, schedule, mesh)
-    writer = _MetricWriter(workdir, is_main)
+    writer = _MetricWriter(workdir, is_main, start)
     best = _BestCheckpoint(workdir, is_main)
     t = config.train
 
@@ -539,7 +598,6 @@ def train_and_evaluate(
     velocity = make_velocity(model, config)
     pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched from the device
     last_log_time, last_log_step = time.perf_counter(), start
-    step = start
 
     def flush_metrics() -> list[tuple[int, dict]]:
         fetched = [(s, jax.device_get(m)) for s, m in pending]
@@ -552,56 +610,79 @@ def train_and_evaluate(
                 )
         return fetched
 
+    def log_line(step: int) -> None:
+        nonlocal last_log_time, last_log_step
+        fetched = flush_metrics()
+        now = time.perf_counter()
+        rate = (step - last_log_step) / (now - last_log_time)
+        values = {
+            "loss": float(np.mean([m["loss"] for _, m in fetched])),
+            "grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
+            "lr": float(fetched[-1][1]["lr"]),
+            "steps_per_sec": rate,
+            "images_per_sec": rate * t.batch_size,
+        }
+        writer.write(step, values)
+        log.info(
+            "step %d/%d | loss %.4f | %.2f steps/s | %.0f img/s | ETA %s",
+            step, t.num_steps, values["loss"], rate, values["images_per_sec"],
+            _format_duration((t.num_steps - step) / max(rate, 1e-9)),
+        )  # fmt: skip
+        last_log_time, last_log_step = now, step
+
     try:
-        with _Preemption() as preemption:
-            for step in range(start + 1, t.num_steps + 1):
-                state, metrics = train_step(state, place(next(batches)))
-                pending.append((step, metrics))
-                last = step == t.num_steps
-                if step % t.log_every == 0 or last:
-                    fetched = flush_metrics()
-                    now = time.perf_counter()
-                    rate = (step - last_log_step) / (now - last_log_time)
-                    values = {
-                        "loss": float(np.mean([m["loss"] for _, m in fetched])),
-                        "grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
-                        "lr": float(fetched[-1][1]["lr"]),
-                        "steps_per_sec": rate,
-                        "images_per_sec": rate * t.batch_size,
-                    }
-                    writer.write(step, values)
-                    log.info(
-                        "step %d/%d | loss %.4f | %.2f steps/s | %.0f img/s | ETA %s",
-                        step, t.num_steps, values["loss"], rate, values["images_per_sec"],
-                        _format_duration((t.num_steps - step) / max(rate, 1e-9)),
-                    )  # fmt: skip
-                    last_log_time, last_log_step = now, step
-                for hook in hooks:
-                    if step % hook.every == 0 or last:
-                        scores = hook.fn(step, state)
-                        writer.write(step, scores)
-                        if hook.keep_best is not None:
-                            best.offer(hook, step, state, scores, flush_metrics)
-                if t.sample_every and (step % t.sample_every == 0 or last) and is_main:
-                    _write_grid(
-                        config, velocity, state, workdir / "samples" / f"step_{step:08d}.png"
-                    )
-                stop = (
-                    preemption.agreed()
-                    if (jax.process_count() == 1 or step % t.log_every == 0)
-                    else False
-                )
-                if step % t.checkpoint_every == 0 or last or stop:
-                    flush_metrics()  # never checkpoint a non-finite state
-                    ckpt.save(step, state)
-                if stop:
-                    log.warning("Stopped at step %d on request; resume by running again.", step)
-                    break
-    finally:
-        ckpt.close()
-        best.close()
-        writer.close()
+        for step in range(start + 1, t.num_steps + 1):
+            state, metrics = train_step(state, place(next(batches)))
+            pending.append((step, metrics))
+            last = step == t.num_steps
+            # A line at every checkpoint too: a run resumed from one then logs exactly the
+            # lines (the same averaging windows) an uninterrupted run does.
+            logged = step % t.log_every == 0 or step % t.checkpoint_every == 0 or last
+            if logged:
+                log_line(step)
+            for hook in hooks:
+                if step % hook.every == 0 or last:
+                    flush_metrics()  # a hook never sees a non-finite state
+                    scores = hook.fn(step, state)
+                    writer.write(step, scores)
+                    if hook.keep_best is not None:
+                        best.offer(hook, step, state, scores, flush_metrics)
+            if t.sample_every and (step % t.sample_every == 0 or last) and is_main:
+                _write_grid(config, velocity, state, workdir / "samples" / f"step_{step:08d}.png")
+            # Multi-process, asking is a collective: only on log steps.
+            stop = (
+                preemption.agreed()
+                if (jax.process_count() == 1 or step % t.log_every == 0)
+                else False
+            )
+            if stop and not logged:
+                log_line(step)  # the checkpoint below gets its line
+            if step % t.checkpoint_every == 0 or last or stop:
+                ckpt.save(step, state)  # finite: flushed by log_line
+            if stop:
+                log.warning("Stopped at step %d on request; resume by running again.", step)
+                break
+    except BaseException:
+        _close_all((ckpt.close, best.close, writer.close), raise_first=False)
+        raise
+    _close_all((ckpt.close, best.close, writer.close), raise_first=True)
     return state
+
+
+def _close_all(closers: Sequence[Callable[[], None]], raise_first: bool) -> None:
+    """Calls every closer; raises the first error if ``raise_first``, else logs them (an
+    error already on its way out is the one to report)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as error:
+            if raise_first and first is None:
+                first = error
+            else:
+                log.exception("While closing the run:")
+    if first is not None:
+        raise first
 
 
 class _BestCheckpoint:
@@ -627,7 +708,7 @@ class _BestCheckpoint:
         flush()  # never keep a non-finite state
         if self._checkpoints is None:
             self._checkpoints = checkpoint.Checkpoints(
-                self._workdir, keep=1, subdir="checkpoints_best"
+                self._workdir, keep=1, subdir="checkpoints_best", clean_up=True
             )
         self._checkpoints.save(step, state)
         self._checkpoints.wait()  # best.json must never name a checkpoint still being written

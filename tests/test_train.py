@@ -81,9 +81,9 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 12-step run on 1, 2 and 4 devices (shared by several tests)."""
+    """The same 12-step run on 1, 2, 4 and 8 devices (shared by several tests)."""
     out = {}
-    for n in (1, 2, 4):
+    for n in (1, 2, 4, 8):
         workdir = tmp_path_factory.mktemp(f"devices{n}")
         state = train.train_and_evaluate(
             tiny_config(), workdir, source=tiny_source(), mesh=mesh_of(n)
@@ -97,6 +97,7 @@ def test_losses_do_not_depend_on_the_device_count(runs):
     assert len(losses[1]) == 12
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
     np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
 
 
 def test_metrics_and_files(runs):
