@@ -84,8 +84,11 @@ def main(argv):
     model = train.build_model(config.model)
     hooks = [score_hook(config, model)] if config.train.eval_every else []
     state = train.train_and_evaluate(config, workdir, source=source, hooks=hooks)
-    grids = sorted(os.listdir(os.path.join(workdir, "samples")))
-    print(f"Done at step {int(state.step)}; samples: {os.path.join(workdir, 'samples', grids[-1])}")
+    samples = os.path.join(workdir, "samples")  # none when stopped before the first grid
+    grids = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
+    print(
+        f"Done at step {int(state.step)}" + (f"; samples: {samples}/{grids[-1]}" if grids else "")
+    )
     if int(state.step) == config.train.num_steps:
         report = final_evaluation(config, model, state, workdir)
         print(

@@ -45,7 +45,7 @@ def digits_quick(tmp_path_factory):
 
 def test_digits_quick_writes_every_artefact(digits_quick):
     workdir, output = digits_quick
-    assert steps_logged(workdir) == [2, 4, 6]
+    assert steps_logged(workdir) == [2, 3, 4, 6]  # every 2 steps and at each checkpoint
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
     grid = Image.open(workdir / "samples" / "step_00000006.png")
     assert grid.size == (4 * 8 * 8 + 5 * 8,) * 2  # 16 samples of 8x8, 4 per row, enlarged 8x
@@ -68,7 +68,7 @@ def test_digits_resumes_where_it_stopped(digits_quick):
         "--config.train.num_steps=8",
     )  # fmt: skip
     assert "Resuming" in output and "from step 6" in output
-    assert steps_logged(workdir) == [2, 4, 6, 8]
+    assert steps_logged(workdir) == [2, 3, 4, 6, 8]
 
 
 def test_readme_sampling_snippet_runs_on_a_trained_run(digits_quick, tmp_path, monkeypatch):
