@@ -346,6 +346,11 @@ def compare(recipe: Recipe, seeds: int = 1, torch_side: bool = True) -> list[dic
             runs["torchcfm"] = (params, tc.losses, tc.total_seconds, tc.cpu_seconds, None)
         for library, (params, losses, seconds, cpu_seconds, compile_seconds) in runs.items():
             nll, success = heldout_nll(params, heldout)
+            print(
+                f"{library}, seed {seed}: trained in {seconds:.1f} s ({cpu_seconds:.1f} s CPU), "
+                f"held-out NLL {nll:.3f} (true {true_nll:.3f})",
+                flush=True,
+            )
             rows.append(
                 {
                     "benchmark": "2-D OT-CFM",
