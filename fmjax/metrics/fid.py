@@ -47,6 +47,7 @@ files load too.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -477,6 +478,17 @@ def save_variables(path: str | os.PathLike, variables: PyTree) -> None:
     os.replace(f.name, path)
 
 
+@contextlib.contextmanager
+def _plain_arrays(path: str | os.PathLike):
+    """Names the file when NumPy refuses a member that only unpickling could read."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(
+            f"{path} cannot be read as plain arrays ({error}); fmjax never unpickles a file."
+        ) from None
+
+
 def load_variables(path: str | os.PathLike) -> PyTree:
     """Reads variables written by :func:`save_variables` (no pickle), checking names and shapes.
 
@@ -492,7 +504,7 @@ def load_variables(path: str | os.PathLike) -> PyTree:
             "`python -m fmjax.metrics.fid download` on a machine with network access to fill "
             f"the cache ({default_weights_path()})."
         )
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(path, allow_pickle=False) as npz, _plain_arrays(path):
         flat = {tuple(k.split("/")): npz[k] for k in npz.files}
     expected = _flat_shapes()
     wrong = sorted(
@@ -754,12 +766,13 @@ def load_statistics(path: str | os.PathLike) -> GaussianStats:
     with np.load(path, allow_pickle=False) as npz:
         if "mu" not in npz.files or "sigma" not in npz.files:
             raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {npz.files}).")
-        stats = GaussianStats(
-            np.asarray(npz["mu"], np.float64),
-            np.asarray(npz["sigma"], np.float64),
-            int(npz["num_examples"]) if "num_examples" in npz.files else 0,
-            str(npz["weights"]) if "weights" in npz.files else "",
-        )
+        with _plain_arrays(path):
+            stats = GaussianStats(
+                np.asarray(npz["mu"], np.float64),
+                np.asarray(npz["sigma"], np.float64),
+                int(npz["num_examples"]) if "num_examples" in npz.files else 0,
+                str(npz["weights"]) if "weights" in npz.files else "",
+            )
     d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
     if d is None or stats.sigma.shape != (d, d):
         raise ValueError(
