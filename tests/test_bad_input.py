@@ -142,6 +142,12 @@ def test_workdir_that_cannot_be_written(tmp_path, where, match):
         train.train_and_evaluate(small_config(), tmp_path / where, source=small_source())
 
 
+def test_sampling_a_workdir_that_holds_no_run(tmp_path):
+    with pytest.raises(ValueError, match=r"config.json does not exist: .* not an fmjax run"):
+        with no_compilation():
+            cifar10.sample(tmp_path, cifar10.SamplingOptions(num_samples=2, steps=2))
+
+
 # --- sampling ---------------------------------------------------------------------------------
 
 
