@@ -69,6 +69,7 @@ __all__ = [
     "MODES",
     "SampleOutput",
     "SamplingOptions",
+    "fid_hook",
     "initial_noise",
     "run",
     "sample",
@@ -464,15 +465,96 @@ def _solve_options(options: SamplingOptions) -> dict:
     return {"rtol": options.rtol, "atol": options.atol}
 
 
+_FID_STREAM = 11  # the key stream of the in-training FID samples, apart from the engine's
+
+
+def fid_hook(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train.EvalHook:
+    """In-training FID: every ``train.eval_every`` steps, ``train.eval_samples`` EMA samples.
+
+    Samples are drawn with the training grid's solver (``train.sample_solver``,
+    ``train.sample_steps``), from the same noise each time (sample ``i`` from
+    ``fold_in(key, i)``, so scores of different steps compare), in batches of
+    ``fid.batch_size`` sharded over ``mesh``, and scored against ``fid.stats`` with the
+    Inception weights ``fid.inception`` (None: the cache). A conditional model gets labels
+    cycling through the classes (guidance weight 1). The best-scoring state is kept in
+    ``workdir/checkpoints_best``. The weights and statistics are loaded here, so a bad path
+    fails before anything is compiled. ``config.data.image_shape`` must be set.
+
+    Raises:
+        ValueError: when ``fid.stats`` is unset or ``fid.batch_size`` is not a multiple of
+            the device count.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fmjax.metrics import fid
+
+    if config.fid.stats is None:
+        raise ValueError(
+            f"config.train.eval_every={config.train.eval_every} turns on the in-training FID, "
+            "which needs reference statistics: set --config.fid.stats=PATH (made by "
+            "`python -m fmjax.metrics.fid stats`), or --config.train.eval_every=0."
+        )
+    batch_size = config.fid.batch_size
+    if not (isinstance(batch_size, int) and batch_size > 0 and batch_size % mesh.size == 0):
+        raise ValueError(
+            f"config.fid.batch_size={batch_size!r} must be a positive multiple of the "
+            f"{mesh.size} devices."
+        )
+    inception = fid.load_inception(config.fid.inception, mesh=mesh)
+    reference = fid.load_statistics(config.fid.stats)
+    velocity = train.make_velocity(train.build_model(config.model), config)
+    key = jax.random.fold_in(jax.random.key(config.seed), _FID_STREAM)
+    sharding = NamedSharding(mesh, P("data"))
+    image_shape = tuple(config.data.image_shape)
+    labels = None
+    if config.model.num_classes is not None:
+        classes = np.arange(batch_size, dtype=np.int32) % config.model.num_classes
+        labels = jax.device_put(classes, sharding)
+
+    def score(step: int, state: train.TrainState) -> dict[str, float]:
+        field = jax.tree_util.Partial(velocity, state.ema_params, labels)
+
+        def sample_fn(index: int, size: int) -> jax.Array:
+            x0 = initial_noise(key, index * size, (index + 1) * size, image_shape)
+            solve = sampling.sample(
+                field,
+                jax.device_put(x0, sharding),
+                solver=config.train.sample_solver,
+                steps=config.train.sample_steps,
+            )
+            return solve.x
+
+        result = fid.fid_of_samples(
+            sample_fn,
+            config.train.eval_samples,
+            reference,
+            inception,
+            batch_size=batch_size,
+            progress=False,
+        )
+        return {"fid": result.fid}
+
+    return train.EvalHook(every=config.train.eval_every, fn=score, keep_best="fid")
+
+
 def train_mode(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
     options: SamplingOptions,
     eval_options: EvalOptions,
 ) -> train.TrainState:
-    """``--mode=train``: trains or resumes the run (the other options are unused)."""
+    """``--mode=train``: trains or resumes the run (the other options are unused), with the
+    in-training FID of :func:`fid_hook` when ``train.eval_every`` > 0."""
+    from fmjax import data
+
     del options, eval_options
-    state = train.train_and_evaluate(config, workdir)
+    hooks, source, mesh = [], None, train.make_mesh()
+    if config.train.eval_every:
+        source = data.build_source(config.data, seed=config.seed)
+        config.data.image_shape = source.image_shape  # the hook samples images of this shape
+        hooks.append(fid_hook(config, mesh))
+    state = train.train_and_evaluate(config, workdir, source=source, hooks=hooks, mesh=mesh)
     if jax.process_index() == 0:
         print(f"Done at step {int(state.step)}; grids in {pathlib.Path(workdir) / 'samples'}")
     return state

@@ -36,6 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 __all__ = [
+    "DIGITS_LEVELS",
     "SOURCES",
     "TOY_2D",
     "ArraySource",
@@ -45,6 +46,7 @@ __all__ = [
     "build_source",
     "checkerboard",
     "digits",
+    "digits_levels",
     "eight_gaussians",
     "global_batch_indices",
     "moons",
@@ -218,12 +220,32 @@ class ArraySource(Source):
         return self.images[indices], labels
 
 
-def digits(split: str = "train", **kwargs) -> ArraySource:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), offline.
+DIGITS_LEVELS = 17  # scikit-learn's digits have pixel values 0..16
 
-    Pixel values 0..16 are scaled to [-1, 1]. The split is fixed: 300 test images chosen by a
-    permutation with seed 0, the other 1,497 for training. ``kwargs`` go to
-    :class:`ArraySource`.
+
+def digits_levels(images: np.ndarray) -> np.ndarray:
+    """The integer levels ``k`` in ``[0, 17)`` of digits scaled by :func:`digits` (or of
+    samples in that scale, rounded to the nearest level and clipped).
+
+    Example:
+        >>> from fmjax.data import digits, digits_levels
+        >>> levels = digits_levels(digits("test").images)
+        >>> int(levels.min()), int(levels.max()), levels.dtype.name
+        (0, 16, 'int32')
+    """
+    k = np.rint((np.asarray(images, np.float64) + 1.0) * DIGITS_LEVELS / 2.0 - 0.5)
+    return np.clip(k, 0, DIGITS_LEVELS - 1).astype(np.int32)
+
+
+def digits(split: str = "train", **kwargs) -> ArraySource:
+    r"""scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), offline.
+
+    The 17 pixel levels :math:`k = 0, \dots, 16` sit at the centres of 17 equal bins that
+    tile :math:`[-1, 1]`: :math:`x = (2k + 1) / 17 - 1`. That is the convention of
+    :func:`fmjax.likelihood.dequantize` with ``num_bins=17``, so the bits/dim of a model is
+    the standard uniform-dequantisation bound (:func:`digits_levels` recovers :math:`k`). The
+    split is fixed: 300 test images chosen by a permutation with seed 0, the other 1,497 for
+    training. ``kwargs`` go to :class:`ArraySource`.
 
     Example:
         >>> from fmjax.data import digits
@@ -236,7 +258,7 @@ def digits(split: str = "train", **kwargs) -> ArraySource:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = (bunch.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[..., None]
+    images = ((2.0 * bunch.images.astype(np.float32) + 1.0) / DIGITS_LEVELS - 1.0)[..., None]
     order = np.random.default_rng(0).permutation(images.shape[0])
     chosen = order[:300] if split == "test" else order[300:]
     return ArraySource(images[chosen], bunch.target[chosen], num_classes=10, **kwargs)

@@ -204,6 +204,40 @@ def test_eval_scores_fid_against_its_own_samples_and_bits_per_dim(smoke_run, tmp
     assert len(saved) == 1 and json.loads(saved[0].read_text()) == report
 
 
+def test_in_training_fid_is_logged_and_keeps_the_best_state(tmp_path):
+    """With train.eval_every, the FID of the EMA samples is logged at every evaluation, and
+    the best-scoring state is the one kept in checkpoints_best (named by best.json)."""
+    from fmjax.metrics import fid
+
+    weights = tmp_path / "inception.npz"
+    fid.save_variables(weights, fid.inception_variables(seed=0))
+    inception = fid.load_inception(weights)
+    noise = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    reference = fid.GaussianStats.of(inception(noise), inception.fingerprint)
+    fid.save_statistics(tmp_path / "stats.npz", reference)
+    config = get_config("smoke")
+    config.train.update(eval_every=2, eval_samples=16)
+    config.fid.update(stats=str(tmp_path / "stats.npz"), inception=str(weights))
+    workdir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=NUM_MOCK):
+        cifar10.run(config, workdir, "train")
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    scores = {line["step"]: line["fid"] for line in lines if "fid" in line}
+    assert sorted(scores) == [2, 4] and all(np.isfinite(v) and v > 0 for v in scores.values())
+    best = min(scores, key=scores.get)
+    assert json.loads((workdir / "best.json").read_text())["step"] == best
+    assert [p.name for p in (workdir / "checkpoints_best").iterdir()] == [str(best)]
+
+
+def test_in_training_fid_needs_reference_statistics(tmp_path):
+    config = get_config("smoke")
+    config.train.eval_every = 2
+    with tfds.testing.mock_data(num_examples=NUM_MOCK):
+        with pytest.raises(ValueError, match="needs reference statistics"):
+            cifar10.run(config, tmp_path, "train")
+    assert not (tmp_path / "checkpoints").exists()  # raised before training
+
+
 def test_eval_needs_reference_statistics():
     with pytest.raises(ValueError, match="needs --fid_stats"):
         cifar10.EvalOptions(num_samples=10)

@@ -143,7 +143,11 @@ def test_digits_fixed_split():
     train, test = data.digits("train"), data.digits("test")
     assert (train.num_examples, test.num_examples) == (1497, 300)
     assert train.image_shape == test.image_shape == (8, 8, 1) and train.num_classes == 10
-    assert train.images.min() == -1.0 and train.images.max() == 1.0
+    # 17 levels at the centres of 17 equal bins of [-1, 1], as likelihood.dequantize has them
+    levels = data.digits_levels(train.images)
+    np.testing.assert_allclose(train.images, (2 * levels + 1) / 17 - 1, atol=1e-6)
+    assert set(np.unique(levels)) == set(range(17))
+    np.testing.assert_allclose(train.images.min(), -16 / 17, rtol=1e-6)
     assert set(np.unique(train.labels)) == set(range(10))
     np.testing.assert_array_equal(data.digits("test").images, test.images)  # fixed split
     batch = data.build_source(data_config("digits"), seed=5).batch(7, 32, 1, 2)

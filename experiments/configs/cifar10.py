@@ -21,6 +21,8 @@ Every run needs CIFAR-10 prepared for tfds once (``tfds build cifar10
 --file_format=array_record``; see README.md, "CIFAR-10").
 """
 
+import ml_collections
+
 from fmjax.configs import base_config
 
 RECIPES = ("meta", "torchcfm")
@@ -66,8 +68,9 @@ def _smoke(c) -> None:
     c.data.image_size = 8
     c.train.update(
         num_steps=4, batch_size=8, accumulation_steps=1, log_every=2, checkpoint_every=2,
-        sample_every=4, num_grid_samples=16, sample_steps=2,
+        sample_every=4, num_grid_samples=16, sample_steps=2, eval_samples=16,
     )  # fmt: skip
+    c.fid.batch_size = 8
     # A warmup far longer than the run would leave the LR near 0; the smoke run checks the
     # plumbing, not the schedule.
     c.optim.schedule = "constant"
@@ -100,7 +103,14 @@ def get_config(variant: str | None = None):
     c.train.update(
         log_every=100, checkpoint_every=5000, keep_checkpoints=3, sample_every=5000,
         num_grid_samples=64, sample_solver="heun", sample_steps=50,
+        eval_every=0, eval_samples=5000,
     )  # fmt: skip
+    # In-training FID (experiments.cifar10.fid_hook), on when train.eval_every > 0: e.g.
+    # --config.train.eval_every=10000 --config.fid.stats=cifar10_train.npz
+    c.fid = ml_collections.ConfigDict()
+    c.fid.stats = ml_collections.config_dict.placeholder(str)  # `fmjax.metrics.fid stats`
+    c.fid.inception = ml_collections.config_dict.placeholder(str)  # None: the cache
+    c.fid.batch_size = 500  # samples per ODE solve; a multiple of the device count
     {"meta": _meta, "torchcfm": _torchcfm}[recipe](c)
     # Modifiers in a fixed order, so that "smoke,conditional" is "conditional,smoke".
     if "conditional" in parts:
