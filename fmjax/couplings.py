@@ -180,7 +180,9 @@ def min_cost_assignment(cost: Float[Array, "n n"]) -> Int[Array, " n"]:
 
     def augment(state):
         u, v, col4row, row4col = state
-        source = jnp.argmin(col4row >= 0).astype(jnp.int32)
+        # Under vmap this body also runs for matrices already fully assigned: their source is
+        # -1, which skips both loops and leaves the state unchanged.
+        source = jnp.where(jnp.all(col4row >= 0), none, jnp.argmin(col4row >= 0).astype(jnp.int32))
         free_col = row4col < 0
 
         def scan_column(search):
@@ -210,7 +212,8 @@ def min_cost_assignment(cost: Float[Array, "n n"]) -> Int[Array, " n"]:
         # cost non-negative and every matched pair, old and new, tight.
         shift = jnp.maximum(reach - dist, 0)
         v = v - shift
-        u = u + jnp.where(col4row >= 0, shift[jnp.maximum(col4row, 0)], 0).at[source].add(reach)
+        u = u + jnp.where(col4row >= 0, shift[jnp.maximum(col4row, 0)], 0)
+        u = u.at[source].add(reach, mode="drop")
 
         def flip(walk):
             j, col4row, row4col = walk
