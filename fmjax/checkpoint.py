@@ -166,7 +166,10 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise ValueError(f"{path} does not exist: {workdir} is not an fmjax run directory.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable run config (JSON): {error}.") from None
 
 
 class RunArtifacts(NamedTuple):

@@ -449,10 +449,14 @@ def _lines_up_to(path: pathlib.Path, step: int) -> int:
 
 
 def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    path = workdir / "config.json"
-    if not path.exists():
+    if not (workdir / "config.json").exists():
+        if any((workdir / "checkpoints").glob("[0-9]*")):
+            raise ValueError(
+                f"{workdir} holds checkpoints but no config.json, so nothing tells whether they "
+                "match this config; put the run's config.json back or use a new --workdir."
+            )
         return
-    saved = json.loads(path.read_text())
+    saved = checkpoint.load_config(workdir).to_dict()
     current = json.loads(config.to_json())
     for section in ("model", "data"):
         keys = ("image_shape",) if section == "data" else tuple(current["model"])

@@ -142,6 +142,23 @@ def test_workdir_that_cannot_be_written(tmp_path, where, match):
         train.train_and_evaluate(small_config(), tmp_path / where, source=small_source())
 
 
+def test_resuming_a_workdir_whose_config_json_is_corrupt(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"model": {"name": "unet_t')  # cut short
+    with pytest.raises(ValueError, match=r"run/config.json is not a readable run config"):
+        with no_compilation():
+            train.train_and_evaluate(small_config(), tmp_path / "run", source=small_source())
+
+
+def test_resuming_checkpoints_without_config_json(tmp_path):
+    # Without config.json nothing tells whether the checkpoints hold this model; starting
+    # fresh would rotate them away, so the run refuses.
+    (tmp_path / "run" / "checkpoints" / "20").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints but no config.json"):
+        with no_compilation():
+            train.train_and_evaluate(small_config(), tmp_path / "run", source=small_source())
+
+
 def test_sampling_a_workdir_that_holds_no_run(tmp_path):
     with pytest.raises(ValueError, match=r"config.json does not exist: .* not an fmjax run"):
         with no_compilation():
