@@ -1,7 +1,7 @@
 """The offline quick start: scikit-learn's 8x8 digits on a laptop CPU.
 
 Variants (``--config=experiments/configs/digits.py:VARIANT``):
-- default: 5–10 minutes on 2 CPU cores (9 min 23 s measured on a busy machine); recognisable digits.
+- default: about 10–15 minutes on 2 idle CPU cores (see README.md); recognisable digits.
 - ``quick``: a few steps of a tiny U-Net, to check that everything runs (CI).
 """
 
