@@ -58,8 +58,8 @@ def test_digits_quick_writes_every_artefact(digits_quick):
     assert report["num_samples"] == 1000 and report["nfe"] == 4  # heun, 2 steps
     # Six steps of a tiny model: far from the floor, but the score is well defined.
     assert report["floor_train_vs_test"] < report["digits_fd"]
-    assert "Digits score" in output and "Bits/dim of the 300 test digits" in output
-    assert report["bpd_examples"] == 300 and report["bpd_nfe_per_draw"] > 0
+    assert "Digits score" in output and "Bits/dim of 16 test digits" in output
+    assert report["bpd_examples"] == 16 and report["bpd_nfe_per_draw"] > 0
     assert report["bpd_baseline_uniform"] == pytest.approx(4.0875, abs=1e-4)  # log2(17)
     assert report["bpd_baseline_pixel_histogram"] == pytest.approx(2.4223, abs=1e-4)
     assert 0 < report["bits_per_dim"] < 20  # six steps: a loose bound, but a finite one

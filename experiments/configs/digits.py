@@ -5,6 +5,8 @@ Variants (``--config=experiments/configs/digits.py:VARIANT``):
 - ``quick``: a few steps of a tiny U-Net, to check that everything runs (CI).
 """
 
+import ml_collections
+
 from fmjax.configs import base_config
 
 
@@ -23,6 +25,8 @@ def get_config(variant: str | None = None):
     c.train.sample_steps = 25
     c.train.eval_every = 1000  # digits score (Fréchet distance to the test digits); best kept
     c.train.eval_samples = 500
+    c.eval = ml_collections.ConfigDict()
+    c.eval.bpd_examples = 300  # test digits for the final bits/dim (all of them)
     c.optim.optimizer = "adam"
     c.optim.learning_rate = 2e-3
     c.optim.schedule = "warmup_cosine"
@@ -38,6 +42,7 @@ def get_config(variant: str | None = None):
         c.train.num_grid_samples = 16
         c.optim.schedule = "constant"  # independent of num_steps: a longer rerun reuses the compile
         c.model.name = "unet_tiny"  # compiles in a fraction of the time
+        c.eval.bpd_examples = 16
     elif variant is not None:
         raise ValueError(f"Unknown digits config variant {variant!r}; expected 'quick' or none.")
     return c
