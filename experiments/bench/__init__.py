@@ -18,9 +18,9 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
-    """Median wall times of several functions, run in turn so that drifting machine load
-    (other processes, thermal state) affects them alike."""
+def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """``{name: [wall seconds of each repeat]}``, after a warm-up, the functions run in turn
+    so that drifting machine load (other processes, thermal state) affects them alike."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
@@ -29,4 +29,9 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Median wall times of :func:`interleaved_seconds`."""
+    return {name: statistics.median(v) for name, v in interleaved_seconds(fns, repeats).items()}

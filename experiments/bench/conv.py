@@ -35,7 +35,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -45,6 +44,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments.bench import interleaved_seconds
 from fmjax import configs, models, train
 
 BATCH = 64
@@ -67,14 +67,7 @@ def threads() -> int:
 
 def best_and_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
     """``{name: (best, median)}`` wall seconds of each function, run in turn after a warm-up."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_seconds(fns, repeats)
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
