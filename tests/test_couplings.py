@@ -1,5 +1,6 @@
 """fmjax.couplings: exact OT against brute force and optax's Hungarian, the Sinkhorn plan, the contract."""
 
+import functools
 import itertools
 
 import jax
@@ -62,10 +63,15 @@ def _cost_stack(rng, n, draws):
     return costs
 
 
+SOLVERS = ["host", "jax"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 8])
-def test_assignment_equals_brute_force_with_ties_under_vmap(n):
+def test_assignment_equals_brute_force_with_ties_under_vmap(n, solver):
     costs = _cost_stack(np.random.default_rng(n), n, draws=40)
-    cols = np.asarray(jax.jit(jax.vmap(min_cost_assignment))(jnp.asarray(costs, jnp.float32)))
+    solve = jax.jit(jax.vmap(lambda c: min_cost_assignment(c, solver=solver)))
+    cols = np.asarray(solve(jnp.asarray(costs, jnp.float32)))
     for col in cols:
         np.testing.assert_array_equal(np.sort(col), np.arange(n))
     got = np.take_along_axis(costs, cols[:, :, None], 2)[..., 0].sum(-1)
@@ -77,46 +83,87 @@ def _hungarian_cost(cost):
     return float(jnp.sum(cost[rows, cols]))
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("n,dims", [(64, 3072), (128, 2), (256, 2)])
-def test_assignment_cost_equals_optax_hungarian(n, dims):
+def test_assignment_cost_equals_optax_hungarian(n, dims, solver):
     k0, k1 = jax.random.split(jax.random.key(n + dims))
     x0 = jax.random.normal(k0, (n, dims))
     x1 = jax.random.normal(k1, (n, dims)) + 0.5
     cost = squared_distances(x1, x0)
-    out = exact_ot_jit(None, x0, x1)
+    out = jax.jit(functools.partial(exact_ot, solver=solver))(None, x0, x1)
     np.testing.assert_array_equal(np.sort(out.i0), np.arange(n))
     got = float(jnp.sum(cost[jnp.arange(n), out.i0]))
     assert got == pytest.approx(_hungarian_cost(cost), rel=1e-6)
 
 
-def test_assignment_in_float64_is_exact_to_float64(x64):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_assignment_in_float64_is_exact_to_float64(x64, solver):
     rng = np.random.default_rng(0)
     # Costs whose optimum beats the runner-up by ~1e-9: float32 could not see the difference.
     costs = rng.normal(size=(6, 6)) * 1e-9 + 1.0
-    col = np.asarray(min_cost_assignment(jnp.asarray(costs)))
+    col = np.asarray(min_cost_assignment(jnp.asarray(costs), solver=solver))
     assert col.dtype == np.int32
     got = costs[np.arange(6), col].sum()
     assert got == pytest.approx(_brute_force_costs(costs[None])[0], rel=0, abs=1e-14)
     x0 = jax.random.normal(jax.random.key(1), (64, 2))
     x1 = jax.random.normal(jax.random.key(2), (64, 2))
-    out = exact_ot_jit(None, x0, x1)
+    out = jax.jit(functools.partial(exact_ot, solver=solver))(None, x0, x1)
     assert out.x0.dtype == jnp.float64
     cost = squared_distances(x1, x0)
     got = float(jnp.sum(cost[jnp.arange(64), out.i0]))
     assert got == pytest.approx(_hungarian_cost(cost), rel=1e-12)
 
 
-def test_exact_ot_under_vmap_matches_one_by_one():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_exact_ot_under_vmap_matches_one_by_one(solver):
     x0 = jax.random.normal(jax.random.key(3), (3, 16, 2))
     x1 = jax.random.normal(jax.random.key(4), (3, 16, 2))
-    batched = jax.jit(jax.vmap(lambda a, b: exact_ot(None, a, b).i0))(x0, x1)
+    one = jax.jit(functools.partial(exact_ot, solver=solver))
+    batched = jax.jit(jax.vmap(lambda a, b: one(None, a, b).i0))(x0, x1)
     for k in range(3):
-        np.testing.assert_array_equal(batched[k], exact_ot_jit(None, x0[k], x1[k]).i0)
+        np.testing.assert_array_equal(batched[k], one(None, x0[k], x1[k]).i0)
 
 
-def test_assignment_of_non_finite_costs_terminates_with_a_permutation():
-    cost = jnp.ones((5, 5)).at[2, 3].set(jnp.nan)
-    np.testing.assert_array_equal(np.sort(min_cost_assignment(cost)), np.arange(5))
+def test_both_solvers_find_the_same_optimum_per_device_under_shard_map():
+    # The training step's setting: one coupling per device's micro-batch.
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    n = 24
+    x0 = jax.random.normal(jax.random.key(5), (len(devices) * n, 2))
+    x1 = jax.random.normal(jax.random.key(6), (len(devices) * n, 2)) + 1.0
+    spec = jax.sharding.PartitionSpec("data")
+
+    def per_device_cost(solver):
+        def cost(a, b):
+            out = exact_ot(None, a, b, solver=solver)
+            return jnp.sum((out.x0 - out.x1) ** 2)[None]
+
+        mapped = jax.shard_map(cost, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+        return np.asarray(jax.jit(mapped)(x0, x1))
+
+    host, in_graph = per_device_cost("host"), per_device_cost("jax")
+    assert host.shape == (len(devices),)
+    np.testing.assert_allclose(host, in_graph, rtol=1e-5)
+    identity = np.asarray(jnp.sum(((x0 - x1) ** 2).reshape(len(devices), -1), axis=1))
+    assert np.all(host < 0.8 * identity)
+
+
+def test_auto_solver_calls_the_host_on_cpu_and_stays_in_graph_elsewhere():
+    cost = jnp.ones((4, 4))
+    cpu_text = jax.jit(min_cost_assignment).lower(cost).as_text()
+    assert "callback" in cpu_text
+    assert "while" not in cpu_text
+    tpu_text = jax.jit(min_cost_assignment).trace(cost).lower(lowering_platforms=("tpu",)).as_text()
+    assert "callback" not in tpu_text
+    assert "while" in tpu_text
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_assignment_of_non_finite_costs_terminates_with_a_permutation(solver):
+    for bad in (jnp.nan, jnp.inf):
+        cost = jnp.ones((5, 5)).at[2, 3].set(bad)
+        col = min_cost_assignment(cost, solver=solver)
+        np.testing.assert_array_equal(np.sort(col), np.arange(5))
 
 
 def test_assignment_validates_its_cost():
@@ -124,6 +171,8 @@ def test_assignment_validates_its_cost():
         min_cost_assignment(jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"floating-point.*int32"):
         min_cost_assignment(jnp.zeros((2, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"Unknown solver 'scipy'; expected one of 'auto'"):
+        exact_ot(None, jnp.zeros((2, 1)), jnp.zeros((2, 1)), solver="scipy")
 
 
 def test_exact_ot_never_worse_than_identity_on_larger_batches():
