@@ -152,10 +152,8 @@ def test_auto_solver_calls_the_host_on_cpu_and_stays_in_graph_elsewhere():
     cost = jnp.ones((4, 4))
     cpu_text = jax.jit(min_cost_assignment).lower(cost).as_text()
     assert "callback" in cpu_text
-    assert "while" not in cpu_text
     tpu_text = jax.jit(min_cost_assignment).trace(cost).lower(lowering_platforms=("tpu",)).as_text()
     assert "callback" not in tpu_text
-    assert "while" in tpu_text
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

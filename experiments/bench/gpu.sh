@@ -14,7 +14,9 @@
 #     bfloat16 at per-device batch 128 on every GPU: ms/step, images/s, GFLOP/step, the
 #     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
 #     GPU-hours of the Meta recipe (175k steps x 512); then torchcfm's preset the same way,
-#  4. runs the sampling benchmarks (experiments/bench/sampling.py),
+#  4. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
+#     (experiments/bench/ot.py: the host and in-graph assignment solvers on the GPU, which
+#     decides whether "auto" should keep calling the host there),
 # writing gpu.log (everything printed) and one JSON file per benchmark to RESULTS_DIR.
 #
 # --dry-run skips the install and nvidia-smi and runs steps 3-4 at tiny sizes (8x8 images,
@@ -60,4 +62,6 @@ done
 
 echo "== sampling"
 "$python" -m experiments.benchmark --only sampling "${quick[@]}" --json "$results/sampling.json"
+echo "== exact OT"
+"$python" -m experiments.benchmark --only ot "${quick[@]}" --json "$results/ot.json"
 echo "== done: $results"
