@@ -10,6 +10,8 @@ The minibatch couplings see the batch they are given: in the data-parallel train
 that is the per-device batch.
 """
 
+import concurrent.futures
+import os
 from typing import NamedTuple, Protocol
 
 import jax
@@ -208,21 +210,12 @@ def _warm_potentials(
     r"""Approximate OT dual potentials :math:`f_i + g_j \approx C_{ij}` on the optimal pairs.
 
     A few log-domain Sinkhorn iterations at :math:`\varepsilon = 0.1\,\mathrm{std}(C)`, from
-    the column and row reductions (see :func:`min_cost_assignment`). Non-finite potentials
-    (from non-finite costs) become zeros.
+    the column minima (see :func:`min_cost_assignment`). Non-finite potentials (from
+    non-finite costs) become zeros.
     """
     scale = jnp.std(cost)
     epsilon = jnp.where(scale > 0, relative_epsilon * scale, jnp.ones_like(scale))
-    g = jnp.min(cost, axis=0)
-    f = jnp.min(cost - g[None, :], axis=1)
-
-    def sweep(_, fg):
-        f, g = fg
-        f = -epsilon * jax.nn.logsumexp((g[None, :] - cost) / epsilon, axis=1)
-        g = -epsilon * jax.nn.logsumexp((f[:, None] - cost) / epsilon, axis=0)
-        return f, g
-
-    f, g = jax.lax.fori_loop(0, iterations, sweep, (f, g))
+    f, g = _sinkhorn_potentials(cost, epsilon, iterations, jnp.min(cost, axis=0))
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     return jnp.where(finite, f, 0), jnp.where(finite, g, 0)
 
@@ -237,13 +230,20 @@ def _scipy_assignments(costs: np.ndarray, f: np.ndarray, g: np.ndarray) -> np.nd
         - np.asarray(f, np.float64)[..., :, None]
         - np.asarray(g, np.float64)[..., None, :]
     )
-    cols = np.empty(reduced.shape[:-1], np.int32)
-    for index in np.ndindex(reduced.shape[:-2]):
-        if np.all(np.isfinite(reduced[index])):
-            cols[index] = linear_sum_assignment(reduced[index])[1]
-        else:  # SciPy raises on these; keep the in-graph solver's contract instead.
-            cols[index] = np.arange(reduced.shape[-1])
-    return cols
+
+    def solve(matrix: np.ndarray) -> np.ndarray:
+        if not np.all(np.isfinite(matrix)):  # SciPy raises; keep the in-graph contract instead.
+            return np.arange(matrix.shape[-1], dtype=np.int32)
+        return linear_sum_assignment(matrix)[1].astype(np.int32)
+
+    matrices = reduced.reshape(-1, *reduced.shape[-2:])
+    workers = min(len(matrices), os.cpu_count() or 1)
+    if workers == 1:
+        cols = [solve(matrix) for matrix in matrices]
+    else:  # A vmapped stack: SciPy releases the GIL, so threads use every core.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            cols = list(pool.map(solve, matrices))
+    return np.stack(cols).reshape(reduced.shape[:-1])
 
 
 def _assignment_on_host(cost: Float[Array, "n n"]) -> Int[Array, " n"]:
@@ -382,15 +382,19 @@ def sinkhorn_log_plan(
     cost = jax.lax.stop_gradient(cost)
     if normalize_cost:
         cost = cost / jnp.maximum(jnp.max(cost), jnp.finfo(cost.dtype).tiny)
-    n, m = cost.shape
-    log_a = -jnp.log(n) * jnp.ones(n, cost.dtype)
-    log_b = -jnp.log(m) * jnp.ones(m, cost.dtype)
+    f, g = _sinkhorn_potentials(cost, epsilon, num_iters, jnp.zeros_like(cost[0]))
+    return (f[:, None] + g[None, :] - cost) / epsilon
 
-    def update(g):
-        f = epsilon * log_a - epsilon * jax.nn.logsumexp((g[None, :] - cost) / epsilon, axis=1)
-        g = epsilon * log_b - epsilon * jax.nn.logsumexp((f[:, None] - cost) / epsilon, axis=0)
+
+def _sinkhorn_potentials(cost, epsilon, num_iters: int, g):
+    """``(f, g)`` after ``num_iters`` log-domain Sinkhorn sweeps (uniform marginals) from ``g``."""
+    n, m = cost.shape
+    log_a, log_b = -jnp.log(n), -jnp.log(m)
+
+    def sweep(_, fg):
+        f = epsilon * (log_a - jax.nn.logsumexp((fg[1][None, :] - cost) / epsilon, axis=1))
+        g = epsilon * (log_b - jax.nn.logsumexp((f[:, None] - cost) / epsilon, axis=0))
         return f, g
 
-    g = jax.lax.fori_loop(0, num_iters - 1, lambda _, g: update(g)[1], jnp.zeros(m, cost.dtype))
-    f, g = update(g)
-    return (f[:, None] + g[None, :] - cost) / epsilon
+    # Initial values shaped like the cost keep its type under shard_map, as fori_loop needs.
+    return jax.lax.fori_loop(0, num_iters, sweep, (jnp.zeros_like(cost[:, 0]), g))
