@@ -22,7 +22,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmjax import checkpoint, configs, data, models, train
+from fmjax import checkpoint, configs, couplings, data, models, train
 from fmjax.loss import cfm_loss
 
 B = 16
@@ -177,6 +177,39 @@ def test_mesh_step_equals_hand_computation_and_ema():
         )
     assert int(state.step) == 3
     assert step_fn._cache_size() == 1  # no recompilation after the first call
+
+
+def test_exact_ot_pairs_within_each_device_micro_batch():
+    config = tiny_config()
+    config.data.image_shape = (4, 4, 1)
+    config.path.coupling = "exact_ot"
+    model = train.build_model(config.model)
+    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    state = train.init_state(config, model, tx)
+    params = jax.device_get(state.params)
+    mesh = mesh_of(4)
+    step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+    batch = tiny_source().batch(0, B)
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    _, metrics = step_fn(jax.device_put(state, NamedSharding(mesh, P())), sharded)
+
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), 0)
+    keys = jnp.stack([jax.random.fold_in(step_key, i) for i in range(B)])
+    apply = lambda p, x, t: model.apply({"params": p}, x, t)  # noqa: E731
+    images = jnp.asarray(batch["image"]).reshape(4, B // 4, 4, 4, 1)
+
+    def device_losses(coupling):
+        return [
+            cfm_loss(apply, params, keys.reshape(4, -1)[d], images[d], coupling=coupling)[0]
+            for d in range(4)
+        ]
+
+    np.testing.assert_allclose(metrics["loss"], np.mean(device_losses(couplings.exact_ot)), 1e-5)
+    # A check with teeth: pairing across the whole batch, or not at all, gives other losses.
+    whole = cfm_loss(apply, params, keys, jnp.asarray(batch["image"]), coupling=couplings.exact_ot)
+    independent = np.mean(device_losses(couplings.independent))
+    assert abs(float(metrics["loss"]) - float(whole[0])) > 1e-3
+    assert abs(float(metrics["loss"]) - independent) > 1e-3
 
 
 def test_ema_decay_warmup():
