@@ -147,14 +147,14 @@ def min_cost_assignment(cost: Float[Array, "n n"], *, solver: str = "auto") -> I
     r"""The exact minimum-cost perfect assignment of a square cost matrix.
 
     Returns ``col`` (int32, a permutation of ``arange(n)``) minimising
-    :math:`\sum_i C_{i, \mathrm{col}_i}`. Jittable and vmappable; two exact solvers give the
-    same total cost (ties may give different optimal permutations):
-
-    Both start from warm dual potentials: ten log-domain Sinkhorn sweeps at
+    :math:`\sum_i C_{i, \mathrm{col}_i}`. Jittable and vmappable. Two exact solvers give the
+    same total cost (ties may give different optimal permutations), and both start from warm
+    dual potentials: ten log-domain Sinkhorn sweeps at
     :math:`\varepsilon = 0.1\,\mathrm{std}(C)` give :math:`f, g` with
     :math:`f_i + g_j \approx C_{ij}` on the optimal pairs. Subtracting any row and column
     potentials shifts every assignment's total by the same constant, so exactness never depends
-    on them; they leave few rows unassigned and their augmenting paths short (2-5x faster).
+    on them; they make the augmenting paths few and short (2-5x faster than from cold). The
+    solvers:
 
     - ``"host"``: SciPy's ``linear_sum_assignment`` (a C++ shortest-augmenting-path solver;
       SciPy is a dependency of JAX itself) on :math:`C - f - g` in float64, called from the
