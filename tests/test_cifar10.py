@@ -133,6 +133,7 @@ def test_recipes_match_the_references():
         "logit_normal", 1.2, 1.2,
     )  # fmt: skip
     assert (meta.optim.optimizer, meta.optim.learning_rate, meta.optim.b2) == ("adamw", 1e-4, 0.95)
+    assert meta.optim.weight_decay == 0.01  # PyTorch AdamW's default, which Meta's script keeps
     assert (meta.optim.schedule, meta.optim.grad_clip, meta.optim.ema_decay) == (
         "constant",
         0,

@@ -40,8 +40,10 @@ def _meta(c) -> None:
     c.path.time_sampler = "logit_normal"
     c.path.logit_mean = 1.2  # t = 1 / (1 + exp(s)), s ~ N(-1.2, 1.2): leans to the data end
     c.path.logit_std = 1.2
+    # Meta's script builds torch.optim.AdamW(params, lr, betas) without weight_decay, so it
+    # runs at PyTorch's default of 0.01 (decoupled, on every parameter, as optax.adamw does).
     c.optim.update(
-        optimizer="adamw", learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.0,
+        optimizer="adamw", learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.01,
         schedule="constant", grad_clip=0.0, ema_decay=0.999, ema_warmup=True,
     )  # fmt: skip
 
