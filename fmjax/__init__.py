@@ -18,7 +18,7 @@ from fmjax.likelihood import (
     dequantized_bits_per_dim,
     log_likelihood,
 )
-from fmjax.loss import LossAux, cfm_loss
+from fmjax.loss import LossAux, Pairs, cfm_loss, cfm_loss_on_pairs, draw_pairs
 from fmjax.paths import (
     VP,
     AffinePath,
@@ -55,6 +55,7 @@ __all__ = [
     "LikelihoodResult",
     "LinearVP",
     "LossAux",
+    "Pairs",
     "PathSample",
     "Polynomial",
     "SampleResult",
@@ -62,10 +63,12 @@ __all__ = [
     "SchedulerOutput",
     "bits_per_dim",
     "cfm_loss",
+    "cfm_loss_on_pairs",
     "classifier_free_guidance",
     "couplings",
     "dequantize",
     "dequantized_bits_per_dim",
+    "draw_pairs",
     "edm_time_grid",
     "exact_ot",
     "independent",

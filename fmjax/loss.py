@@ -16,6 +16,12 @@ predicts:
 
 with :math:`D` the number of features per example. With ``loss_space="velocity"`` a target or
 epsilon prediction is first converted to a velocity and compared with :math:`\dot x_t`.
+
+:func:`cfm_loss` is the composition of its two halves, public for loops that want them apart:
+:func:`draw_pairs` (noise, coupling and times: no parameters involved) and
+:func:`cfm_loss_on_pairs` (the model and the regression). The pairing of a minibatch coupling
+does not depend on the parameters, so a loop can draw many steps' pairs at once, e.g. one
+vmapped :func:`fmjax.couplings.exact_ot` whose assignments run on every core.
 """
 
 from collections.abc import Callable, Mapping
@@ -23,19 +29,44 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from fmjax._checks import check_batched, check_choice, check_float
+from fmjax._checks import check_batched, check_choice, check_float, check_same_shape
 from fmjax.couplings import Coupling, independent
 from fmjax.paths import AffinePath, CondOT
 from fmjax.timesteps import TimeSampler, uniform
 
-__all__ = ["PREDICTIONS", "LossAux", "cfm_loss", "example_keys"]
+__all__ = [
+    "PREDICTIONS",
+    "LossAux",
+    "Pairs",
+    "cfm_loss",
+    "cfm_loss_on_pairs",
+    "draw_pairs",
+    "example_keys",
+]
 
 PREDICTIONS = ("velocity", "target", "epsilon")
 """The model parameterisations :func:`cfm_loss` accepts."""
 
 _LOSS_SPACES = ("prediction", "velocity")
+
+
+class Pairs(NamedTuple):
+    """Noise and data paired by a coupling, each pair with its time: what the loss regresses.
+
+    Attributes:
+        x0: ``[batch, *dims]`` noise, in the coupling's order.
+        x1: ``[batch, *dims]`` data, in the coupling's order.
+        t: ``[batch]`` the time of each pair (float32, or float64 for float64 data).
+        i1: ``[batch]`` int32 indices into the data as given: per-example inputs (labels)
+            follow the pairs with ``labels[i1]``.
+    """
+
+    x0: Float[Array, " batch *dims"]
+    x1: Float[Array, " batch *dims"]
+    t: Float[Array, " batch"]
+    i1: Int[Array, " batch"]
 
 
 class LossAux(NamedTuple):
@@ -78,6 +109,55 @@ def example_keys(key: PRNGKeyArray, batch_size: int) -> PRNGKeyArray:
     return key
 
 
+def draw_pairs(
+    key: PRNGKeyArray,
+    x1: Float[Array, " batch *dims"],
+    *,
+    coupling: Coupling = independent,
+    time_sampler: TimeSampler = uniform,
+) -> Pairs:
+    r"""The random half of :func:`cfm_loss`: noise drawn for ``x1``, paired, and timed.
+
+    Example ``i``'s key (``key`` split in ``batch``, or the ``[batch]`` keys given) splits in
+    three: noise :math:`x_0^{(i)} \sim N(0, I)` shaped like ``x1[i]`` from the first, its time
+    from the second (``time_sampler(key, ())``); the coupling then pairs the whole batch with
+    the third key of example 0. Times belong to positions in the coupled batch. Jittable and
+    vmappable: ``jax.vmap(draw_pairs)`` over a stack of keys and batches draws many steps' pairs
+    at once (one host call solves a stack of :func:`fmjax.couplings.exact_ot` assignments on
+    parallel threads).
+
+    Args:
+        key: a PRNG key, or ``[batch]`` keys.
+        x1: the data, float, shape ``[batch, *dims]``.
+        coupling: pairs noise and data, ``(key, x0, x1) -> Coupled``.
+        time_sampler: ``(key, shape) -> t``; called once per example with ``shape=()``.
+
+    Returns:
+        :class:`Pairs`, with ``x0`` in ``x1``'s dtype.
+
+    Raises:
+        ValueError: for non-float or unbatched ``x1``, keys of the wrong batch size, or (from
+            the coupling) an OT coupling on a batch of one.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fmjax.couplings import exact_ot
+        >>> from fmjax.loss import draw_pairs
+        >>> x1 = jnp.array([[3.0], [-3.0]])
+        >>> pairs = draw_pairs(jax.random.key(0), x1, coupling=exact_ot)
+        >>> pairs.x0.shape, pairs.t.shape, pairs.i1
+        ((2, 1), (2,), Array([0, 1], dtype=int32))
+    """
+    check_batched("x1", x1)
+    check_float("x1", x1)
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, x1.shape[0]))
+    x0 = jax.vmap(lambda k: jax.random.normal(k, x1.shape[1:], x1.dtype))(keys[:, 0])
+    coupled = coupling(keys[0, 2], x0, x1)
+    t_dtype = jnp.promote_types(x1.dtype, jnp.float32)
+    t = jax.vmap(lambda k: jnp.asarray(time_sampler(k, ()), t_dtype))(keys[:, 1])
+    return Pairs(coupled.x0, coupled.x1, t, coupled.i1)
+
+
 def cfm_loss(
     apply_fn: Callable[..., Float[Array, " batch *dims"]],
     params: Any,
@@ -96,11 +176,13 @@ def cfm_loss(
 
     Pure, jittable, differentiable in ``params``, usable under ``vmap`` and inside a mapped
     device step. Returns ``(loss, aux)``, ready for ``jax.value_and_grad(..., has_aux=True)``.
+    Equal to ``cfm_loss_on_pairs(apply_fn, params, draw_pairs(key, x1, coupling=...,
+    time_sampler=...), ...)``.
 
     Randomness: ``key`` is one key or one key per example (shape ``[batch]``). Example ``i``'s
     noise and time are drawn from its own key only, so with the independent coupling a batch
     gives the same per-example losses whole or split into parts. A minibatch coupling sees the
-    whole batch; its own key comes from example 0's key.
+    whole batch; its own key comes from example 0's key (see :func:`draw_pairs`).
 
     Args:
         apply_fn: the model, called as ``apply_fn(params, x_t, t, **model_kwargs,
@@ -141,20 +223,68 @@ def cfm_loss(
         >>> loss.shape, aux.per_example.shape
         ((), (64,))
     """
-    check_choice("prediction", prediction, PREDICTIONS)
-    check_choice("loss_space", loss_space, _LOSS_SPACES)
-    check_batched("x1", x1)
-    check_float("x1", x1)
+    _check_loss_options(prediction, loss_space)
+    pairs = draw_pairs(key, x1, coupling=coupling, time_sampler=time_sampler)
+    return cfm_loss_on_pairs(
+        apply_fn,
+        params,
+        pairs,
+        path=path,
+        prediction=prediction,
+        loss_space=loss_space,
+        model_kwargs=model_kwargs,
+        example_kwargs=example_kwargs,
+    )
+
+
+def cfm_loss_on_pairs(
+    apply_fn: Callable[..., Float[Array, " batch *dims"]],
+    params: Any,
+    pairs: Pairs,
+    *,
+    path: AffinePath = AffinePath(CondOT()),  # noqa: B008 - frozen, immutable default
+    prediction: Literal["velocity", "target", "epsilon"] = "velocity",
+    loss_space: Literal["prediction", "velocity"] = "prediction",
+    model_kwargs: Mapping[str, Any] | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Float[Array, ""], LossAux]:
+    r"""The deterministic half of :func:`cfm_loss`: the model's regression error on given pairs.
+
+    Samples :math:`x_t` on ``path`` from each pair of ``pairs`` (from :func:`draw_pairs`) at
+    its time, calls the model and returns ``(loss, aux)`` as :func:`cfm_loss` does, with the
+    same arguments (``example_kwargs`` in the data's original order: they are gathered with
+    ``pairs.i1``). Differentiable in ``params``; ``pairs`` carry no gradient to the
+    parameters, so they may be drawn ahead, outside the differentiated function.
+
+    Raises:
+        ValueError: for pairs of mismatched shapes, an unknown ``prediction`` or
+            ``loss_space``, or a model output not shaped like ``pairs.x1``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fmjax.loss import cfm_loss, cfm_loss_on_pairs, draw_pairs
+        >>> apply_fn = lambda w, x_t, t: x_t @ w
+        >>> x1 = jax.random.normal(jax.random.key(0), (64, 2)) + 3.0
+        >>> key, w = jax.random.key(1), jnp.eye(2)
+        >>> loss, _ = cfm_loss_on_pairs(apply_fn, w, draw_pairs(key, x1))
+        >>> bool(loss == cfm_loss(apply_fn, w, key, x1)[0])
+        True
+    """
+    _check_loss_options(prediction, loss_space)
+    x0, x1, t, i1 = pairs
+    check_batched("pairs.x1", x1)
+    check_float("pairs.x1", x1)
+    check_same_shape("pairs.x0", x0, "pairs.x1", x1)
     batch = x1.shape[0]
-    keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, batch))
+    for name, value in (("pairs.t", t), ("pairs.i1", i1)):
+        if jnp.shape(value) != (batch,):
+            raise ValueError(
+                f"{name} must have shape [batch]=({batch},) like pairs.x1 {x1.shape}; "
+                f"got {jnp.shape(value)}."
+            )
+    sample = path.sample(x0, x1, t)
 
-    x0 = jax.vmap(lambda k: jax.random.normal(k, x1.shape[1:], x1.dtype))(keys[:, 0])
-    coupled = coupling(keys[0, 2], x0, x1)
-    t_dtype = jnp.promote_types(x1.dtype, jnp.float32)
-    t = jax.vmap(lambda k: jnp.asarray(time_sampler(k, ()), t_dtype))(keys[:, 1])
-    sample = path.sample(coupled.x0, coupled.x1, t)
-
-    gathered = jax.tree.map(lambda a: jnp.asarray(a)[coupled.i1], dict(example_kwargs or {}))
+    gathered = jax.tree.map(lambda a: jnp.asarray(a)[i1], dict(example_kwargs or {}))
     output = apply_fn(params, sample.x_t, t, **dict(model_kwargs or {}), **gathered)
     if jnp.shape(output) != x1.shape:
         raise ValueError(
@@ -169,8 +299,13 @@ def cfm_loss(
         }[prediction]
         output, regression_target = to_velocity(output), sample.dx_t
     else:
-        regression_target = {"target": coupled.x1, "epsilon": coupled.x0}[prediction]
+        regression_target = {"target": x1, "epsilon": x0}[prediction]
 
     error = jnp.square(output.astype(jnp.float32) - regression_target.astype(jnp.float32))
     per_example = jnp.mean(error.reshape(batch, -1), axis=1)
     return jnp.mean(per_example), LossAux(per_example=per_example, t=t)
+
+
+def _check_loss_options(prediction: str, loss_space: str) -> None:
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("loss_space", loss_space, _LOSS_SPACES)

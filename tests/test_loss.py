@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from fmjax.couplings import Coupled, exact_ot, independent
-from fmjax.loss import cfm_loss
+from fmjax.loss import Pairs, cfm_loss, cfm_loss_on_pairs, draw_pairs
 from fmjax.paths import AffinePath, Cosine
 from fmjax.timesteps import uniform
 
@@ -159,6 +159,72 @@ def test_example_kwargs_follow_x1_through_the_coupling():
         model_kwargs={"y": labels},
     )  # fmt: skip
     assert float(loss_ignored) > 1.0
+
+
+@pytest.mark.parametrize("coupling", ["exact_ot", "reverse"])
+def test_cfm_loss_is_draw_pairs_then_the_loss_on_pairs(coupling):
+    # The halves compose to the whole, values and gradients, with couplings that reorder and
+    # labels that must follow the data: drawing pairs ahead changes nothing.
+    x1 = jax.random.normal(jax.random.key(3), (8, 2)) + 2.0
+    labels = jnp.arange(8.0)
+    w = jax.random.normal(jax.random.key(4), (2, 2))
+
+    def model(w, x_t, t, y):
+        return x_t @ w + (t * y)[:, None]
+
+    def reverse(key, x0, x1):
+        order = jnp.arange(x1.shape[0])[::-1]
+        return Coupled(x0[order], x1[order], order, order)
+
+    coupling = {"exact_ot": exact_ot, "reverse": reverse}[coupling]
+    key = jax.random.key(5)
+    sampler = functools.partial(uniform, t_min=0.1)
+    options = {"example_kwargs": {"y": labels}, "prediction": "target", "loss_space": "velocity"}
+
+    def whole(w):
+        return cfm_loss(model, w, key, x1, coupling=coupling, time_sampler=sampler, **options)
+
+    def halves(w, pairs):
+        return cfm_loss_on_pairs(model, w, pairs, **options)
+
+    pairs = draw_pairs(key, x1, coupling=coupling, time_sampler=sampler)
+    expected = jax.jit(jax.value_and_grad(whole, has_aux=True))(w)
+    got = jax.jit(jax.value_and_grad(halves, has_aux=True))(w, pairs)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    if coupling is reverse:  # the pairs carry the data reversed, and the indices to follow it
+        np.testing.assert_array_equal(pairs.x1, x1[::-1])
+        np.testing.assert_array_equal(pairs.i1, jnp.arange(8)[::-1])
+
+
+def test_draw_pairs_ahead_for_many_steps_under_vmap():
+    # A stack of steps drawn at once (one host call, threads) gives each step's own pairs.
+    x1 = jax.random.normal(jax.random.key(6), (5, 16, 3))
+    keys = jax.random.split(jax.random.key(7), 5)
+    stacked = jax.jit(jax.vmap(functools.partial(draw_pairs, coupling=exact_ot)))(keys, x1)
+    for i in range(5):
+        single = draw_pairs(keys[i], x1[i], coupling=exact_ot)
+        jax.tree.map(np.testing.assert_array_equal, Pairs(*(a[i] for a in stacked)), single)
+    # The coupling did reorder the noise: OT pairs cost less than the pairs as drawn.
+    x0_drawn = jax.vmap(lambda k, x: draw_pairs(k, x).x0)(keys, x1)
+    ot_cost = jnp.sum((stacked.x0 - stacked.x1) ** 2)
+    assert float(ot_cost) < float(jnp.sum((x0_drawn - x1) ** 2))
+
+
+def test_bad_pairs_messages(data):
+    x1, w = data
+    pairs = draw_pairs(jax.random.key(0), x1)
+    with pytest.raises(ValueError, match=r"pairs.t must have shape \[batch\]=\(6,\).*got \(5,\)"):
+        cfm_loss_on_pairs(linear_model, w, pairs._replace(t=pairs.t[:5]))
+    with pytest.raises(ValueError, match=r"pairs.i1 must have shape .*got \(\)"):
+        cfm_loss_on_pairs(linear_model, w, pairs._replace(i1=jnp.int32(0)))
+    with pytest.raises(ValueError, match=r"pairs.x0 and pairs.x1 must have the same shape"):
+        cfm_loss_on_pairs(linear_model, w, pairs._replace(x0=pairs.x0[:, :2]))
+    with pytest.raises(ValueError, match=r"pairs.x1 must be a floating-point array"):
+        cfm_loss_on_pairs(linear_model, w, pairs._replace(x1=pairs.x1.astype(jnp.int32)))
+    with pytest.raises(ValueError, match="Unknown prediction 'score'"):
+        cfm_loss_on_pairs(linear_model, w, pairs, prediction="score")
+    with pytest.raises(ValueError, match="x1 must be a floating-point array"):
+        draw_pairs(jax.random.key(0), x1.astype(jnp.int32))
 
 
 def test_bad_input_messages(data):
