@@ -25,15 +25,36 @@ def test_fmjax_half_learns_and_is_scored():
     toy = eight_gaussians()
     heldout = toy.sample(jax.random.key(1), SHORT.num_heldout)
     trained_nll, ok = peers.heldout_nll(run.params, heldout)
-    untrained_nll, _ = peers.heldout_nll(peers.init_mlp(jax.random.key(0)), heldout)
+    untrained_nll, _ = peers.heldout_nll(peers.init_mlp(0), heldout)
     true_nll = float(-jnp.mean(toy.log_prob(heldout)))
     assert ok
     assert true_nll < trained_nll < untrained_nll - 1.0
 
 
+def test_a_block_of_steps_gets_its_own_optimal_pairs():
+    from scipy.optimize import linear_sum_assignment
+
+    recipe = SHORT._replace(batch_size=16, couple_ahead=5)
+    key = jax.random.key(3)
+    pairs = peers.block_pairs(recipe, key, jnp.int32(0))
+    assert pairs.x0.shape == pairs.x1.shape == (5, 16, 2) and pairs.t.shape == (5, 16)
+    for x0, x1 in zip(np.asarray(pairs.x0), np.asarray(pairs.x1), strict=True):
+        # Each step's pairs are an optimal assignment between its own noise and data.
+        cost = ((x1[:, None, :] - x0[None, :, :]) ** 2).sum(-1)
+        rows, cols = linear_sum_assignment(cost)
+        np.testing.assert_allclose(np.trace(cost), cost[rows, cols].sum(), rtol=1e-5)
+    # Steps and blocks draw new data and noise.
+    flat = np.asarray(pairs.x1).reshape(5, -1)
+    assert len({row.tobytes() for row in flat}) == 5
+    later = peers.block_pairs(recipe, key, jnp.int32(1))
+    assert not np.allclose(later.x1, pairs.x1) and not np.allclose(later.x0, pairs.x0)
+
+
 def test_bad_recipe_is_rejected():
     with pytest.raises(ValueError, match="multiple of log_every=150"):
         peers.train_fmjax(SHORT._replace(steps=100), seed=0)
+    with pytest.raises(ValueError, match="divisor of log_every=150; got couple_ahead=40"):
+        peers.train_fmjax(SHORT._replace(couple_ahead=40), seed=0)
 
 
 def test_without_the_peers_it_says_so_and_times_fmjax_alone(monkeypatch, capsys):
