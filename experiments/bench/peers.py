@@ -1,6 +1,7 @@
 r"""Side by side with torchcfm: the same 2-D OT-CFM recipe trained by each, time and NLL.
 
     python -m experiments.bench.peers [--steps N] [--seeds K] [--quick] [--skip-torch]
+                                      [--couple-ahead N]
     python -m experiments.benchmark --only peers [--quick]
 
 The task: noise :math:`x_0 \sim \mathcal N(0, I)` to the 8-Gaussians mixture of
@@ -21,8 +22,11 @@ both sides:
   betas (0.9, 0.999), eps 1e-8), the same number of steps.
 
 torchcfm runs the loop of its README on PyTorch (CPU here), one step per Python iteration;
-fmjax runs ``log_every`` steps per jitted ``lax.scan``. The wall time is the whole training
-run; fmjax's includes compiling its chunk, which is also reported apart.
+fmjax runs ``log_every`` steps per jitted ``lax.scan`` and draws and pairs the batches of
+``couple_ahead`` steps at once (the pairing does not depend on the parameters, so this changes
+which random numbers are drawn, not the recipe; one host call then solves 50 assignments on
+every core). The wall time is the whole training run; fmjax's includes compiling its chunk,
+which is also reported apart.
 
 The NLL is measured the same way for both models: the PyTorch model's weights are copied into
 the JAX function of the same MLP (checked to give the same outputs in ``tests/test_peers.py``)
@@ -451,10 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1, each trained by both")
     parser.add_argument("--quick", action="store_true", help="the short recipe")
     parser.add_argument("--skip-torch", action="store_true", help="fmjax alone")
+    parser.add_argument(
+        "--couple-ahead",
+        type=int,
+        help=f"fmjax steps coupled at once (default {Recipe().couple_ahead}; 1: step by step)",
+    )
     args = parser.parse_args(argv)
     recipe = QUICK if args.quick else Recipe()
     if args.steps is not None:
         recipe = recipe._replace(steps=args.steps)
+    if args.couple_ahead is not None:
+        recipe = recipe._replace(couple_ahead=args.couple_ahead)
     torch_side = not args.skip_torch and peers_available()
     if not args.skip_torch and not torch_side:
         print(_MISSING, flush=True)
