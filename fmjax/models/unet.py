@@ -36,6 +36,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax.loss import example_keys
+from fmjax.models.conv import conv_general_dilated
 
 __all__ = [
     "UNet",
@@ -176,6 +177,8 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, *, zero: bool = Fal
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.zeros if zero else _KERNEL_INIT,
+        # Same forward pass; on CPU a kernel gradient 2-3x faster at 16x16 and 32x32.
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

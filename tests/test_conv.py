@@ -1,0 +1,127 @@
+"""fmjax.models.conv: lax's convolution with a per-tap kernel gradient on CPU.
+
+Every derivative must equal lax's (float64, so only summation order differs), the per-tap form
+must be the one compiled for CPU and lax's own elsewhere, and shapes it does not serve must go
+to lax unchanged.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.models.conv import MIN_PER_TAP_FEATURES, MIN_PER_TAP_PIXELS, conv_general_dilated
+
+SIDE = int(MIN_PER_TAP_PIXELS**0.5)  # the smallest square image that takes the per-tap form
+
+
+def _inputs(shape, features, dtype=jnp.float64, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, shape, dtype)
+    w = jax.random.normal(kw, (3, 3, shape[-1], features), dtype) / 6
+    return x, w
+
+
+def _dims(x, w):
+    return jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+
+def _loss(conv, strides, padding, x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=_dims(x, w))
+    return jnp.sum(jnp.sin(y))
+
+
+CASES = [
+    ((1, 1), ((1, 1), (1, 1))),
+    ((2, 2), ((1, 1), (1, 1))),  # the U-Nets' downsampling
+    ((2, 1), ((0, 2), (1, 0))),  # asymmetric strides and padding
+    ((1, 1), "VALID"),
+]
+
+
+@pytest.mark.parametrize(("strides", "padding"), CASES)
+def test_value_gradients_and_tangents_equal_lax(x64, strides, padding):
+    x, w = _inputs((2, strides[0] * SIDE + 2, strides[1] * SIDE + 2, 3), MIN_PER_TAP_FEATURES)
+    ours = functools.partial(_loss, conv_general_dilated, strides, padding)
+    lax = functools.partial(_loss, jax.lax.conv_general_dilated, strides, padding)
+    # The per-tap form is the one compiled: no convolution computes the kernel gradient.
+    assert _convolutions(jax.jit(jax.grad(ours, 1)).lower(x, w).as_text()) == 1
+    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
+    for got, want in zip(
+        jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(lax, (0, 1)))(x, w), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    # Forward mode, in x alone (as the exact divergence takes it) and in both.
+    tangents = _inputs(x.shape, w.shape[-1], seed=1)
+    np.testing.assert_allclose(
+        jax.jvp(lambda x: ours(x, w), (x,), (tangents[0],))[1],
+        jax.jvp(lambda x: lax(x, w), (x,), (tangents[0],))[1],
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
+    )
+
+
+def test_per_example_kernel_gradients_under_vmap(x64):
+    x, w = _inputs((3, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES)
+    per_example = [
+        functools.partial(_loss, conv, (1, 1), ((1, 1), (1, 1))) for conv in
+        (conv_general_dilated, jax.lax.conv_general_dilated)
+    ]  # fmt: skip
+    got, want = (jax.vmap(jax.grad(loss, 1), (0, None))(x[:, None], w) for loss in per_example)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _convolutions(text: str) -> int:
+    return text.count("stablehlo.convolution")
+
+
+def test_kernel_gradient_is_per_tap_on_cpu_and_lax_elsewhere():
+    x, w = _inputs((1, SIDE + 2, SIDE + 2, 2), MIN_PER_TAP_FEATURES, jnp.float32)
+    grad = jax.jit(jax.grad(functools.partial(_loss, conv_general_dilated, (1, 1), "VALID"), 1))
+    lax_grad = jax.jit(
+        jax.grad(functools.partial(_loss, jax.lax.conv_general_dilated, (1, 1), "VALID"), 1)
+    )
+    # lax: the forward convolution and the kernel gradient's; ours on CPU: the forward one only.
+    assert _convolutions(lax_grad.lower(x, w).as_text()) == 2
+    assert _convolutions(grad.lower(x, w).as_text()) == 1
+    tpu = grad.trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
+    assert _convolutions(tpu) == 2
+
+
+@pytest.mark.parametrize(
+    ("shape", "features", "kwargs"),
+    [
+        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES - 1, {}),  # too few output channels
+        ((1, SIDE - 2, SIDE, 2), MIN_PER_TAP_FEATURES, {}),  # too few output pixels
+        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES, {"rhs_dilation": (2, 2)}),
+        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES, {"padding": "SAME"}),
+    ],
+)
+def test_what_it_does_not_serve_is_lax_unchanged(shape, features, kwargs):
+    x, w = _inputs(shape, features, jnp.float32)
+    options = {"padding": ((1, 1), (1, 1)), **kwargs}
+
+    def loss(conv, w):
+        y = conv(x, w, (1, 1), dimension_numbers=_dims(x, w), **options)
+        return jnp.sum(y**2)
+
+    ours = jax.make_jaxpr(jax.grad(functools.partial(loss, conv_general_dilated)))(w)
+    lax = jax.make_jaxpr(jax.grad(functools.partial(loss, jax.lax.conv_general_dilated)))(w)
+    assert str(ours) == str(lax)
+
+
+def test_nchw_is_lax_unchanged():
+    x = jnp.ones((1, 2, SIDE, SIDE))
+    w = jnp.ones((MIN_PER_TAP_FEATURES, 2, 3, 3))
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NCHW", "OIHW", "NCHW"))
+    got = jax.make_jaxpr(
+        lambda w: conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)
+    )(w)
+    want = jax.make_jaxpr(
+        lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)
+    )(w)
+    assert str(got) == str(want)
