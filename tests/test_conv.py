@@ -1,6 +1,6 @@
-"""fmjax.models.conv: lax's convolution with a per-tap kernel gradient on CPU.
+"""fmjax.models.conv: lax's convolution with an im2col kernel gradient on CPU.
 
-Every derivative must equal lax's (float64, so only summation order differs), the per-tap form
+Every derivative must equal lax's (float64, so only summation order differs), the patch form
 must be the one compiled for CPU and lax's own elsewhere, and shapes it does not serve must go
 to lax unchanged.
 """
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models.conv import MIN_PER_TAP_FEATURES, MIN_PER_TAP_PIXELS, conv_general_dilated
+from fmjax.models.conv import IM2COL_MIN_FEATURES, IM2COL_MIN_PIXELS, conv_general_dilated
 
-SIDE = int(MIN_PER_TAP_PIXELS**0.5)  # the smallest square image that takes the per-tap form
+SIDE = int(IM2COL_MIN_PIXELS**0.5)  # the smallest square image that takes the patch form
 
 
 def _inputs(shape, features, dtype=jnp.float64, seed=0):
@@ -43,10 +43,10 @@ CASES = [
 
 @pytest.mark.parametrize(("strides", "padding"), CASES)
 def test_value_gradients_and_tangents_equal_lax(x64, strides, padding):
-    x, w = _inputs((2, strides[0] * SIDE + 2, strides[1] * SIDE + 2, 3), MIN_PER_TAP_FEATURES)
+    x, w = _inputs((2, strides[0] * SIDE + 2, strides[1] * SIDE + 2, 3), IM2COL_MIN_FEATURES)
     ours = functools.partial(_loss, conv_general_dilated, strides, padding)
     lax = functools.partial(_loss, jax.lax.conv_general_dilated, strides, padding)
-    # The per-tap form is the one compiled: no convolution computes the kernel gradient.
+    # The patch form is the one compiled: no convolution computes the kernel gradient.
     assert _convolutions(jax.jit(jax.grad(ours, 1)).lower(x, w).as_text()) == 1
     np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
     for got, want in zip(
@@ -66,7 +66,7 @@ def test_value_gradients_and_tangents_equal_lax(x64, strides, padding):
 
 
 def test_per_example_kernel_gradients_under_vmap(x64):
-    x, w = _inputs((3, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES)
+    x, w = _inputs((3, SIDE, SIDE, 2), IM2COL_MIN_FEATURES)
     per_example = [
         functools.partial(_loss, conv, (1, 1), ((1, 1), (1, 1))) for conv in
         (conv_general_dilated, jax.lax.conv_general_dilated)
@@ -79,8 +79,8 @@ def _convolutions(text: str) -> int:
     return text.count("stablehlo.convolution")
 
 
-def test_kernel_gradient_is_per_tap_on_cpu_and_lax_elsewhere():
-    x, w = _inputs((1, SIDE + 2, SIDE + 2, 2), MIN_PER_TAP_FEATURES, jnp.float32)
+def test_kernel_gradient_is_a_product_on_cpu_and_lax_elsewhere():
+    x, w = _inputs((1, SIDE + 2, SIDE + 2, 2), IM2COL_MIN_FEATURES, jnp.float32)
     grad = jax.jit(jax.grad(functools.partial(_loss, conv_general_dilated, (1, 1), "VALID"), 1))
     lax_grad = jax.jit(
         jax.grad(functools.partial(_loss, jax.lax.conv_general_dilated, (1, 1), "VALID"), 1)
@@ -95,10 +95,10 @@ def test_kernel_gradient_is_per_tap_on_cpu_and_lax_elsewhere():
 @pytest.mark.parametrize(
     ("shape", "features", "kwargs"),
     [
-        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES - 1, {}),  # too few output channels
-        ((1, SIDE - 2, SIDE, 2), MIN_PER_TAP_FEATURES, {}),  # too few output pixels
-        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES, {"rhs_dilation": (2, 2)}),
-        ((1, SIDE, SIDE, 2), MIN_PER_TAP_FEATURES, {"padding": "SAME"}),
+        ((1, SIDE, SIDE, 2), IM2COL_MIN_FEATURES - 1, {}),  # too few output channels
+        ((1, SIDE - 2, SIDE, 2), IM2COL_MIN_FEATURES, {}),  # too few output pixels
+        ((1, SIDE, SIDE, 2), IM2COL_MIN_FEATURES, {"rhs_dilation": (2, 2)}),
+        ((1, SIDE, SIDE, 2), IM2COL_MIN_FEATURES, {"padding": "SAME"}),
     ],
 )
 def test_what_it_does_not_serve_is_lax_unchanged(shape, features, kwargs):
@@ -116,7 +116,7 @@ def test_what_it_does_not_serve_is_lax_unchanged(shape, features, kwargs):
 
 def test_nchw_is_lax_unchanged():
     x = jnp.ones((1, 2, SIDE, SIDE))
-    w = jnp.ones((MIN_PER_TAP_FEATURES, 2, 3, 3))
+    w = jnp.ones((IM2COL_MIN_FEATURES, 2, 3, 3))
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NCHW", "OIHW", "NCHW"))
     got = jax.make_jaxpr(
         lambda w: conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)

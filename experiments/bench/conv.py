@@ -1,7 +1,7 @@
 r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train step vs PyTorch.
 
     python -m experiments.benchmark --only conv [--quick]
-    python -m experiments.bench.conv [--quick]
+    python -m experiments.bench.conv [--quick] [--steps-only] [--shape SIZE,C_IN,C_OUT ...]
 
 1. A 3x3, stride-1, padding-1 convolution at batch 64 on shapes of the small U-Nets
    (``UNetDigits``: 8x8 with 16-32 channels) and of CIFAR-10 (16x16 and 32x32, 32-128
@@ -14,6 +14,9 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
    - ``im2col grad``: a ``jax.custom_vjp`` whose forward and input gradient are the lax
      convolutions, and whose kernel gradient is one matmul over im2col patches,
      :math:`\partial W = P^\top G` with :math:`P` the ``[B H W, 9 C_{in}]`` patch matrix;
+   - ``fmjax.models.conv``: :func:`fmjax.models.conv.conv_general_dilated`, what the U-Nets
+     use: lax's forward and input gradient, and on CPU the im2col kernel gradient written as
+     a custom JVP, from 64 output channels at 32x32 (below that, lax's own);
    - ``torch``: ``torch.nn.functional.conv2d`` and ``aten.convolution_backward`` (NCHW,
      oneDNN), when PyTorch is importable (the ``bench`` extra).
 
@@ -46,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.bench import interleaved_seconds
 from fmjax import configs, models, train
+from fmjax.models.conv import conv_general_dilated
 
 BATCH = 64
 # (height = width, in channels, out channels).
@@ -118,11 +122,12 @@ def _jax_passes(conv, x, w, g):
     }
 
 
-def conv_rows(quick: bool) -> list[dict]:
-    """GFLOP/s of each pass of a 3x3 convolution for each formulation and shape."""
+def conv_rows(quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> list[dict]:
+    """GFLOP/s of each pass of a 3x3 convolution for each formulation and shape
+    (``(size, c_in, c_out)``; by default :data:`QUICK_SHAPES` or :data:`FULL_SHAPES`)."""
     repeats = 5 if quick else 15
     rows = []
-    for size, c_in, c_out in QUICK_SHAPES if quick else FULL_SHAPES:
+    for size, c_in, c_out in shapes or (QUICK_SHAPES if quick else FULL_SHAPES):
         keys = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(keys[0], (BATCH, size, size, c_in))
         w = jax.random.normal(keys[1], (3, 3, c_in, c_out)) / math.sqrt(9 * c_in)
@@ -136,15 +141,21 @@ def conv_rows(quick: bool) -> list[dict]:
         def lax_nchw(x, w):
             return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NCHW)
 
+        def fmjax_conv(x, w):
+            dims = lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+            return conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+
         variants = {
             "lax NHWC": _jax_passes(_lax_nhwc, x, w, g),
             "lax NCHW": _jax_passes(lax_nchw, x_nchw, w_oihw, g_nchw),
             "im2col grad": _jax_passes(_im2col_grad, x, w, g),
+            "fmjax.models.conv": _jax_passes(fmjax_conv, x, w, g),
         }
         reference = variants["lax NHWC"]["grad kernel"]()
-        error = float(jnp.max(jnp.abs(variants["im2col grad"]["grad kernel"]() - reference)))
-        if error > 1e-3 * float(jnp.max(jnp.abs(reference))):
-            raise AssertionError(f"im2col kernel gradient differs from lax's by {error}")
+        for name in ("im2col grad", "fmjax.models.conv"):
+            error = float(jnp.max(jnp.abs(variants[name]["grad kernel"]() - reference)))
+            if error > 1e-3 * float(jnp.max(jnp.abs(reference))):
+                raise AssertionError(f"{name} kernel gradient differs from lax's by {error}")
         fns = {(name, p): fn for name, passes in variants.items() for p, fn in passes.items()}
         timed = best_and_median_seconds(fns, repeats)
         if has_torch():
@@ -394,7 +405,23 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--steps-only", action="store_true", help="only the train-step rows")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        help="SIZE,C_IN,C_OUT: only the conv rows of these shapes (repeatable)",
+    )
     args = parser.parse_args()
-    rows = step_rows(args.quick) if args.steps_only else run(args.quick)
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shape]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+            raise ValueError(
+                f"--shape must be SIZE,C_IN,C_OUT positive integers; got {args.shape}."
+            )
+        rows = conv_rows(args.quick, shapes)
+    else:
+        rows = step_rows(args.quick) if args.steps_only else run(args.quick)
     print(markdown_table(rows))
     sys.exit(0)

@@ -5,6 +5,7 @@
 ``flow_matching`` example and of torchcfm, plus small models for digits and tests.
 """
 
+from fmjax.models.conv import conv_general_dilated
 from fmjax.models.unet import (
     UNet,
     UNetCIFAR10Meta,
@@ -24,6 +25,7 @@ __all__ = [
     "UNetDigits",
     "UNetTiny",
     "UNetTinyConditional",
+    "conv_general_dilated",
     "drop_labels",
     "param_count",
     "sinusoidal_embedding",
