@@ -12,7 +12,7 @@ im2col patches it is one matrix product,
     \quad ([N H' W', k_h k_w C_{\mathrm{in}}]),
 
 with :math:`G` the output cotangent as ``[N H' W', C_out]``, a GEMM that XLA:CPU runs at
-15-35 GFLOP/s there (and the whole CIFAR-10 U-Net train step 2.3x faster). So
+16-36 GFLOP/s there (and the whole CIFAR-10 U-Net train step 2.3x faster). So
 :func:`conv_general_dilated` is ``lax.conv_general_dilated`` (the same forward pass and input
 gradient) with a custom JVP whose kernel term, on CPU only, is :math:`P\,\dot W`, so that its
 transpose (the kernel gradient of reverse mode) is that product. Elsewhere (GPU, TPU) the
