@@ -66,6 +66,9 @@ def test_a_truncated_newest_checkpoint_is_replaced_after_the_fallback(setup, ref
     assert_rows(faults.corrupted_checkpoint(setup, reference))
 
 
+# ~50 s of subprocesses; CI keeps under 25 minutes with it marked. SIGTERM itself stays
+# covered by default in tests/test_train.py (checkpoint, return, handler restored).
+@pytest.mark.slow
 def test_sigterm_to_the_entry_point_checkpoints_exits_0_and_resumes(setup):
     assert_rows(faults.sigterm_entry_point(setup))
 
