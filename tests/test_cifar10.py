@@ -205,6 +205,9 @@ def test_eval_scores_fid_against_its_own_samples_and_bits_per_dim(smoke_run, tmp
     assert len(saved) == 1 and json.loads(saved[0].read_text()) == report
 
 
+# ~55 s; marked to keep CI under 25 minutes. The FID itself is scored by default in the eval
+# test above, and the best-state bookkeeping in tests/test_train.py.
+@pytest.mark.slow
 def test_in_training_fid_is_logged_and_keeps_the_best_state(tmp_path):
     """With train.eval_every, the FID of the EMA samples is logged at every evaluation, and
     the best-scoring state is the one kept in checkpoints_best (named by best.json)."""
