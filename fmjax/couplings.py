@@ -160,7 +160,8 @@ def min_cost_assignment(cost: Float[Array, "n n"], *, solver: str = "auto") -> I
     - ``"host"``: SciPy's ``linear_sum_assignment`` (a C++ shortest-augmenting-path solver;
       SciPy is a dependency of JAX itself) on :math:`C - f - g` in float64, called from the
       compiled program through ``jax.pure_callback``. Under ``vmap`` one callback solves the
-      whole stack on parallel threads (on CPU after warm starts computed one part per core). Not for programs that must be serialised (``jax.export``).
+      whole stack on parallel threads (on CPU after warm starts computed one part per core).
+      Not for programs that must be serialised (``jax.export``).
     - ``"jax"``: the same algorithm in XLA, in the Jonker–Volgenant style: dual potentials
       :math:`u_i + v_j \le C_{ij}` (tight on assigned pairs) start from :math:`v = g` and the
       row reduction :math:`u_i = \min_j C_{ij} - v_j`, each row taking its cheapest column

@@ -223,7 +223,7 @@ def cfm_loss(
         >>> loss.shape, aux.per_example.shape
         ((), (64,))
     """
-    _check_loss_options(prediction, loss_space)
+    _check_loss_options(prediction, loss_space)  # before tracing the coupling, not after
     pairs = draw_pairs(key, x1, coupling=coupling, time_sampler=time_sampler)
     return cfm_loss_on_pairs(
         apply_fn,

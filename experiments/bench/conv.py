@@ -11,12 +11,13 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
    - ``lax NHWC``: ``lax.conv_general_dilated`` in the layout of ``fmjax.models`` (what
      ``jax.grad`` differentiates into two more convolutions);
    - ``lax NCHW``: the same in PyTorch's layout;
-   - ``im2col grad``: a ``jax.custom_vjp`` whose forward and input gradient are the lax
-     convolutions, and whose kernel gradient is one matmul over im2col patches,
-     :math:`\partial W = P^\top G` with :math:`P` the ``[B H W, 9 C_{in}]`` patch matrix;
+   - ``im2col grad``: lax's forward and input gradient, and the kernel gradient as one
+     matmul over im2col patches, :math:`\partial W = P^\top G` with :math:`P` the
+     ``[B H W, 9 C_{in}]`` patch matrix, at every shape (the patch form of
+     :mod:`fmjax.models.conv` without its size thresholds; before it existed this row was a
+     ``jax.custom_vjp`` of the same product, measured within 20% of it);
    - ``fmjax.models.conv``: :func:`fmjax.models.conv.conv_general_dilated`, what the U-Nets
-     use: lax's forward and input gradient, and on CPU the im2col kernel gradient written as
-     a custom JVP, from 64 output channels at 32x32 (below that, lax's own);
+     use: the patch form on CPU from 64 output channels at 32x32, lax's own below;
    - ``torch``: ``torch.nn.functional.conv2d`` and ``aten.convolution_backward`` (NCHW,
      oneDNN), when PyTorch is importable (the ``bench`` extra).
 
@@ -49,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.bench import interleaved_seconds
 from fmjax import configs, models, train
+from fmjax.models import conv as conv_module
 from fmjax.models.conv import conv_general_dilated
 
 BATCH = 64
@@ -82,32 +84,9 @@ def _lax_nhwc(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
-def _patches(x):
-    """``[B, H, W, 9 C]``: the 3x3 neighbourhoods (zero padded), taps in HWIO kernel order."""
-    height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = [padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)]
-    return jnp.concatenate(taps, axis=-1)
-
-
-@jax.custom_vjp
 def _im2col_grad(x, w):
-    return _lax_nhwc(x, w)
-
-
-def _im2col_grad_fwd(x, w):
-    return _lax_nhwc(x, w), (x, w)
-
-
-def _im2col_grad_bwd(residuals, g):
-    x, w = residuals
-    dx = jax.vjp(lambda x: _lax_nhwc(x, w), x)[1](g)[0]
-    patches = _patches(x).reshape(-1, 9 * x.shape[-1])
-    dw = (patches.T @ g.reshape(-1, g.shape[-1])).reshape(w.shape)
-    return dx, dw
-
-
-_im2col_grad.defvjp(_im2col_grad_fwd, _im2col_grad_bwd)
+    # The patch form of fmjax.models.conv at every shape, past its size thresholds.
+    return conv_module._conv((1, 1), ((1, 1), (1, 1)), None, x, w)
 
 
 def _jax_passes(conv, x, w, g):

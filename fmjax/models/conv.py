@@ -120,24 +120,26 @@ def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:
     return numbers == _NHWC
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _conv(strides, pads, precision, lhs, rhs):
-    return lax.conv_general_dilated(
-        lhs, rhs, strides, pads, dimension_numbers=_NHWC, precision=precision
-    )
-
-
-def _conv_jvp(strides, pads, precision, primals, tangents):
-    lhs, rhs = primals
-    lhs_dot, rhs_dot = tangents
-    out = _conv(strides, pads, precision, lhs, rhs)
-    conv = functools.partial(
+def _lax_nhwc(strides, pads, precision):
+    return functools.partial(
         lax.conv_general_dilated,
         window_strides=strides,
         padding=pads,
         dimension_numbers=_NHWC,
         precision=precision,
     )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _conv(strides, pads, precision, lhs, rhs):
+    return _lax_nhwc(strides, pads, precision)(lhs, rhs)
+
+
+def _conv_jvp(strides, pads, precision, primals, tangents):
+    lhs, rhs = primals
+    lhs_dot, rhs_dot = tangents
+    out = _conv(strides, pads, precision, lhs, rhs)
+    conv = _lax_nhwc(strides, pads, precision)
     terms = []
     if not isinstance(lhs_dot, SymbolicZero):
         terms.append(conv(lhs_dot, rhs))
