@@ -124,3 +124,9 @@ def test_nchw_is_lax_unchanged():
         lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)
     )(w)
     assert str(got) == str(want)
+
+
+def test_bad_padding_gets_lax_error_message():
+    x, w = _inputs((1, SIDE, SIDE, 2), IM2COL_MIN_FEATURES, jnp.float32)
+    with pytest.raises(TypeError, match="explicit pads for convolution: expected 2, got 1"):
+        conv_general_dilated(x, w, (1, 1), ((1, 1),), dimension_numbers=_dims(x, w))

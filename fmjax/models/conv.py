@@ -99,7 +99,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
         and rhs.shape[3] >= IM2COL_MIN_FEATURES
-        and (padding == "VALID" or not isinstance(padding, str))
+        and (padding == "VALID" or (not isinstance(padding, str) and len(padding) == 2))
     ):
         return plain(lhs, rhs)
     pads = ((0, 0), (0, 0)) if padding == "VALID" else tuple(tuple(p) for p in padding)
