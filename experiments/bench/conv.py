@@ -177,44 +177,56 @@ def _torch_passes(x, w, g):
 # --- the U-Net train step --------------------------------------------------------------------
 
 
-def torch_unet(in_channels: int = 1, **overrides):
-    """``UNetDigits`` (or any ``UNet`` with ``scale_shift_norm``, conv resampling and no
-    dropout) in PyTorch, NCHW: the same layers, widths and parameter count."""
+def torch_unet(model: models.UNet, in_channels: int):
+    """A Flax ``UNet`` (``model``, e.g. ``models.UNetCIFAR10TorchCFM()``) in PyTorch, NCHW: the
+    same layers, widths and parameter count. Unconditional models with ``resblock_updown=False``
+    (every preset): scale-shift or additive time conditioning, convolutional or parameter-free
+    resampling, heads by count or width, dropout."""
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    fields = ("model_channels", "channel_mult", "num_res_blocks", "attention_ds")
-    fields += ("num_heads", "num_groups", "time_scale")
-    cfg = {field: getattr(models.UNetDigits(), field) for field in fields}
-    cfg.update(overrides)
-    groups, heads = cfg["num_groups"], cfg["num_heads"]
+    if model.resblock_updown or model.num_classes is not None:
+        raise ValueError(
+            "torch_unet ports unconditional U-Nets with resblock_updown=False; got "
+            f"resblock_updown={model.resblock_updown}, num_classes={model.num_classes}."
+        )
+    groups, mult = model.num_groups, model.channel_mult
 
     class ResBlock(nn.Module):
         def __init__(self, c_in, c_out, emb_dim):
             super().__init__()
             self.norm_in = nn.GroupNorm(groups, c_in, eps=1e-5)
             self.conv_in = nn.Conv2d(c_in, c_out, 3, padding=1)
-            self.emb_proj = nn.Linear(emb_dim, 2 * c_out)
+            width = 2 * c_out if model.scale_shift_norm else c_out
+            self.emb_proj = nn.Linear(emb_dim, width)
             self.norm_out = nn.GroupNorm(groups, c_out, eps=1e-5)
+            self.dropout = nn.Dropout(model.dropout)
             self.conv_out = nn.Conv2d(c_out, c_out, 3, padding=1)
             self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
         def forward(self, x, emb):
             h = self.conv_in(F.silu(self.norm_in(x)))
-            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-            h = self.conv_out(F.silu(self.norm_out(h) * (1 + scale) + shift))
+            e = self.emb_proj(F.silu(emb))[:, :, None, None]
+            if model.scale_shift_norm:
+                scale, shift = e.chunk(2, dim=1)
+                h = self.norm_out(h) * (1 + scale) + shift
+            else:
+                h = self.norm_out(h + e)
+            h = self.conv_out(self.dropout(F.silu(h)))
             return self.skip(x) + h
 
     class Attention(nn.Module):
         def __init__(self, c):
             super().__init__()
+            self.heads = model._heads(c)
             self.norm = nn.GroupNorm(groups, c, eps=1e-5)
             self.qkv = nn.Linear(c, 3 * c)
             self.proj_out = nn.Linear(c, c)
 
         def forward(self, x, emb):
             b, c, height, width = x.shape
+            heads = self.heads
             d = c // heads
             h = self.norm(x).flatten(2).transpose(1, 2)
             q, k, v = self.qkv(h).reshape(b, height * width, 3 * heads, d).chunk(3, dim=2)
@@ -226,15 +238,19 @@ def torch_unet(in_channels: int = 1, **overrides):
         def __init__(self, c, up):
             super().__init__()
             self.up = up
-            self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1)
+            if model.conv_resample:
+                self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1)
 
         def forward(self, x, emb):
-            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
+            if self.up:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+                return self.conv(x) if model.conv_resample else x
+            return self.conv(x) if model.conv_resample else F.avg_pool2d(x, 2)
 
     class UNet(nn.Module):
         def __init__(self):
             super().__init__()
-            m, mult = cfg["model_channels"], cfg["channel_mult"]
+            m = model.model_channels
             emb_dim = 4 * m
             self.time_mlp_0 = nn.Linear(m, emb_dim)
             self.time_mlp_1 = nn.Linear(emb_dim, emb_dim)
@@ -242,10 +258,10 @@ def torch_unet(in_channels: int = 1, **overrides):
             ch, ds, skips = m * mult[0], 1, [m * mult[0]]
             self.down = nn.ModuleList()
             for level, k in enumerate(mult):
-                for _ in range(cfg["num_res_blocks"]):
+                for _ in range(model.num_res_blocks):
                     stage = [ResBlock(ch, m * k, emb_dim)]
                     ch = m * k
-                    stage += [Attention(ch)] if ds in cfg["attention_ds"] else []
+                    stage += [Attention(ch)] if ds in model.attention_ds else []
                     self.down.append(nn.ModuleList(stage))
                     skips.append(ch)
                 if level < len(mult) - 1:
@@ -257,10 +273,10 @@ def torch_unet(in_channels: int = 1, **overrides):
             )
             self.up = nn.ModuleList()
             for level, k in reversed(list(enumerate(mult))):
-                for _ in range(cfg["num_res_blocks"] + 1):
+                for _ in range(model.num_res_blocks + 1):
                     stage = [ResBlock(ch + skips.pop(), m * k, emb_dim)]
                     ch = m * k
-                    stage += [Attention(ch)] if ds in cfg["attention_ds"] else []
+                    stage += [Attention(ch)] if ds in model.attention_ds else []
                     self.up.append(nn.ModuleList(stage))
                 if level > 0:
                     self.up.append(nn.ModuleList([Resample(ch, up=True)]))
@@ -269,9 +285,9 @@ def torch_unet(in_channels: int = 1, **overrides):
             self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
         def forward(self, x, t):
-            half = cfg["model_channels"] // 2
+            half = model.model_channels // 2
             freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-            args = (cfg["time_scale"] * t)[:, None] * freqs[None]
+            args = (model.time_scale * t)[:, None] * freqs[None]
             emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
             emb = self.time_mlp_1(F.silu(self.time_mlp_0(emb)))
             h = self.conv_in(x)
@@ -292,13 +308,15 @@ def torch_unet(in_channels: int = 1, **overrides):
     return UNet()
 
 
-def _torch_step(images: np.ndarray, num_threads: int) -> Callable[[], float]:
-    """One CondOT flow-matching step of the PyTorch U-Net: loss, backward, AdamW, EMA."""
+def _torch_step(preset: str, images: np.ndarray, num_threads: int) -> Callable[[], float]:
+    """One CondOT flow-matching step of the PyTorch port of ``preset``: loss, backward, AdamW,
+    EMA (dropout active, as in ours)."""
     import torch
 
     torch.manual_seed(0)
-    model = torch_unet(images.shape[-1])
-    ours = models.param_count(models.UNetDigits(), images.shape[1:])
+    flax_model = models.PRESETS[preset]()
+    model = torch_unet(flax_model, images.shape[-1])
+    ours = models.param_count(flax_model, images.shape[1:])
     theirs = sum(p.numel() for p in model.parameters())
     if theirs != ours:
         raise AssertionError(f"PyTorch port has {theirs} parameters, ours {ours}")
@@ -324,12 +342,10 @@ def _torch_step(images: np.ndarray, num_threads: int) -> Callable[[], float]:
     return step
 
 
-def _jax_step(images: np.ndarray, **model_overrides) -> Callable[[], object]:
+def _jax_step(preset: str, images: np.ndarray) -> Callable[[], object]:
     mesh = train.make_mesh(jax.devices()[:1])
     config = configs.base_config()
-    config.model.name = "unet_digits"
-    for key, value in model_overrides.items():
-        config.model[key] = value
+    config.model.name = preset
     config.data.image_shape = images.shape[1:]
     config.train.batch_size = images.shape[0]
     model = train.build_model(config.model)
@@ -349,22 +365,27 @@ def _jax_step(images: np.ndarray, **model_overrides) -> Callable[[], object]:
     return run_step
 
 
-def step_rows(quick: bool) -> list[dict]:
-    """ms per ``unet_digits`` train step (batch 64, 8x8x1): ours vs the PyTorch port."""
-    repeats = 5 if quick else 20
+def step_rows(
+    quick: bool, preset: str = "unet_digits", batch: int = BATCH, repeats: int | None = None
+) -> list[dict]:
+    """ms per train step of ``preset`` (by default ``unet_digits`` at batch 64 on 8x8x1
+    images; the CIFAR-10 presets on 32x32x3): ours vs the PyTorch port, ``repeats`` timed
+    steps each (default 5 with ``quick``, else 20)."""
+    repeats = repeats or (5 if quick else 20)
+    side, channels = (32, 3) if preset.startswith("unet_cifar10") else (8, 1)
     rng = np.random.default_rng(0)
-    images = np.tanh(rng.normal(size=(BATCH, 8, 8, 1))).astype(np.float32)
-    timed = best_and_median_seconds({"fmjax (XLA)": _jax_step(images)}, repeats)
+    images = np.tanh(rng.normal(size=(batch, side, side, channels))).astype(np.float32)
+    timed = best_and_median_seconds({"fmjax (XLA)": _jax_step(preset, images)}, repeats)
     if has_torch():
         # Each PyTorch setting on its own after XLA's (see conv_rows).
         for count in sorted({threads(), 1}, reverse=True):
             name = f"torch, {count} thread{'s' if count > 1 else ''}"
-            timed |= best_and_median_seconds({name: _torch_step(images, count)}, repeats)
+            timed |= best_and_median_seconds({name: _torch_step(preset, images, count)}, repeats)
     return [
         {
-            "benchmark": "unet_digits train step",
+            "benchmark": f"{preset} train step",
             "impl": name,
-            "batch": BATCH,
+            "batch": batch,
             "best_ms": 1e3 * best,
             "median_ms": 1e3 * median,
             "threads": threads(),
@@ -385,6 +406,16 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--steps-only", action="store_true", help="only the train-step rows")
     parser.add_argument(
+        "--preset",
+        default="unet_digits",
+        choices=sorted(models.PRESETS),
+        help="the U-Net of the train-step rows (default unet_digits)",
+    )
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch of the train-step rows")
+    parser.add_argument(
+        "--repeats", type=int, help="timed steps per implementation (default 5 quick, 20 full)"
+    )
+    parser.add_argument(
         "--shape",
         action="append",
         help="SIZE,C_IN,C_OUT: only the conv rows of these shapes (repeatable)",
@@ -401,6 +432,11 @@ if __name__ == "__main__":
             )
         rows = conv_rows(args.quick, shapes)
     else:
-        rows = step_rows(args.quick) if args.steps_only else run(args.quick)
+        if args.batch < 1 or (args.repeats is not None and args.repeats < 1):
+            raise ValueError(
+                f"--batch={args.batch} and --repeats={args.repeats} must be positive integers."
+            )
+        steps = step_rows(args.quick, args.preset, args.batch, args.repeats)
+        rows = steps if args.steps_only else conv_rows(args.quick) + steps
     print(markdown_table(rows))
     sys.exit(0)
