@@ -308,3 +308,32 @@ def test_tiny_model_overfits_one_batch_with_fresh_noise():
     first, last, seconds = overfit(steps=2000, fixed_noise=False)
     print(f"\nfresh noise: loss {first:.3f} -> {last:.4f} in 2000 steps, {seconds:.1f} s")
     assert last < first / 10
+
+
+def test_image_chunks_on_cpu_change_no_value(monkeypatch):
+    # On CPU, attention and dropout of large maps loop over chunks of images; with the size
+    # threshold lifted the tiny model takes that path: an odd batch (a padded last chunk),
+    # the same outputs, dropout masks and gradients as at once, and forward mode still works.
+    from fmjax.models import unet
+
+    model = UNetTinyConditional(dropout=0.2)
+    params = random_params(model, IMAGE)
+    x, t, y = images(batch=3), TIMES[:3], jnp.arange(3)
+    rngs = {"dropout": jax.random.key(0)}
+
+    def loss(params, x):
+        return jnp.sum(model.apply(params, x, t, y, train=True, rngs=rngs) ** 2)
+
+    def run():
+        out = jax.jit(lambda p, x: model.apply(p, x, t, y, train=True, rngs=rngs))(params, x)
+        grads = jax.jit(jax.grad(loss))(params, x)
+        tangent = jax.jit(lambda x: jax.jvp(lambda x: loss(params, x), (x,), (x,))[1])(x)
+        return out, grads, tangent
+
+    at_once = run()
+    monkeypatch.setattr(unet, "_CHUNK_MIN_BYTES", 0)
+    lowered = jax.jit(lambda p, x: model.apply(p, x, t, y, train=True, rngs=rngs)).lower(params, x)
+    assert "while" in lowered.as_text()  # the chunked path is the one compiled
+    chunked = run()
+    for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(at_once), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -2,29 +2,30 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
 
     python -m experiments.benchmark --only conv [--quick]
     python -m experiments.bench.conv [--quick] [--steps-only] [--shape SIZE,C_IN,C_OUT ...]
+        [--preset NAME] [--batch N] [--repeats N]
 
 1. A 3x3, stride-1, padding-1 convolution at batch 64 on shapes of the small U-Nets
    (``UNetDigits``: 8x8 with 16-32 channels) and of CIFAR-10 (16x16 and 32x32, 32-128
-   channels): GFLOP/s (:math:`2 B H W C_{in} C_{out} 9` per pass) of the forward, the
+   channels; ``--shape`` for others): GFLOP/s (:math:`2 B H W C_{in} C_{out} 9` per pass) of the forward, the
    input-gradient and the kernel-gradient passes for
 
    - ``lax NHWC``: ``lax.conv_general_dilated`` in the layout of ``fmjax.models`` (what
      ``jax.grad`` differentiates into two more convolutions);
    - ``lax NCHW``: the same in PyTorch's layout;
-   - ``im2col grad``: lax's forward and input gradient, and the kernel gradient as one
-     matmul over im2col patches, :math:`\partial W = P^\top G` with :math:`P` the
-     ``[B H W, 9 C_{in}]`` patch matrix, at every shape (the patch form of
-     :mod:`fmjax.models.conv` without its size thresholds; before it existed this row was a
-     ``jax.custom_vjp`` of the same product, measured within 20% of it);
+   - ``tap grad``: lax's forward and input gradient, and the kernel gradient as one GEMM per
+     kernel tap, :math:`\partial W_{ij} = G^\top X_{ij}` with :math:`X_{ij}` the input
+     shifted by the tap, two images a step (the form of :mod:`fmjax.models.conv` without its
+     size threshold, at every shape);
    - ``fmjax.models.conv``: :func:`fmjax.models.conv.conv_general_dilated`, what the U-Nets
-     use: the patch form on CPU from 64 output channels at 32x32, lax's own below;
+     use: the tap form on CPU from 16x16 output pixels on, lax's own below;
    - ``torch``: ``torch.nn.functional.conv2d`` and ``aten.convolution_backward`` (NCHW,
      oneDNN), when PyTorch is importable (the ``bench`` extra).
 
-2. The ``unet_digits`` train step (batch 64, 8x8x1 images): ours
-   (:func:`fmjax.train.make_train_step`: CondOT loss, AdamW, EMA, grad norm) against a
-   port of the same U-Net to PyTorch (same architecture and parameter count, checked) with
-   the same loss, ``torch.optim.AdamW`` and an EMA, one Python step per iteration.
+2. A U-Net train step (by default ``unet_digits`` at batch 64 on 8x8x1 images; ``--preset``
+   picks a CIFAR-10 one, on 32x32x3): ours (:func:`fmjax.train.make_train_step`: CondOT
+   loss, AdamW, EMA, grad norm) against a port of the same U-Net to PyTorch (same
+   architecture and parameter count, checked) with the same loss, dropout,
+   ``torch.optim.AdamW`` and an EMA, one Python step per iteration.
 
 Timing: the machine this was written on has 2 cores shared with other jobs, so every variant
 is run in turn (interleaved; PyTorch's after XLA's, since XLA's spinning pool threads starve
@@ -84,8 +85,8 @@ def _lax_nhwc(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
-def _im2col_grad(x, w):
-    # The patch form of fmjax.models.conv at every shape, past its size thresholds.
+def _tap_grad(x, w):
+    # The tap form of fmjax.models.conv at every shape, past its size threshold.
     return conv_module._conv((1, 1), ((1, 1), (1, 1)), None, x, w)
 
 
@@ -127,11 +128,11 @@ def conv_rows(quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> 
         variants = {
             "lax NHWC": _jax_passes(_lax_nhwc, x, w, g),
             "lax NCHW": _jax_passes(lax_nchw, x_nchw, w_oihw, g_nchw),
-            "im2col grad": _jax_passes(_im2col_grad, x, w, g),
+            "tap grad": _jax_passes(_tap_grad, x, w, g),
             "fmjax.models.conv": _jax_passes(fmjax_conv, x, w, g),
         }
         reference = variants["lax NHWC"]["grad kernel"]()
-        for name in ("im2col grad", "fmjax.models.conv"):
+        for name in ("tap grad", "fmjax.models.conv"):
             error = float(jnp.max(jnp.abs(variants[name]["grad kernel"]() - reference)))
             if error > 1e-3 * float(jnp.max(jnp.abs(reference))):
                 raise AssertionError(f"{name} kernel gradient differs from lax's by {error}")

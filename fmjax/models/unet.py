@@ -193,6 +193,51 @@ def _dense(features: int, dtype: Any, name: str, *, zero: bool = False) -> nn.De
     )
 
 
+_CHUNK_MIN_BYTES = 4 * 2**20
+"""Inputs from which :func:`_image_chunks` loops over chunks of images on CPU."""
+
+
+def _image_chunks(fn, *arrays: jax.Array, chunk: int) -> jax.Array:
+    """``fn(*arrays)`` for a ``fn`` that treats each image (leading index) on its own; on CPU,
+    from :data:`_CHUNK_MIN_BYTES` of inputs on, computed ``chunk`` images at a time.
+
+    On CPU a whole batch of CIFAR-sized intermediates (attention logits, dropout draws) overflows
+    the cache, and such memory-bound work ran 3x faster a chunk at a time (the CIFAR-10 U-Net's
+    forward pass 10-25%); on accelerators a loop would only serialise it, and small inputs fit
+    the cache anyway. Same values either way. A batch that does not fill its last chunk is
+    padded with zeros, whose outputs are dropped (so ``chunk=1`` for PRNG keys).
+    """
+    if sum(a.size * a.dtype.itemsize for a in arrays) < _CHUNK_MIN_BYTES:
+        return fn(*arrays)
+
+    def chunked(*arrays):
+        batch = arrays[0].shape[0]
+        size = min(chunk, batch)
+        fill = -batch % size
+        if fill:
+            arrays = [jnp.pad(a, ((0, fill),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+        pieces = [a.reshape(-1, size, *a.shape[1:]) for a in arrays]
+        out = jax.lax.map(lambda xs: fn(*xs), pieces)
+        return out.reshape(-1, *out.shape[2:])[:batch]
+
+    return jax.lax.platform_dependent(*arrays, cpu=chunked, default=fn)
+
+
+def _dropout(module: nn.Module, h: jax.Array, rate: float, train: bool) -> jax.Array:
+    """Inverted dropout with one key per image (so that CPU can draw the masks image by image:
+    one draw of a whole CIFAR batch's mask ran 3x slower there)."""
+    if not train or rate == 0:
+        return h
+    keep = 1.0 - rate
+    keys = example_keys(module.make_rng("dropout"), h.shape[0])
+
+    def drop(keys, h):
+        mask = jax.vmap(lambda key: jax.random.bernoulli(key, keep, h.shape[1:]))(keys)
+        return jnp.where(mask, h / keep, 0).astype(h.dtype)
+
+    return _image_chunks(drop, keys, h, chunk=1)
+
+
 def _upsample(h: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
 
@@ -226,7 +271,7 @@ class _ResBlock(nn.Module):
             h = _group_norm(h, self.num_groups, self.dtype, "norm_out") * (1 + scale) + shift
         else:
             h = _group_norm(h + e, self.num_groups, self.dtype, "norm_out")
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = _dropout(self, nn.silu(h), self.dropout, train)
         h = _conv(self.out_channels, 3, self.dtype, "conv_out", zero=True)(h)
 
         if x.shape[-1] != self.out_channels:
@@ -248,9 +293,13 @@ class _Attention(nn.Module):
         h = _group_norm(x, self.num_groups, self.dtype, "norm")
         qkv = _dense(3 * c, self.dtype, "qkv")(h)
         q, k, v = jnp.split(qkv.reshape(b, height * width, 3 * self.num_heads, head_dim), 3, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height, width, c)
+
+        def attend(q, k, v):
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
+            return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+        out = _image_chunks(attend, q, k, v, chunk=2).reshape(b, height, width, c)
         out = _dense(c, self.dtype, "proj_out", zero=True)(out)
         return x + out
 
