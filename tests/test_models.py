@@ -127,6 +127,7 @@ def test_params_are_float32_under_bfloat16():
         (UNetTiny(attention_ds=(4,)), IMAGE, r"attention_ds=\(4,\) contains 4"),
         (UNetTiny(num_heads=3), IMAGE, "num_heads=3"),
         (UNetTiny(head_channels=64), IMAGE, "head_channels=64"),
+        (UNetTiny(dropout=1.0), IMAGE, r"dropout=1.0 is not valid; expected a rate in \[0, 1\)"),
     ],
 )
 def test_bad_configuration_raises(model, shape, match):

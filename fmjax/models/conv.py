@@ -37,7 +37,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
-__all__ = ["BATCH_CHUNK", "MIN_PIXELS", "conv_general_dilated"]
+__all__ = ["BATCH_CHUNK", "MIN_PIXELS", "conv_general_dilated", "map_in_chunks"]
 
 MIN_PIXELS = 16 * 16
 """Output pixels per image from which the kernel gradient is the tap form on CPU."""
@@ -167,11 +167,7 @@ def _taps(strides, pads, precision, lhs, rhs_dot):
       fastest), transposed once after the loop; accumulating ``X_ij^T G`` ran at half the speed.
     """
     padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-    batch = padded.shape[0]
-    chunk = min(BATCH_CHUNK, batch)
-    # Zero images added to fill the last chunk add nothing to the kernel gradient; their
-    # outputs are dropped.
-    padded = jnp.pad(padded, ((0, -batch % chunk), (0, 0), (0, 0), (0, 0)))
+    chunk = min(BATCH_CHUNK, padded.shape[0])
     kh, kw = rhs_dot.shape[:2]
     out_h = (padded.shape[1] - kh) // strides[0] + 1
     out_w = (padded.shape[2] - kw) // strides[1] + 1
@@ -197,6 +193,27 @@ def _taps(strides, pads, precision, lhs, rhs_dot):
         return out
 
     kernel_t = rhs_dot.transpose(0, 1, 3, 2)
-    chunks = padded.reshape(-1, chunk, *padded.shape[1:])
-    out = lax.map(lambda x: chunk_out(x, kernel_t), chunks)
+    # The zero images that fill the last chunk add nothing to the kernel gradient.
+    return map_in_chunks(lambda x: chunk_out(x, kernel_t), padded, chunk=chunk)
+
+
+def map_in_chunks(fn, *arrays: Array, chunk: int) -> Array:
+    """``fn(*arrays)`` computed ``chunk`` examples (leading index) at a time by ``lax.map``.
+
+    For a ``fn`` that treats each example on its own and returns a batch-first array: the
+    result is ``fn(*arrays)``, with the intermediates of only ``chunk`` examples alive at once
+    (on CPU, that keeps them in cache). A batch that does not fill its last chunk is padded
+    with zeros, whose outputs are dropped; PRNG key arrays cannot be padded, so pass them with
+    ``chunk=1`` or a batch that ``chunk`` divides.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> map_in_chunks(lambda x: 2 * x, jnp.arange(5.0), chunk=2)
+        Array([0., 2., 4., 6., 8.], dtype=float32)
+    """
+    batch = arrays[0].shape[0]
+    fill = -batch % chunk
+    if fill:
+        arrays = [jnp.pad(a, ((0, fill),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+    out = lax.map(lambda xs: fn(*xs), [a.reshape(-1, chunk, *a.shape[1:]) for a in arrays])
     return out.reshape(-1, *out.shape[2:])[:batch]

@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax.loss import example_keys
-from fmjax.models.conv import conv_general_dilated
+from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
 __all__ = [
     "UNet",
@@ -204,22 +204,11 @@ def _image_chunks(fn, *arrays: jax.Array, chunk: int) -> jax.Array:
     On CPU a whole batch of CIFAR-sized intermediates (attention logits, dropout draws) overflows
     the cache, and such memory-bound work ran 3x faster a chunk at a time (the CIFAR-10 U-Net's
     forward pass 10-25%); on accelerators a loop would only serialise it, and small inputs fit
-    the cache anyway. Same values either way. A batch that does not fill its last chunk is
-    padded with zeros, whose outputs are dropped (so ``chunk=1`` for PRNG keys).
+    the cache anyway. Same values either way (see :func:`fmjax.models.conv.map_in_chunks`).
     """
     if sum(a.size * a.dtype.itemsize for a in arrays) < _CHUNK_MIN_BYTES:
         return fn(*arrays)
-
-    def chunked(*arrays):
-        batch = arrays[0].shape[0]
-        size = min(chunk, batch)
-        fill = -batch % size
-        if fill:
-            arrays = [jnp.pad(a, ((0, fill),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
-        pieces = [a.reshape(-1, size, *a.shape[1:]) for a in arrays]
-        out = jax.lax.map(lambda xs: fn(*xs), pieces)
-        return out.reshape(-1, *out.shape[2:])[:batch]
-
+    chunked = functools.partial(map_in_chunks, fn, chunk=min(chunk, arrays[0].shape[0]))
     return jax.lax.platform_dependent(*arrays, cpu=chunked, default=fn)
 
 
@@ -476,8 +465,9 @@ class UNet(nn.Module):
             ValueError: at trace time, for an input that is not a batch of float images, ``t``
                 of the wrong shape, an image size that ``channel_mult`` cannot downsample,
                 channel counts not divisible by ``num_groups`` or the heads, attention at a
-                factor the network does not have, labels given to an unconditional model,
-                labels of the wrong shape or dtype, or concrete labels out of range.
+                factor the network does not have, a dropout rate outside ``[0, 1)``, labels
+                given to an unconditional model, labels of the wrong shape or dtype, or
+                concrete labels out of range.
         """
         x_t = jnp.asarray(x_t)
         if x_t.ndim != 4 or not jnp.issubdtype(x_t.dtype, jnp.floating):
@@ -492,6 +482,8 @@ class UNet(nn.Module):
                 f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
             )
         self.check_image_shape(x_t.shape[1:])
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} is not valid; expected a rate in [0, 1).")
         labels = self._labels(y, batch)
         dtype, groups = self.dtype, self.num_groups
         block = functools.partial(
