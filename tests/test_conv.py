@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models.conv import BATCH_CHUNK, MIN_PIXELS, conv_general_dilated
+from fmjax.models.conv import BATCH_CHUNK, MIN_PIXELS, conv_general_dilated, map_in_chunks
 
 SIDE = int(MIN_PIXELS**0.5)  # the smallest square image that takes the tap form
 FEATURES = 4
@@ -147,3 +147,12 @@ def test_reverse_mode_stores_no_shifted_copies():
     assert (
         temp_bytes(conv_general_dilated) <= temp_bytes(jax.lax.conv_general_dilated) + 6 * x.nbytes
     )
+
+
+def test_map_in_chunks_pads_the_last_chunk_and_checks_its_input():
+    x = jnp.arange(10.0).reshape(5, 2)
+    np.testing.assert_array_equal(map_in_chunks(lambda a: a[:, ::-1], x, chunk=2), x[:, ::-1])
+    with pytest.raises(ValueError, match=r"chunk >= 1; got shapes \[\(5, 2\)\] and chunk=0"):
+        map_in_chunks(lambda a: a, x, chunk=0)
+    with pytest.raises(ValueError, match="one batch size"):
+        map_in_chunks(lambda a, b: a, x, x[:3], chunk=2)

@@ -206,11 +206,20 @@ def map_in_chunks(fn, *arrays: Array, chunk: int) -> Array:
     with zeros, whose outputs are dropped; PRNG key arrays cannot be padded, so pass them with
     ``chunk=1`` or a batch that ``chunk`` divides.
 
+    Raises:
+        ValueError: for no arrays, a ``chunk`` below 1, or arrays of different batch sizes.
+
     Example:
         >>> import jax.numpy as jnp
         >>> map_in_chunks(lambda x: 2 * x, jnp.arange(5.0), chunk=2)
         Array([0., 2., 4., 6., 8.], dtype=float32)
     """
+    batches = {a.shape[0] if a.ndim else None for a in arrays}
+    if not arrays or chunk < 1 or len(batches) != 1 or None in batches:
+        raise ValueError(
+            f"map_in_chunks needs batch-first arrays of one batch size and chunk >= 1; got "
+            f"shapes {[a.shape for a in arrays]} and chunk={chunk}."
+        )
     batch = arrays[0].shape[0]
     fill = -batch % chunk
     if fill:
