@@ -2,7 +2,8 @@ r"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is fast on XLA:
 
 XLA:CPU computes the kernel gradient of a convolution, :math:`\partial L / \partial W`, with a
 "backward filter" convolution that falls to 10-12 GFLOP/s on CIFAR-sized layers (32x32,
-32-384 channels), a tenth of its own forward pass and of PyTorch's (``experiments/bench/conv.py``).
+32-384 channels), a tenth of its own forward pass and of PyTorch's
+(``experiments/bench/conv.py``).
 Per kernel tap :math:`(i, j)` it is one matrix product,
 
 .. math::
@@ -13,7 +14,8 @@ Per kernel tap :math:`(i, j)` it is one matrix product,
 
 with :math:`G` the output cotangent as ``[N H' W', C_out]``: GEMMs that XLA:CPU runs at
 120-160 GFLOP/s on 16x16 and 32x32 layers of 128-384 channels (faster than PyTorch's oneDNN
-kernel there) and 45-60 GFLOP/s at 32-64 channels, when the loop takes two images at a time. So :func:`conv_general_dilated` is
+kernel there) and 45-60 GFLOP/s at 32-64 channels, when the loop takes two images at a time.
+So :func:`conv_general_dilated` is
 ``lax.conv_general_dilated`` (the same forward pass and input gradient) with a custom JVP
 whose kernel term, on CPU only, is :math:`\sum_{ij} X_{ij} \dot W_{ij}`, so that its transpose
 (the kernel gradient of reverse mode) is those products. Elsewhere (GPU, TPU) the kernel term
@@ -153,7 +155,8 @@ _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
 def _taps(strides, pads, precision, lhs, rhs_dot):
-    """``conv(lhs, rhs_dot)`` as ``sum_(i,j) X_ij @ rhs_dot[i, j]``, :data:`BATCH_CHUNK` images a step.
+    """``conv(lhs, rhs_dot)`` as ``sum_(i,j) X_ij @ rhs_dot[i, j]``, over :data:`BATCH_CHUNK`
+    images per loop step.
 
     Linear in ``rhs_dot``: its transpose, the kernel gradient, is ``G^T X_ij`` per tap, summed
     over the loop. Three choices make that loop run near XLA's matmul peak:
