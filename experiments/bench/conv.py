@@ -46,11 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from experiments.bench import interleaved_seconds
-from fmjax import configs, models, train
+from experiments.bench.train import build_step
+from fmjax import models
 from fmjax.models import conv as conv_module
 from fmjax.models.conv import conv_general_dilated
 
@@ -344,19 +343,10 @@ def _torch_step(preset: str, images: np.ndarray, num_threads: int) -> Callable[[
 
 
 def _jax_step(preset: str, images: np.ndarray) -> Callable[[], object]:
-    mesh = train.make_mesh(jax.devices()[:1])
-    config = configs.base_config()
-    config.model.name = preset
-    config.data.image_shape = images.shape[1:]
-    config.train.batch_size = images.shape[0]
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
-    state = jax.jit(
-        lambda: train.init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
-    )()
-    batch = {"image": images, "label": np.zeros(images.shape[0], np.int32)}
-    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    step = train.make_train_step(config, model, tx, schedule, mesh)
+    step, state, batch, _ = build_step(
+        preset, images.shape[1:], images.shape[0], "float32", [jax.devices()[0]]
+    )
+    np.testing.assert_array_equal(batch["image"], images)  # the same seed-0 draws as PyTorch's
     holder = {"state": state}
 
     def run_step():

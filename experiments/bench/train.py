@@ -125,17 +125,17 @@ def _peak_memory_bytes(compiled) -> int | None:
     )
 
 
-def step_row(
+def build_step(
     preset: str,
     image_shape,
     per_device_batch: int,
-    repeats: int,
-    peak: float,
     dtype: str | None = None,
-) -> dict:
-    """Benchmarks one preset's train step in compute ``dtype`` (default: :func:`default_dtype`);
-    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row."""
-    mesh = train.make_mesh()
+    devices=None,
+):
+    """The engine's jitted train step of ``preset`` over ``devices`` (default: all), a fresh
+    state and a fixed batch of ``per_device_batch`` images per device (random, in [-1, 1]):
+    ``(step, state, batch, config)``. ``step`` donates its state."""
+    mesh = train.make_mesh(devices)
     config = configs.base_config()
     config.model.name = preset
     config.model.dtype = dtype or default_dtype()
@@ -154,7 +154,20 @@ def step_row(
         "label": np.zeros(config.train.batch_size, np.int32),
     }
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    step = train.make_train_step(config, model, tx, schedule, mesh)
+    return train.make_train_step(config, model, tx, schedule, mesh), state, batch, config
+
+
+def step_row(
+    preset: str,
+    image_shape,
+    per_device_batch: int,
+    repeats: int,
+    peak: float,
+    dtype: str | None = None,
+) -> dict:
+    """Benchmarks one preset's train step in compute ``dtype`` (default: :func:`default_dtype`);
+    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row."""
+    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
 
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -173,7 +186,7 @@ def step_row(
         "benchmark": "train step",
         "preset": preset,
         "device": jax.devices()[0].device_kind,
-        "devices": mesh.size,
+        "devices": config.train.batch_size // per_device_batch,
         "batch_per_device": per_device_batch,
         "dtype": config.model.dtype,
         "compile_s": compile_seconds,
