@@ -2,9 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
+from experiments.bench import profile
 from experiments.bench import train as bench_train
-from fmjax.models.conv import map_in_chunks
+from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
 
 def test_step_flops_counts_every_trip_of_a_cpu_only_loop():
@@ -24,3 +26,37 @@ def test_step_flops_counts_every_trip_of_a_cpu_only_loop():
     assert counted == "loop-free (CUDA) lowering"
     assert flops == 2 * 8 * 64 * 32 * 16
     assert bench_train._flops_of(compiled.cost_analysis()) < flops / 2
+
+
+def test_profile_shares_concurrent_time_equally_and_counts_gaps_as_idle():
+    ops = {"conv": profile.Op("convolution: forward", 0.0), "add": profile.Op("element-wise", 0.0)}
+    # conv alone for 5 us, with add for 5, add alone for 5, nothing for 5, conv for 10; the
+    # runtime's own events are not operations.
+    events = [(0, 10, "conv"), (5, 15, "add"), (20, 30, "conv"), (0, 30, "ThunkExecutor")]
+    seconds = profile.attribute(events, ops)
+    assert seconds["convolution: forward"] == pytest.approx(17.5e-6)
+    assert seconds["element-wise"] == pytest.approx(7.5e-6)
+    assert seconds["idle"] == pytest.approx(5e-6)
+    assert sum(seconds.values()) == pytest.approx(30e-6)
+
+
+def test_profile_of_a_convolution_gradient_finds_its_kinds_and_flops():
+    batch, side, c_in, c_out = 4, 16, 4, 8
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def loss(x, kernel):
+        numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dims)
+        y = conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+        return jnp.sum(jnp.tanh(y) @ jnp.ones((c_out, 2)))
+
+    x = jax.random.normal(jax.random.key(0), (batch, side, side, c_in))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).compile()
+    seconds, flops = profile.profile(compiled, x, kernel, steps=2)
+    conv_flops = 2 * batch * side * side * c_in * c_out * 9
+    assert flops["convolution: forward"] == conv_flops
+    assert flops["convolution: input gradient"] == conv_flops
+    # 16x16 maps on CPU: the kernel gradient is the tap form, 9 products per loop trip.
+    assert flops["matmul: kernel gradient taps"] == conv_flops
+    assert flops["convolution: kernel gradient"] == 0
+    assert seconds["convolution: forward"] > 0 and seconds["element-wise"] > 0

@@ -39,13 +39,16 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
-__all__ = ["BATCH_CHUNK", "MIN_PIXELS", "conv_general_dilated", "map_in_chunks"]
+__all__ = ["BATCH_CHUNK", "MIN_PIXELS", "TAPS_SCOPE", "conv_general_dilated", "map_in_chunks"]
 
 MIN_PIXELS = 16 * 16
 """Output pixels per image from which the kernel gradient is the tap form on CPU."""
 
 BATCH_CHUNK = 2
 """Images per step of the kernel-gradient loop on CPU (of 1-64, the fastest at 8x8-32x32)."""
+
+TAPS_SCOPE = "tap_kernel_gradient"
+"""The name scope of the tap form's ops: their HLO ``op_name`` contains it."""
 
 # Flax's dimension numbers for 2-D convolutions: NHWC inputs and outputs, HWIO kernels.
 _NHWC = lax.ConvDimensionNumbers(
@@ -196,8 +199,10 @@ def _taps(strides, pads, precision, lhs, rhs_dot):
         return out
 
     kernel_t = rhs_dot.transpose(0, 1, 3, 2)
-    # The zero images that fill the last chunk add nothing to the kernel gradient.
-    return map_in_chunks(lambda x: chunk_out(x, kernel_t), padded, chunk=chunk)
+    # The scope names these ops in profiles (experiments/bench/profile.py). The zero images
+    # that fill the last chunk add nothing to the kernel gradient.
+    with jax.named_scope(TAPS_SCOPE):
+        return map_in_chunks(lambda x: chunk_out(x, kernel_t), padded, chunk=chunk)
 
 
 def map_in_chunks(fn, *arrays: Array, chunk: int) -> Array:

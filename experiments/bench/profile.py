@@ -1,0 +1,289 @@
+"""Where a train step's time goes on CPU: its wall time split by kind of XLA operation.
+
+    python -m experiments.benchmark --only profile [--quick]
+    python -m experiments.bench.profile [--preset NAME] [--batch N] [--steps N] [--json PATH]
+
+It traces a few calls of the engine's compiled step (`jax.profiler`, Perfetto format), reads
+the duration of every XLA operation from the trace and its kind from the compiled HLO, and
+shares out the step's wall time: while k operations run at once (XLA:CPU runs independent
+ones on separate threads), each is charged 1/k of that interval, so the kinds add up to the
+wall time. Kinds: convolutions (forward, input gradient, kernel gradient), the tap-form
+kernel gradient's matrix products (`fmjax.models.conv`, found by its name scope), other
+matrix products (forward / backward), reductions, data movement (copies, slices, pads,
+concatenations, transposes), other element-wise work, collectives, and idle time between
+operations. The convolution and matmul rows give their FLOPs and the FLOP/s of their share.
+
+The default (`--quick` off) is the torchcfm CIFAR-10 U-Net at batch 16 (about 3 min here,
+two traced steps after the compile); `--quick` profiles `unet_digits` at batch 64. XLA:GPU
+and TPU operations appear in traces under other names: this profile is for CPU.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import math
+import pathlib
+import re
+import sys
+import tempfile
+from collections.abc import Iterable
+
+import jax
+
+from experiments.bench.train import build_step
+from fmjax.models.conv import TAPS_SCOPE
+
+KINDS = (
+    "convolution: forward",
+    "convolution: input gradient",
+    "convolution: kernel gradient",
+    "matmul: kernel gradient taps",
+    "matmul: forward",
+    "matmul: backward",
+    "reduction",
+    "data movement",
+    "element-wise",
+    "collective",
+    "idle",
+)
+"""The rows of a profile, in order."""
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(
+    r"^\s+(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>.*?) (?P<op>[a-z][\w\-]*)\((?P<rest>.*)$"
+)
+_ARRAY = re.compile(r"^\w+\[(?P<dims>[\d,]*)\]")
+_CONTAINERS = {"while", "conditional", "call"}
+_MOVEMENT = {
+    "bitcast",
+    "broadcast",
+    "concatenate",
+    "constant",
+    "copy",
+    "dynamic-slice",
+    "dynamic-update-slice",
+    "get-tuple-element",
+    "iota",
+    "pad",
+    "parameter",
+    "reshape",
+    "reverse",
+    "slice",
+    "transpose",
+    "tuple",
+}
+_COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}
+
+
+class Op:
+    """One instruction of a compiled HLO module that the trace may time."""
+
+    def __init__(self, kind: str, flops: float):
+        self.kind = kind
+        self.flops = flops
+
+
+def _dims(shape: str) -> tuple[int, ...] | None:
+    match = _ARRAY.match(shape)
+    if match is None:
+        return None
+    return tuple(int(d) for d in match["dims"].split(",") if d)
+
+
+def parse_hlo(text: str) -> dict[str, Op]:
+    """``{instruction name: Op}`` for every instruction of the compiled HLO module ``text``
+    (``compiled.as_text()``) that runs as one operation: its kind (one of :data:`KINDS`) and,
+    for convolutions and matrix products, its FLOPs (2 per multiply-add)."""
+    bodies: dict[str, list[dict]] = collections.defaultdict(list)
+    shapes: dict[str, str] = {}
+    current = entry = None
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            match = _COMPUTATION.match(line)
+            current = match["name"] if match else current
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current:
+            bodies[current].append(match.groupdict())
+            shapes[match["name"]] = match["shape"]
+    # Kernels are the entry's rank-4 parameters named so (all of them if none is): a backward
+    # convolution that yields one of their shapes, in any order of dimensions, is a kernel
+    # gradient.
+    arguments = [
+        (inst["name"], _dims(inst["shape"]))
+        for inst in bodies.get(entry, [])
+        if inst["op"] == "parameter"
+    ]
+    arguments = [(name, dims) for name, dims in arguments if dims and len(dims) == 4]
+    named = [(name, dims) for name, dims in arguments if "kernel" in name]
+    kernels = {tuple(sorted(dims)) for _, dims in named or arguments}
+    ops = {}
+    for body in bodies.values():
+        for inst in body:
+            if inst["op"] in _CONTAINERS or inst["op"] == "parameter":
+                continue
+            inner = [inst]
+            for called in re.findall(r"calls=%?([\w.\-]+)", inst["rest"]):
+                inner += bodies.get(called, [])
+            ops[inst["name"]] = _classify(inst, inner, shapes, kernels)
+    return ops
+
+
+def _classify(inst: dict, inner: list[dict], shapes: dict, kernels: set) -> Op:
+    inner_ops = {i["op"] for i in inner if i is not inst or inst["op"] != "fusion"}
+    names = " ".join(re.findall(r'op_name="([^"]*)"', " ".join(i["rest"] for i in inner)))
+    backward = "transpose(" in names
+    for i in inner:
+        if i["op"] in ("convolution", "dot"):
+            flops = _flops(i, shapes)
+            if i["op"] == "dot":
+                if TAPS_SCOPE in names:
+                    return Op("matmul: kernel gradient taps", flops)
+                return Op("matmul: backward" if backward else "matmul: forward", flops)
+            # XLA's rewrites of a kernel gradient may carry no op_name: its shape tells.
+            if tuple(sorted(_dims(i["shape"]) or ())) in kernels:
+                return Op("convolution: kernel gradient", flops)
+            return Op("convolution: input gradient" if backward else "convolution: forward", flops)
+    if inner_ops & _COLLECTIVES:
+        return Op("collective", 0.0)
+    if inner_ops & {"reduce", "reduce-window"}:
+        return Op("reduction", 0.0)
+    if inner_ops <= _MOVEMENT:
+        return Op("data movement", 0.0)
+    return Op("element-wise", 0.0)
+
+
+def _flops(inst: dict, shapes: dict) -> float:
+    operands = re.match(r"%?([\w.\-]+), %?([\w.\-]+)\)", inst["rest"])
+    out = _dims(inst["shape"])
+    if operands is None or out is None:
+        return 0.0
+    lhs = _dims(shapes.get(operands[1], "")) or ()
+    if inst["op"] == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst["rest"])
+        depth = math.prod(lhs[int(d)] for d in contracting[1].split(",") if d) if contracting else 1
+        return 2.0 * math.prod(out) * depth
+    labels = re.search(r"dim_labels=([^_,\s]+)_", inst["rest"])
+    window = re.search(r"window=\{size=([\dx]+)", inst["rest"])
+    features = lhs[labels[1].index("f")] if labels and lhs else 1
+    taps = math.prod(int(k) for k in window[1].split("x")) if window else 1
+    return 2.0 * math.prod(out) * features * taps
+
+
+def attribute(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]) -> dict:
+    """``{kind: seconds}`` from ``(start, end, name)`` intervals in microseconds: each
+    interval of the sweep is shared equally among the operations running in it; time with
+    none running is ``"idle"``. Names not in ``ops`` (runtime bookkeeping) are ignored."""
+    points = []
+    for start, end, name in events:
+        if name in ops:
+            points += [(start, 1, name), (end, -1, name)]
+    points.sort(key=lambda p: (p[0], p[1]))
+    seconds = dict.fromkeys(KINDS, 0.0)
+    running: collections.Counter = collections.Counter()
+    last = None
+    for time, change, name in points:
+        if last is not None and time > last:
+            count = sum(running.values())
+            if count == 0:
+                seconds["idle"] += (time - last) / 1e6
+            for other, n in running.items():
+                seconds[ops[other].kind] += (time - last) / 1e6 * n / count
+        running[name] += change
+        if running[name] == 0:
+            del running[name]
+        last = time
+    return seconds
+
+
+def _trace_events(directory: pathlib.Path) -> list[tuple[float, float, str]]:
+    (path,) = directory.glob("plugins/profile/*/perfetto_trace.json.gz")
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    return [
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and "dur" in e
+    ]
+
+
+def profile(compiled, *args, steps: int = 2, donated: bool = False):
+    """Traces ``steps`` calls of ``compiled`` (a compiled jitted function) after a warm-up
+    call: ``({kind: seconds per call}, {kind: FLOPs per call})``. With ``donated`` the
+    function takes and returns its first argument (a train step's state)."""
+    ops = parse_hlo(compiled.as_text())
+
+    def call(args):
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        return (out[0], *args[1:]) if donated else args
+
+    args = call(args)
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(steps):
+                args = call(args)
+        events = _trace_events(pathlib.Path(directory))
+    seconds = {kind: t / steps for kind, t in attribute(events, ops).items()}
+    flops = dict.fromkeys(KINDS, 0.0)
+    for _, _, name in events:
+        if name in ops:
+            flops[ops[name].kind] += ops[name].flops / steps
+    return seconds, flops
+
+
+def profile_rows(preset: str, image_shape, batch: int, steps: int = 2) -> list[dict]:
+    """One row per kind of :data:`KINDS` for ``steps`` traced calls of ``preset``'s train step
+    on one device: ms per step, share of the wall time, and for convolutions and matmuls
+    GFLOP per step and GFLOP/s of their share."""
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be positive; got steps={steps}, batch={batch}.")
+    step, state, data, _ = build_step(preset, image_shape, batch, "float32", [jax.devices()[0]])
+    compiled = step.lower(state, data).compile()
+    seconds, flops = profile(compiled, state, data, steps=steps, donated=True)
+    wall = sum(seconds.values())
+    rows = []
+    for kind in KINDS:
+        row = {
+            "benchmark": f"{preset} step profile",
+            "batch": batch,
+            "kind": kind,
+            "ms_per_step": 1e3 * seconds[kind],
+            "share": seconds[kind] / wall if wall else 0.0,
+        }
+        if flops[kind]:
+            row["gflop_per_step"] = flops[kind] / 1e9
+            row["gflop_per_s"] = flops[kind] / seconds[kind] / 1e9 if seconds[kind] else None
+        rows.append(row)
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    """The profile of ``unet_digits`` at batch 64 (``quick``) or of the torchcfm CIFAR-10
+    U-Net at batch 16."""
+    if quick:
+        return profile_rows("unet_digits", (8, 8, 1), 64)
+    return profile_rows("unet_cifar10_torchcfm", (32, 32, 3), 16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.bench.train import _NATIVE_SHAPES
+    from experiments.benchmark import markdown_table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), default="unet_cifar10_torchcfm")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--steps", type=int, default=2, help="traced steps")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = profile_rows(args.preset, _NATIVE_SHAPES[args.preset], args.batch, args.steps)
+    print(markdown_table(rows))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
