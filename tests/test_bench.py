@@ -52,7 +52,7 @@ def test_profile_of_a_convolution_gradient_finds_its_kinds_and_flops():
     x = jax.random.normal(jax.random.key(0), (batch, side, side, c_in))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).compile()
-    seconds, flops = profile.profile(compiled, x, kernel, steps=2)
+    seconds, flops, by_op = profile.profile(compiled, x, kernel, steps=2)
     conv_flops = 2 * batch * side * side * c_in * c_out * 9
     assert flops["convolution: forward"] == conv_flops
     assert flops["convolution: input gradient"] == conv_flops
@@ -60,3 +60,8 @@ def test_profile_of_a_convolution_gradient_finds_its_kinds_and_flops():
     assert flops["matmul: kernel gradient taps"] == conv_flops
     assert flops["convolution: kernel gradient"] == 0
     assert seconds["convolution: forward"] > 0 and seconds["element-wise"] > 0
+    # The operations' shares add up to their kinds' (all but the idle time).
+    assert sum(t for _, t in by_op.values()) == pytest.approx(
+        sum(seconds.values()) - seconds["idle"]
+    )
+    assert {op.kind for op, _ in by_op.values()} >= {"matmul: kernel gradient taps"}

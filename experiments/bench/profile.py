@@ -1,7 +1,8 @@
 """Where a train step's time goes on CPU: its wall time split by kind of XLA operation.
 
     python -m experiments.benchmark --only profile [--quick]
-    python -m experiments.bench.profile [--preset NAME] [--batch N] [--steps N] [--json PATH]
+    python -m experiments.bench.profile [--preset NAME] [--batch N] [--steps N] [--top N]
+        [--json PATH]
 
 It traces a few calls of the engine's compiled step (`jax.profiler`, Perfetto format), reads
 the duration of every XLA operation from the trace and its kind from the compiled HLO, and
@@ -15,7 +16,11 @@ operations. The convolution and matmul rows give their FLOPs and the FLOP/s of t
 
 The default (`--quick` off) is the torchcfm CIFAR-10 U-Net at batch 16 (about 3 min here,
 two traced steps after the compile); `--quick` profiles `unet_digits` at batch 64. XLA:GPU
-and TPU operations appear in traces under other names: this profile is for CPU.
+and TPU operations appear in traces under other names: this profile is for CPU, where it
+sees the operations of XLA's thunk runtime. Work outside them shows as idle: with the
+default XLA flags that is 2-3% of the CIFAR step, but with
+`--xla_cpu_experimental_ynn_fusion_type=reduce` (convolutions by Eigen instead of YNNPACK)
+the convolutions themselves leave no trace events.
 """
 
 import argparse
@@ -28,6 +33,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax
 
@@ -76,12 +82,20 @@ _MOVEMENT = {
 _COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}
 
 
-class Op:
-    """One instruction of a compiled HLO module that the trace may time."""
+class Op(NamedTuple):
+    """One instruction of a compiled HLO module that the trace may time.
 
-    def __init__(self, kind: str, flops: float):
-        self.kind = kind
-        self.flops = flops
+    Attributes:
+        kind: one of :data:`KINDS`.
+        flops: per execution, for convolutions and matrix products (2 per multiply-add).
+        shape: its result's HLO shape.
+        source: the JAX ``op_name`` of its first instruction that has one (the source).
+    """
+
+    kind: str
+    flops: float = 0.0
+    shape: str = ""
+    source: str = ""
 
 
 def _dims(shape: str) -> tuple[int, ...] | None:
@@ -127,7 +141,10 @@ def parse_hlo(text: str) -> dict[str, Op]:
             inner = [inst]
             for called in re.findall(r"calls=%?([\w.\-]+)", inst["rest"]):
                 inner += bodies.get(called, [])
-            ops[inst["name"]] = _classify(inst, inner, shapes, kernels)
+            source = re.search(r'op_name="([^"]*)"', " ".join(i["rest"] for i in inner))
+            ops[inst["name"]] = _classify(inst, inner, shapes, kernels)._replace(
+                shape=inst["shape"], source=source[1] if source else ""
+            )
     return ops
 
 
@@ -176,12 +193,21 @@ def attribute(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]) ->
     """``{kind: seconds}`` from ``(start, end, name)`` intervals in microseconds: each
     interval of the sweep is shared equally among the operations running in it; time with
     none running is ``"idle"``. Names not in ``ops`` (runtime bookkeeping) are ignored."""
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for name, t in attribute_ops(events, ops).items():
+        seconds[ops[name].kind if name in ops else "idle"] += t
+    return seconds
+
+
+def attribute_ops(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]) -> dict:
+    """:func:`attribute` by operation: ``{name: seconds}``, with ``"idle"`` for the time
+    that no operation ran."""
     points = []
     for start, end, name in events:
         if name in ops:
             points += [(start, 1, name), (end, -1, name)]
     points.sort(key=lambda p: (p[0], p[1]))
-    seconds = dict.fromkeys(KINDS, 0.0)
+    seconds = collections.defaultdict(float)
     running: collections.Counter = collections.Counter()
     last = None
     for time, change, name in points:
@@ -190,12 +216,12 @@ def attribute(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]) ->
             if count == 0:
                 seconds["idle"] += (time - last) / 1e6
             for other, n in running.items():
-                seconds[ops[other].kind] += (time - last) / 1e6 * n / count
+                seconds[other] += (time - last) / 1e6 * n / count
         running[name] += change
         if running[name] == 0:
             del running[name]
         last = time
-    return seconds
+    return dict(seconds)
 
 
 def _trace_events(directory: pathlib.Path) -> list[tuple[float, float, str]]:
@@ -211,8 +237,9 @@ def _trace_events(directory: pathlib.Path) -> list[tuple[float, float, str]]:
 
 def profile(compiled, *args, steps: int = 2, donated: bool = False):
     """Traces ``steps`` calls of ``compiled`` (a compiled jitted function) after a warm-up
-    call: ``({kind: seconds per call}, {kind: FLOPs per call})``. With ``donated`` the
-    function takes and returns its first argument (a train step's state)."""
+    call: ``({kind: seconds per call}, {kind: FLOPs per call}, {operation: (Op, seconds per
+    call)})``. With ``donated`` the function takes and returns its first argument (a train
+    step's state)."""
     ops = parse_hlo(compiled.as_text())
 
     def call(args):
@@ -226,23 +253,27 @@ def profile(compiled, *args, steps: int = 2, donated: bool = False):
             for _ in range(steps):
                 args = call(args)
         events = _trace_events(pathlib.Path(directory))
-    seconds = {kind: t / steps for kind, t in attribute(events, ops).items()}
+    by_op = {name: t / steps for name, t in attribute_ops(events, ops).items()}
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for name, t in by_op.items():
+        seconds[ops[name].kind if name in ops else "idle"] += t
     flops = dict.fromkeys(KINDS, 0.0)
     for _, _, name in events:
         if name in ops:
             flops[ops[name].kind] += ops[name].flops / steps
-    return seconds, flops
+    return seconds, flops, {name: (ops[name], t) for name, t in by_op.items() if name in ops}
 
 
-def profile_rows(preset: str, image_shape, batch: int, steps: int = 2) -> list[dict]:
+def profile_rows(preset: str, image_shape, batch: int, steps: int = 2, top: int = 0) -> list[dict]:
     """One row per kind of :data:`KINDS` for ``steps`` traced calls of ``preset``'s train step
     on one device: ms per step, share of the wall time, and for convolutions and matmuls
-    GFLOP per step and GFLOP/s of their share."""
+    GFLOP per step and GFLOP/s of their share; then a row for each of the ``top`` operations
+    that took longest (all their executions in a step), with their shape and source."""
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be positive; got steps={steps}, batch={batch}.")
     step, state, data, _ = build_step(preset, image_shape, batch, "float32", [jax.devices()[0]])
     compiled = step.lower(state, data).compile()
-    seconds, flops = profile(compiled, state, data, steps=steps, donated=True)
+    seconds, flops, by_op = profile(compiled, state, data, steps=steps, donated=True)
     wall = sum(seconds.values())
     rows = []
     for kind in KINDS:
@@ -257,6 +288,20 @@ def profile_rows(preset: str, image_shape, batch: int, steps: int = 2) -> list[d
             row["gflop_per_step"] = flops[kind] / 1e9
             row["gflop_per_s"] = flops[kind] / seconds[kind] / 1e9 if seconds[kind] else None
         rows.append(row)
+    longest = sorted(by_op.items(), key=lambda item: -item[1][1])[:top]
+    for name, (op, t) in longest:
+        rows.append(
+            {
+                "benchmark": f"{preset} step profile",
+                "batch": batch,
+                "kind": op.kind,
+                "ms_per_step": 1e3 * t,
+                "share": t / wall if wall else 0.0,
+                "op": name,
+                "shape": op.shape.split("{")[0],
+                "source": op.source[-90:],
+            }
+        )
     return rows
 
 
@@ -276,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), default="unet_cifar10_torchcfm")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=2, help="traced steps")
+    parser.add_argument("--top", type=int, default=0, help="also list the N longest operations")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    rows = profile_rows(args.preset, _NATIVE_SHAPES[args.preset], args.batch, args.steps)
-    print(markdown_table(rows))
+    rows = profile_rows(args.preset, _NATIVE_SHAPES[args.preset], args.batch, args.steps, args.top)
+    print(markdown_table(rows[: len(KINDS)]))
+    if args.top > 0:
+        print()
+        print(markdown_table(rows[len(KINDS) :]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
