@@ -66,6 +66,23 @@ def test_value_gradients_and_tangents_equal_lax(x64, strides, padding):
     )
 
 
+@pytest.mark.parametrize("side", [SIDE, SIDE // 2])  # with the tap form's kernel term, without
+def test_a_1x1_convolution_is_a_dot_with_lax_values_and_derivatives(x64, side):
+    x, _ = _inputs((BATCH_CHUNK + 1, side, side, 6), FEATURES)
+    w = jax.random.normal(jax.random.key(2), (1, 1, 6, FEATURES), jnp.float64)
+    ours = functools.partial(_loss, conv_general_dilated, (1, 1), "VALID")
+    lax = functools.partial(_loss, jax.lax.conv_general_dilated, (1, 1), "VALID")
+    # No convolution at all: forward pass, input and kernel gradients are dots.
+    assert _convolutions(jax.jit(jax.grad(ours, (0, 1))).lower(x, w).as_text()) == 0
+    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(lax, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    tangents = (jnp.cos(x), jnp.sin(w))
+    np.testing.assert_allclose(
+        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
+    )
+
+
 def test_per_example_kernel_gradients_under_vmap(x64):
     x, w = _inputs((3, SIDE, SIDE, 2), FEATURES)
     per_example = [
