@@ -65,3 +65,10 @@ def test_profile_of_a_convolution_gradient_finds_its_kinds_and_flops():
         sum(seconds.values()) - seconds["idle"]
     )
     assert {op.kind for op, _ in by_op.values()} >= {"matmul: kernel gradient taps"}
+
+
+def test_profile_rows_refuse_bad_counts_before_building_anything():
+    with pytest.raises(ValueError, match="top=-1"):
+        profile.profile_rows("unet_tiny", (8, 8, 1), 4, steps=1, top=-1)
+    with pytest.raises(ValueError, match="steps=0"):
+        profile.profile_rows("unet_tiny", (8, 8, 1), 4, steps=0)

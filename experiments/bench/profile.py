@@ -149,7 +149,7 @@ def parse_hlo(text: str) -> dict[str, Op]:
 
 
 def _classify(inst: dict, inner: list[dict], shapes: dict, kernels: set) -> Op:
-    inner_ops = {i["op"] for i in inner if i is not inst or inst["op"] != "fusion"}
+    inner_ops = {i["op"] for i in (inner[1:] if inst["op"] == "fusion" else inner)}
     names = " ".join(re.findall(r'op_name="([^"]*)"', " ".join(i["rest"] for i in inner)))
     backward = "transpose(" in names
     for i in inner:
@@ -193,8 +193,12 @@ def attribute(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]) ->
     """``{kind: seconds}`` from ``(start, end, name)`` intervals in microseconds: each
     interval of the sweep is shared equally among the operations running in it; time with
     none running is ``"idle"``. Names not in ``ops`` (runtime bookkeeping) are ignored."""
+    return _by_kind(attribute_ops(events, ops), ops)
+
+
+def _by_kind(seconds_by_op: dict, ops: dict[str, Op]) -> dict:
     seconds = dict.fromkeys(KINDS, 0.0)
-    for name, t in attribute_ops(events, ops).items():
+    for name, t in seconds_by_op.items():
         seconds[ops[name].kind if name in ops else "idle"] += t
     return seconds
 
@@ -254,9 +258,7 @@ def profile(compiled, *args, steps: int = 2, donated: bool = False):
                 args = call(args)
         events = _trace_events(pathlib.Path(directory))
     by_op = {name: t / steps for name, t in attribute_ops(events, ops).items()}
-    seconds = dict.fromkeys(KINDS, 0.0)
-    for name, t in by_op.items():
-        seconds[ops[name].kind if name in ops else "idle"] += t
+    seconds = _by_kind(by_op, ops)
     flops = dict.fromkeys(KINDS, 0.0)
     for _, _, name in events:
         if name in ops:
@@ -269,8 +271,11 @@ def profile_rows(preset: str, image_shape, batch: int, steps: int = 2, top: int 
     on one device: ms per step, share of the wall time, and for convolutions and matmuls
     GFLOP per step and GFLOP/s of their share; then a row for each of the ``top`` operations
     that took longest (all their executions in a step), with their shape and source."""
-    if steps < 1 or batch < 1:
-        raise ValueError(f"steps and batch must be positive; got steps={steps}, batch={batch}.")
+    if steps < 1 or batch < 1 or top < 0:
+        raise ValueError(
+            f"steps and batch must be positive and top non-negative; got steps={steps}, "
+            f"batch={batch}, top={top}."
+        )
     step, state, data, _ = build_step(preset, image_shape, batch, "float32", [jax.devices()[0]])
     compiled = step.lower(state, data).compile()
     seconds, flops, by_op = profile(compiled, state, data, steps=steps, donated=True)
