@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models.conv import BATCH_CHUNK, MIN_PIXELS, conv_general_dilated, map_in_chunks
+from fmjax.models.conv import (
+    BATCH_CHUNK,
+    MIN_PIXELS,
+    conv_general_dilated,
+    map_in_chunks,
+    upsample_nearest,
+    upsampled_conv_general_dilated,
+)
 
 SIDE = int(MIN_PIXELS**0.5)  # the smallest square image that takes the tap form
 FEATURES = 4
@@ -173,3 +180,40 @@ def test_map_in_chunks_pads_the_last_chunk_and_checks_its_input():
         map_in_chunks(lambda a: a, x, chunk=0)
     with pytest.raises(ValueError, match="one batch size"):
         map_in_chunks(lambda a, b: a, x, x[:3], chunk=2)
+
+
+def _upsampled_loss(conv, x, w):
+    y = conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_dims(x, w))
+    return jnp.sum(jnp.sin(y))
+
+
+@pytest.mark.parametrize("side", [SIDE // 2, SIDE])  # phases below and from MIN_PIXELS on
+def test_upsampled_convolution_equals_the_convolution_of_the_upsampled_image(x64, side):
+    x, w = _inputs((BATCH_CHUNK + 1, side, side + 2, 3), FEATURES)
+    ours = functools.partial(_upsampled_loss, upsampled_conv_general_dilated)
+    lax = functools.partial(
+        _upsampled_loss,
+        lambda x, *a, **k: jax.lax.conv_general_dilated(upsample_nearest(x), *a, **k),
+    )
+    # Four 2x2 convolutions of the input, and no upsampled image (of its 3 channels).
+    text = jax.jit(ours).lower(x, w).as_text()
+    assert _convolutions(text) == 4 and f"x{2 * side}x{2 * side + 4}x3x" not in text
+    assert f"x{2 * side}x{2 * side + 4}x3x" in jax.jit(lax).lower(x, w).as_text()
+    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(lax, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    tangents = (jnp.cos(x), jnp.sin(w))
+    np.testing.assert_allclose(
+        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
+    )
+
+
+def test_upsampled_convolution_of_other_kernels_upsamples_then_convolves(x64):
+    x, _ = _inputs((2, 5, 6, 3), FEATURES)
+    w = jax.random.normal(jax.random.key(3), (5, 5, 3, FEATURES), jnp.float64)
+    padding = ((2, 2), (2, 2))
+    got = upsampled_conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_dims(x, w))
+    want = jax.lax.conv_general_dilated(
+        upsample_nearest(x), w, (1, 1), padding, dimension_numbers=_dims(x, w)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -36,7 +36,12 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax.loss import example_keys
-from fmjax.models.conv import conv_general_dilated, map_in_chunks
+from fmjax.models.conv import (
+    conv_general_dilated,
+    map_in_chunks,
+    upsample_nearest,
+    upsampled_conv_general_dilated,
+)
 
 __all__ = [
     "UNet",
@@ -165,7 +170,18 @@ def _group_norm(h: jax.Array, num_groups: int, dtype: Any, name: str) -> jax.Arr
     return norm(h.astype(jnp.float32)).astype(dtype)
 
 
-def _conv(features: int, kernel: int, dtype: Any, name: str, *, zero: bool = False, stride=1):
+def _conv(
+    features: int,
+    kernel: int,
+    dtype: Any,
+    name: str,
+    *,
+    zero: bool = False,
+    stride: int = 1,
+    upsample: bool = False,
+):
+    """A convolution of "same" padding; with ``upsample``, of the 2x nearest-upsampled input
+    (the same parameters, computed without the upsampled image)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -178,7 +194,7 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, *, zero: bool = Fal
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.zeros if zero else _KERNEL_INIT,
         # lax's forward pass; on CPU a 5-8x faster kernel gradient for CIFAR-sized layers.
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=upsampled_conv_general_dilated if upsample else conv_general_dilated,
         name=name,
     )
 
@@ -227,10 +243,6 @@ def _dropout(module: nn.Module, h: jax.Array, rate: float, train: bool) -> jax.A
     return _image_chunks(drop, keys, h, chunk=1)
 
 
-def _upsample(h: jax.Array) -> jax.Array:
-    return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-
-
 def _avg_pool(h: jax.Array) -> jax.Array:
     return nn.avg_pool(h, (2, 2), strides=(2, 2))
 
@@ -248,10 +260,12 @@ class _ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         h = nn.silu(_group_norm(x, self.num_groups, self.dtype, "norm_in"))
-        if self.resample is not None:
-            resample = _upsample if self.resample == "up" else _avg_pool
-            h, x = resample(h), resample(x)
-        h = _conv(self.out_channels, 3, self.dtype, "conv_in")(h)
+        up = self.resample == "up"
+        if up:  # conv_in upsamples h itself
+            x = upsample_nearest(x)
+        elif self.resample == "down":
+            h, x = _avg_pool(h), _avg_pool(x)
+        h = _conv(self.out_channels, 3, self.dtype, "conv_in", upsample=up)(h)
 
         width = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
         e = _dense(width, self.dtype, "emb_proj")(nn.silu(emb))[:, None, None, :]
@@ -555,10 +569,10 @@ class UNet(nn.Module):
                 name = f"up{level}_resample"
                 if self.resblock_updown:
                     h = block(channels, resample="up", name=name)(h, emb, train)
+                elif self.conv_resample:
+                    h = _conv(channels, 3, dtype, name, upsample=True)(h)
                 else:
-                    h = _upsample(h)
-                    if self.conv_resample:
-                        h = _conv(channels, 3, dtype, name)(h)
+                    h = upsample_nearest(h)
                 ds //= 2
 
         h = nn.silu(_group_norm(h, groups, dtype, "norm_out"))
