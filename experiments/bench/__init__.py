@@ -18,14 +18,18 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+def interleaved_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, pause: float = 0.0
+) -> dict:
     """``{name: [wall seconds of each repeat]}``, after a warm-up, the functions run in turn
-    so that drifting machine load (other processes, thermal state) affects them alike."""
+    so that drifting machine load (other processes, thermal state) affects them alike;
+    ``pause`` seconds of sleep before each timed call let the previous one's threads go idle."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)

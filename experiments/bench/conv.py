@@ -28,10 +28,13 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
    ``torch.optim.AdamW`` and an EMA, one Python step per iteration.
 
 Timing: the machine this was written on has 2 cores shared with other jobs, so every variant
-is run in turn (interleaved; PyTorch's after XLA's, since XLA's spinning pool threads starve
-OpenMP's) and the best of the repeats is reported, with the median beside it for the step; PyTorch runs at the thread count XLA uses (the CPUs this process may run
-on) and, for the step, also at 1 thread, because OpenMP's spinning barriers degrade far more
-than XLA's thread pool when the cores are oversubscribed.
+is run in turn and the best of the repeats is reported, with the median beside it for the
+step. The conv rows run PyTorch's passes after XLA's, since XLA's spinning pool threads starve
+OpenMP's; the train steps alternate, ours and PyTorch's, with :data:`STEP_PAUSE` of sleep
+before each, so that the machine's drifting speed affects both alike. PyTorch runs at the
+thread count XLA uses (the CPUs this process may run on) and, for the step, also at 1 thread,
+because OpenMP's spinning barriers degrade far more than XLA's thread pool when the cores are
+oversubscribed.
 """
 
 import argparse
@@ -54,6 +57,8 @@ from fmjax.models import conv as conv_module
 from fmjax.models.conv import conv_general_dilated
 
 BATCH = 64
+STEP_PAUSE = 1.0
+"""Seconds of sleep before each timed train step of the side by side."""
 # (height = width, in channels, out channels).
 QUICK_SHAPES = [(8, 16, 16), (8, 32, 32), (32, 32, 32)]
 FULL_SHAPES = [(8, 16, 16), (8, 32, 32), (16, 64, 64), (32, 32, 32), (32, 128, 128)]
@@ -71,9 +76,12 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def best_and_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
-    """``{name: (best, median)}`` wall seconds of each function, run in turn after a warm-up."""
-    times = interleaved_seconds(fns, repeats)
+def best_and_median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, pause: float = 0.0
+) -> dict:
+    """``{name: (best, median)}`` wall seconds of each function, run in turn after a warm-up
+    (``pause``: seconds of sleep before each timed call)."""
+    times = interleaved_seconds(fns, repeats, pause)
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
@@ -366,12 +374,15 @@ def step_rows(
     side, channels = (32, 3) if preset.startswith("unet_cifar10") else (8, 1)
     rng = np.random.default_rng(0)
     images = np.tanh(rng.normal(size=(batch, side, side, channels))).astype(np.float32)
-    timed = best_and_median_seconds({"fmjax (XLA)": _jax_step(preset, images)}, repeats)
+    steps = {"fmjax (XLA)": _jax_step(preset, images)}
     if has_torch():
-        # Each PyTorch setting on its own after XLA's (see conv_rows).
         for count in sorted({threads(), 1}, reverse=True):
-            name = f"torch, {count} thread{'s' if count > 1 else ''}"
-            timed |= best_and_median_seconds({name: _torch_step(preset, images, count)}, repeats)
+            steps[f"torch, {count} thread{'s' if count > 1 else ''}"] = _torch_step(
+                preset, images, count
+            )
+    # In turn, so that this machine's drifting speed (up to 40% within the hour) affects all
+    # alike; the pause lets XLA's spinning pool threads go idle before OpenMP's start.
+    timed = best_and_median_seconds(steps, repeats, pause=STEP_PAUSE)
     return [
         {
             "benchmark": f"{preset} train step",
