@@ -5,7 +5,11 @@
 ``flow_matching`` example and of torchcfm, plus small models for digits and tests.
 """
 
-from fmjax.models.conv import conv_general_dilated
+from fmjax.models.conv import (
+    conv_general_dilated,
+    upsample_nearest,
+    upsampled_conv_general_dilated,
+)
 from fmjax.models.unet import (
     UNet,
     UNetCIFAR10Meta,
@@ -29,6 +33,8 @@ __all__ = [
     "drop_labels",
     "param_count",
     "sinusoidal_embedding",
+    "upsample_nearest",
+    "upsampled_conv_general_dilated",
 ]
 
 PRESETS = {
