@@ -6,6 +6,7 @@ to lax unchanged.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,17 @@ def _dims(x, w):
 def _loss(conv, strides, padding, x, w):
     y = conv(x, w, strides, padding, dimension_numbers=_dims(x, w))
     return jnp.sum(jnp.sin(y))
+
+
+def _assert_same_values_and_derivatives(ours, lax, x, w):
+    """Values, both reverse-mode gradients and a forward-mode tangent in (x, w) agree."""
+    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(lax, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    tangents = (jnp.cos(x), jnp.sin(w))
+    np.testing.assert_allclose(
+        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
+    )
 
 
 CASES = [
@@ -81,13 +93,7 @@ def test_a_1x1_convolution_is_a_dot_with_lax_values_and_derivatives(x64, side):
     lax = functools.partial(_loss, jax.lax.conv_general_dilated, (1, 1), "VALID")
     # No convolution at all: forward pass, input and kernel gradients are dots.
     assert _convolutions(jax.jit(jax.grad(ours, (0, 1))).lower(x, w).as_text()) == 0
-    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
-    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(lax, (0, 1))(x, w), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
-    tangents = (jnp.cos(x), jnp.sin(w))
-    np.testing.assert_allclose(
-        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
-    )
+    _assert_same_values_and_derivatives(ours, lax, x, w)
 
 
 def test_per_example_kernel_gradients_under_vmap(x64):
@@ -199,13 +205,7 @@ def test_upsampled_convolution_equals_the_convolution_of_the_upsampled_image(x64
     text = jax.jit(ours).lower(x, w).as_text()
     assert _convolutions(text) == 4 and f"x{2 * side}x{2 * side + 4}x3x" not in text
     assert f"x{2 * side}x{2 * side + 4}x3x" in jax.jit(lax).lower(x, w).as_text()
-    np.testing.assert_allclose(ours(x, w), lax(x, w), rtol=1e-12)
-    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(lax, (0, 1))(x, w), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
-    tangents = (jnp.cos(x), jnp.sin(w))
-    np.testing.assert_allclose(
-        jax.jvp(ours, (x, w), tangents)[1], jax.jvp(lax, (x, w), tangents)[1], rtol=1e-10
-    )
+    _assert_same_values_and_derivatives(ours, lax, x, w)
 
 
 def test_upsampled_convolution_of_other_kernels_upsamples_then_convolves(x64):
@@ -217,3 +217,9 @@ def test_upsampled_convolution_of_other_kernels_upsamples_then_convolves(x64):
         upsample_nearest(x), w, (1, 1), padding, dimension_numbers=_dims(x, w)
     )
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (2, 8, 8, 3, 1)])
+def test_upsample_nearest_needs_nhwc_images(shape):
+    with pytest.raises(ValueError, match=r"NHWC.*" + re.escape(str(shape))):
+        upsample_nearest(jnp.zeros(shape))

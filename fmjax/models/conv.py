@@ -110,14 +110,16 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if not (
-        jnp.ndim(lhs) == 4
-        and jnp.ndim(rhs) == 4
-        and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers)
-        and undilated
-        and feature_group_count == 1
-        and batch_group_count == 1
+        _plain_nhwc(
+            lhs,
+            rhs,
+            dimension_numbers,
+            lhs_dilation,
+            rhs_dilation,
+            feature_group_count,
+            batch_group_count,
+        )
         and preferred_element_type is None
         and (padding == "VALID" or (not isinstance(padding, str) and len(padding) == 2))
     ):
@@ -135,11 +137,25 @@ def conv_general_dilated(
     return plain(lhs, rhs)
 
 
-def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:
-    if dimension_numbers is None:
+def _plain_nhwc(
+    lhs,
+    rhs,
+    dimension_numbers,
+    lhs_dilation,
+    rhs_dilation,
+    feature_group_count,
+    batch_group_count,
+) -> bool:
+    """Whether a convolution is 2-D NHWC/HWIO without dilation or grouping."""
+    if dimension_numbers is None or jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
         return False
-    numbers = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-    return numbers == _NHWC
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (
+        numbers == _NHWC
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and batch_group_count == 1
+    )
 
 
 def _pointwise(strides, pads, kernel_shape) -> bool:
@@ -280,7 +296,14 @@ def upsample_nearest(x: Float[Array, "batch height width channels"]) -> Array:
         >>> upsample_nearest(jnp.arange(2.0).reshape(1, 1, 2, 1))[0, :, :, 0]
         Array([[0., 0., 1., 1.],
                [0., 0., 1., 1.]], dtype=float32)
+
+    Raises:
+        ValueError: for an array that is not 4-D.
     """
+    if jnp.ndim(x) != 4:
+        raise ValueError(
+            f"upsample_nearest needs NHWC images [n, h, w, c]; got shape {jnp.shape(x)}."
+        )
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
@@ -336,16 +359,19 @@ def upsampled_conv_general_dilated(
         preferred_element_type=preferred_element_type,
     )
     phased = (
-        jnp.ndim(lhs) == 4
-        and jnp.ndim(rhs) == 4
-        and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers)
+        _plain_nhwc(
+            lhs,
+            rhs,
+            dimension_numbers,
+            lhs_dilation,
+            rhs_dilation,
+            feature_group_count,
+            batch_group_count,
+        )
         and tuple(rhs.shape[:2]) == (3, 3)
         and tuple(window_strides) == (1, 1)
         and not isinstance(padding, str)
         and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and batch_group_count == 1
     )
     if not phased:
         return conv_general_dilated(upsample_nearest(lhs), rhs, window_strides, padding, **args)
