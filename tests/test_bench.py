@@ -1,5 +1,7 @@
 """The benchmark harness's own arithmetic (experiments/bench/)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -72,3 +74,50 @@ def test_profile_rows_refuse_bad_counts_before_building_anything():
         profile.profile_rows("unet_tiny", (8, 8, 1), 4, steps=1, top=-1)
     with pytest.raises(ValueError, match="steps=0"):
         profile.profile_rows("unet_tiny", (8, 8, 1), 4, steps=0)
+
+
+def test_parse_xla_option_types_values_and_refuses_other_text():
+    assert bench_train.parse_xla_option("xla_a=TRUE") == ("xla_a", True)
+    assert bench_train.parse_xla_option(" xla_b = 3 ") == ("xla_b", 3)
+    assert bench_train.parse_xla_option("xla_c=LIBRARY_FUSION_TYPE_DOT") == (
+        "xla_c",
+        "LIBRARY_FUSION_TYPE_DOT",
+    )
+    for text in ("xla_a", "xla_a=", "=1", "two words=1"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            bench_train.parse_xla_option(text)
+
+
+def _counting_step():
+    """A donating step whose loss counts the batch's NaNs after a multiplication by zero:
+    two with IEEE arithmetic (inf * 0 and nan * 0), none under fast math."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        loss = jnp.sum(jnp.isnan(batch * 0.0).astype(jnp.float32)) + 0.0 * state["w"]
+        return {"w": state["w"] + 1.0, "n": state["n"] + 1}, {"loss": loss}
+
+    state = {"w": jnp.zeros(()), "n": jnp.zeros((), jnp.int32)}
+    return step, state, jnp.array([1.0, jnp.inf, 2.0, jnp.nan])
+
+
+def test_compare_compiler_options_times_each_variant_from_the_same_loss(monkeypatch):
+    monkeypatch.setattr(bench_train, "OPTION_PAUSE", 0.0)
+    step, state, batch = _counting_step()
+    option = ("xla_cpu_enable_concurrency_optimized_scheduler", False)
+    results = bench_train.compare_compiler_options(step, state, batch, [option], repeats=3)
+    assert list(results) == ["default", "xla_cpu_enable_concurrency_optimized_scheduler=False"]
+    for loss, seconds in results.values():
+        assert loss == 2.0
+        assert len(seconds) == 3 and min(seconds) > 0
+
+
+def test_compare_compiler_options_refuses_unknown_and_result_changing_options():
+    step, state, batch = _counting_step()
+    with pytest.raises(ValueError, match="xla_no_such_option=1"):
+        bench_train.compare_compiler_options(step, state, batch, [("xla_no_such_option", 1)], 1)
+    step, state, batch = _counting_step()
+    with pytest.raises(ValueError, match=r"loss is 0\.0, against 2\.0"):
+        bench_train.compare_compiler_options(
+            step, state, batch, [("xla_cpu_enable_fast_math", True)], 1
+        )

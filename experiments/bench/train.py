@@ -3,6 +3,7 @@
     python -m experiments.benchmark --only train [--quick]
     python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
         [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
+        [--xla-option NAME=VALUE ...]
 
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
@@ -18,6 +19,12 @@ For the Meta CIFAR-10 preset a row also projects the device-hours of the Meta re
 /work/shared/REFERENCES.md) from the measured images/s per device: the recipe's images
 divided by that rate, i.e. perfect data-parallel scaling (the gradient all-reduce and the
 input pipeline are not in the measurement).
+
+With ``--xla-option`` (one preset) it instead compares XLA compiler options in one process:
+the same lowered step compiled with XLA's defaults and once per option, each checked to give
+the default's loss from the same state, then timed in turn (:func:`compare_compiler_options`). One process
+sees one machine: a flag set through ``XLA_FLAGS`` needs a process of its own, and this
+machine's speed drifts by more than most flags change.
 """
 
 import argparse
@@ -32,7 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import median_seconds
+from experiments.bench import interleaved_seconds, median_seconds
 from fmjax import configs, train
 
 META_RECIPE_STEPS = 175_000
@@ -230,6 +237,112 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
     return rows
 
 
+OPTION_PAUSE = 1.0
+"""Seconds of sleep before each timed step of :func:`option_rows`, so that the previous
+step's threads are idle when the next starts."""
+
+
+def parse_xla_option(text: str) -> tuple[str, object]:
+    """``"NAME=VALUE"`` as ``(NAME, VALUE)``: ``true``/``false`` become booleans, integers
+    integers, anything else stays a string (e.g. an enum's name).
+
+    Example:
+        >>> parse_xla_option("xla_cpu_enable_concurrency_optimized_scheduler=false")
+        ('xla_cpu_enable_concurrency_optimized_scheduler', False)
+    """
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier() or not value:
+        raise ValueError(f"an XLA option must read NAME=VALUE; got {text!r}.")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
+
+
+def compare_compiler_options(
+    step, state, batch, options: list[tuple[str, object]], repeats: int
+) -> dict[str, tuple[float, list[float]]]:
+    """``{label: (loss, [seconds of each timed step])}`` of the jitted, state-donating
+    ``step(state, batch) -> (state, metrics)`` compiled with XLA's defaults (label
+    ``"default"``) and once per ``(name, value)`` option (label ``"name=value"``).
+
+    The step is lowered once and compiled once per variant (``compiler_options``, so an
+    option applies to this program only). Each variant's first step runs from a copy of
+    ``state``, and its ``metrics["loss"]`` must match the default's to ``1e-4`` relative: an
+    option that changes the result is an error, not a speed-up. Then the variants run in
+    turn, ``repeats`` times each, with :data:`OPTION_PAUSE` of sleep before every step.
+
+    Raises:
+        ValueError: for an option XLA does not accept (its name or its value), or one
+            whose step computes a different loss.
+    """
+    lowered = step.lower(state, batch)
+    variants = {"default": {}} | {f"{name}={value}": {name: value} for name, value in options}
+    compiled = {}
+    for label, compiler_options in variants.items():
+        try:
+            compiled[label] = lowered.compile(compiler_options=compiler_options)
+        except jax.errors.JaxRuntimeError as err:
+            raise ValueError(f"XLA refused the option {label!r}: {err}") from None
+    losses = {}
+    for label, fn in compiled.items():  # from copies: the steps donate their state
+        _, metrics = fn(jax.tree.map(jnp.copy, state), batch)
+        losses[label] = float(metrics["loss"])
+    reference = losses["default"]
+    for label, loss in losses.items():
+        if not abs(loss - reference) <= 1e-4 * abs(reference):  # a NaN fails too
+            raise ValueError(
+                f"with {label!r} the step's loss is {loss!r}, against {reference!r} with "
+                f"XLA's defaults: the option changes the computation."
+            )
+    holder = {"state": state}
+
+    def timed(fn):
+        def run_step():
+            holder["state"], metrics = fn(holder["state"], batch)
+            return metrics["loss"]
+
+        return run_step
+
+    times = interleaved_seconds(
+        {label: timed(fn) for label, fn in compiled.items()}, repeats, OPTION_PAUSE
+    )
+    return {label: (losses[label], times[label]) for label in compiled}
+
+
+def option_rows(
+    preset: str,
+    image_shape,
+    per_device_batch: int,
+    repeats: int,
+    options: list[tuple[str, object]],
+    dtype: str | None = None,
+) -> list[dict]:
+    """:func:`compare_compiler_options` on ``preset``'s train step: one row for XLA's
+    defaults and one per option, with the best and median step times and the median's
+    ratio to the default's."""
+    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
+    results = compare_compiler_options(step, state, batch, options, repeats)
+    default_median = float(np.median(results["default"][1]))
+    return [
+        {
+            "benchmark": "train step, XLA option",
+            "preset": preset,
+            "batch_per_device": per_device_batch,
+            "dtype": config.model.dtype,
+            "option": label,
+            "loss": loss,
+            "best_ms": 1e3 * min(seconds),
+            "median_ms": 1e3 * float(np.median(seconds)),
+            "median_vs_default": float(np.median(seconds)) / default_median,
+        }
+        for label, (loss, seconds) in results.items()
+    ]
+
+
 # The image shape each preset is built for (--image-shape overrides it, e.g. for a small
 # dry run of a large preset).
 _NATIVE_SHAPES = {
@@ -250,12 +363,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-shape", help="H,W,C (default: the preset's own)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="compare the step compiled with this XLA option against XLA's defaults, in one "
+        "process (repeatable: one variant each; needs --preset)",
+    )
     args = parser.parse_args(argv)
     if args.batch_per_device < 1 or args.repeats < 1:
         raise ValueError(
             f"--batch-per-device and --repeats must be positive; got "
             f"{args.batch_per_device} and {args.repeats}."
         )
+    options = [parse_xla_option(text) for text in args.xla_option]
+    if options and args.preset is None:
+        raise ValueError("--xla-option compares one preset's step; name it with --preset.")
     dtype = args.dtype or default_dtype()
     if args.preset is None:
         accelerator = jax.default_backend() != "cpu"
@@ -273,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.benchmark import markdown_table
 
     print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
-    rows = run_presets(presets, args.repeats, dtype)
+    if options:
+        rows = option_rows(*presets[0], args.repeats, options, dtype)
+    else:
+        rows = run_presets(presets, args.repeats, dtype)
     print(markdown_table(rows), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
