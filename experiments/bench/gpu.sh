@@ -6,10 +6,11 @@
 #
 # From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
 # project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
-#  1. installs the CUDA 12 build of the JAX version pinned in requirements.txt (skipped when
-#     that JAX already runs on a GPU; offline, point pip at downloaded wheels with
-#     PIP_FIND_LINKS=DIR PIP_NO_INDEX=1),
-#  2. records nvidia-smi and the devices JAX sees,
+#  1. installs the CUDA 12 build of the JAX version pinned in requirements.txt, unless the
+#     JAX there already runs on a GPU (any version: an image with its own CUDA JAX keeps it;
+#     offline, point pip at downloaded wheels with PIP_FIND_LINKS=DIR PIP_NO_INDEX=1),
+#  2. checks that the benchmarks' imports resolve (a missing package is named before any
+#     timing starts), records nvidia-smi and the devices JAX sees,
 #  3. times the train step of the Meta CIFAR-10 preset (unet_cifar10_meta, 32x32x3) in
 #     bfloat16 at per-device batch 128 on every GPU: ms/step, images/s, GFLOP/step, the
 #     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
@@ -41,15 +42,21 @@ if ((dry_run)); then
   shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
 else
   jax_version=$(sed -n 's/^jax==//p' requirements.txt)
-  if [[ "$("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' 2>/dev/null)" \
-    == "$jax_version gpu" ]]; then
-    echo "== JAX $jax_version already runs on the GPU"
+  read -r found backend < <("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' \
+    2>/dev/null || echo "none none")
+  if [[ "$backend" == gpu ]]; then
+    echo "== JAX $found already runs on the GPU (requirements.txt pins $jax_version)"
   else
-    echo "== installing jax[cuda12]==$jax_version"
+    echo "== installing jax[cuda12]==$jax_version (found JAX $found on $backend)"
     "$python" -m pip install -q -U "jax[cuda12]==$jax_version"
   fi
   nvidia-smi | tee "$results/nvidia-smi.txt"
   shape=() batch=128 repeats=20 quick=()
+fi
+if ! "$python" -c 'import experiments.bench.ot, experiments.bench.sampling, experiments.bench.train'; then
+  echo "== a package the benchmarks import is missing (above): pip install -r requirements.txt," \
+    "or offline, from wheels downloaded elsewhere: pip install --no-index --no-deps WHEELS" >&2
+  exit 1
 fi
 "$python" -c 'import jax; print("== jax", jax.__version__, jax.default_backend(), jax.devices())'
 
