@@ -3,6 +3,7 @@
 #
 #   bash experiments/bench/gpu.sh [RESULTS_DIR]            # default: $OUT, else ./bench-results
 #   bash experiments/bench/gpu.sh --dry-run [RESULTS_DIR]  # the same steps, tiny, on any backend
+#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, sampling, ot
 #
 # From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
 # project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
@@ -22,16 +23,35 @@
 #
 # --dry-run skips the install and nvidia-smi and runs steps 3-4 at tiny sizes (8x8 images,
 # batch 1, one timed step, --quick sampling) on whatever backend JAX has: a check of this
-# script on a CPU machine.
+# script on a CPU machine. --only PARTS (comma-separated: train, sampling, ot) runs those
+# parts of steps 3-4 alone, e.g. to split the work over two shorter sessions on a device.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  dry_run=1
+dry_run=0 parts=train,sampling,ot results=
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --only)
+      parts=${2:?--only needs PARTS: a comma-separated subset of train,sampling,ot}
+      shift
+      ;;
+    -*)
+      echo "unknown option $1; usage: gpu.sh [--dry-run] [--only PARTS] [RESULTS_DIR]" >&2
+      exit 2
+      ;;
+    *) results=$1 ;;
+  esac
   shift
-fi
-results=${1:-${OUT:-bench-results}}
+done
+for part in ${parts//,/ }; do
+  [[ "$part" =~ ^(train|sampling|ot)$ ]] || {
+    echo "--only: unknown part '$part'; expected some of train, sampling, ot" >&2
+    exit 2
+  }
+done
+wants() { [[ ",$parts," == *",$1,"* ]]; }
+results=${results:-${OUT:-bench-results}}
 mkdir -p "$results"
 python=${PYTHON:-.venv/bin/python}
 [[ -x "$python" ]] || python=python3
@@ -60,15 +80,20 @@ if ! "$python" -c 'import experiments.bench.ot, experiments.bench.sampling, expe
 fi
 "$python" -c 'import jax; print("== jax", jax.__version__, jax.default_backend(), jax.devices())'
 
-for preset in unet_cifar10_meta unet_cifar10_torchcfm; do
-  echo "== train step: $preset, bfloat16, per-device batch $batch"
-  "$python" -m experiments.bench.train --preset "$preset" --dtype bfloat16 \
-    --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
-    --json "$results/train_${preset}_bf16.json"
-done
-
-echo "== sampling"
-"$python" -m experiments.benchmark --only sampling "${quick[@]}" --json "$results/sampling.json"
-echo "== exact OT"
-"$python" -m experiments.benchmark --only ot "${quick[@]}" --json "$results/ot.json"
+if wants train; then
+  for preset in unet_cifar10_meta unet_cifar10_torchcfm; do
+    echo "== train step: $preset, bfloat16, per-device batch $batch"
+    "$python" -m experiments.bench.train --preset "$preset" --dtype bfloat16 \
+      --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
+      --json "$results/train_${preset}_bf16.json"
+  done
+fi
+if wants sampling; then
+  echo "== sampling"
+  "$python" -m experiments.benchmark --only sampling "${quick[@]}" --json "$results/sampling.json"
+fi
+if wants ot; then
+  echo "== exact OT"
+  "$python" -m experiments.benchmark --only ot "${quick[@]}" --json "$results/ot.json"
+fi
 echo "== done: $results"
