@@ -238,8 +238,8 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
 
 
 OPTION_PAUSE = 1.0
-"""Seconds of sleep before each timed step of :func:`option_rows`, so that the previous
-step's threads are idle when the next starts."""
+"""Seconds of sleep before each timed step of :func:`compare_compiler_options`, so that the
+previous step's threads are idle when the next starts."""
 
 
 def parse_xla_option(text: str) -> tuple[str, object]:
