@@ -481,15 +481,15 @@ def integrate(
         max_steps = time_grid.shape[0] - 1
     else:
         t0, t1 = jnp.asarray(t0, t_dtype), jnp.asarray(t1, t_dtype)
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
         # We evaluate the first stage ourselves and hand it to the solver as its
         # first-same-as-last value. Otherwise a rejected first step would evaluate it again,
         # by an amount Diffrax does not report, and nfe could not be exact.
         f0 = vector_field(t0, y0, args)
-        dt0 = _initial_step_size(
+        first_step = _initial_step_size(
             vector_field, args, t0, t1, y0, f0, diffrax_solver.order(None) + 1, rtol, atol
         )
-        solver_state = (jnp.array(False), f0)
+        controller = _FirstStepGiven(diffrax.PIDController(rtol=rtol, atol=atol), first_step)
+        dt0, solver_state = None, (jnp.array(False), f0)
         nfe = 2
     saveat = diffrax.SaveAt(t1=True, ts=None if save_at is None else jnp.asarray(save_at, t_dtype))
     solution = diffrax.diffeqsolve(
@@ -523,6 +523,43 @@ def _rms(tree: PyTree[Array]) -> Array:
     leaves = jax.tree.leaves(tree)
     size = sum(leaf.size for leaf in leaves)
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves) / size)
+
+
+class _FirstStepGiven(diffrax.AbstractAdaptiveStepSizeController):
+    """``controller`` (a PID controller) starting with a step of ``first_step``.
+
+    The same solve as ``diffeqsolve(..., dt0=first_step)``, without Diffrax's check of the
+    sign of a given ``dt0``: that check is an ``eqx.error_if``, a host callback whenever
+    ``dt0`` is traced (ours depends on the data), and XLA keeps no program with a host
+    callback in JAX's persistent compilation cache, so every solve would compile afresh in
+    every process. ``first_step`` has the sign of ``t1 - t0`` by construction.
+    """
+
+    controller: diffrax.PIDController
+    first_step: Array
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        # Diffrax solves in the direction of increasing time, and flips a given dt0 so.
+        return _FirstStepGiven(self.controller.wrap(direction), self.first_step * direction)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        del dt0  # None: the first step is ours
+        return self.controller.init(terms, t0, t1, y0, self.first_step, args, func, error_order)
+
+    def adapt_step_size(self, *args, **kwargs):
+        return self.controller.adapt_step_size(*args, **kwargs)
 
 
 def _initial_step_size(vector_field, args, t0, t1, y0, f0, error_order, rtol, atol):

@@ -294,3 +294,22 @@ def test_bad_velocity_or_state_raise():
             lambda p, x, t, y: x, None, jnp.arange(3), null_label=0, scale=1.0
         )
         v(x0, 0.5)
+
+
+def test_adaptive_solves_compile_without_host_callbacks():
+    # XLA keeps no program with a host callback in JAX's persistent compilation cache, so a
+    # callback (Diffrax checks a traced dt0 with one) would make every process compile each
+    # sampler and likelihood solve afresh: 28 s for the digits U-Net's bits/dim solve.
+    # (Fixed grids and save_at times still carry Diffrax's checks of their traced times.)
+    from fmjax.likelihood import log_likelihood
+
+    def velocity(x, t):
+        return -x * (1 + t)
+
+    x = jnp.ones((2, 3))
+    for program in (
+        lambda x: sample(velocity, x, solver="dopri5").x,
+        lambda x: sample(velocity, x, solver="tsit5", rtol=1e-3, atol=1e-3).x,
+        lambda x: log_likelihood(velocity, x).log_prob,
+    ):
+        assert "callback" not in jax.jit(program).lower(x).as_text()
