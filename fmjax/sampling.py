@@ -94,7 +94,8 @@ class SampleResult(NamedTuple):
         x: the state at the end of the solve, shaped like ``x0``.
         nfe: the number of velocity-function evaluations spent (int32 scalar).
         success: whether the solve reached its end with finite values (bool scalar). False
-            after ``max_steps`` steps, a step size that collapsed, or a NaN/inf in the state.
+            after ``max_steps`` steps, a step size that collapsed, a NaN/inf in the state,
+            or a ``time_grid`` known only inside a jit that is not strictly monotone.
         trajectory: the states at ``save_at``, shape ``[len(save_at), batch, *dims]``;
             ``None`` without ``save_at``.
         ts: the times of ``trajectory`` (``save_at`` itself); ``None`` without ``save_at``.
@@ -334,7 +335,8 @@ def sample(
         x0: the initial state (usually noise), float, shape ``[batch, *dims]``.
         solver: one of :data:`SOLVERS`.
         steps: the number of equal steps of a fixed-step solver.
-        time_grid: strictly monotone times for a fixed-step solver (instead of ``steps``).
+        time_grid: strictly monotone times for a fixed-step solver (instead of ``steps``);
+            checked when given concretely, reported through ``success`` when traced.
         rtol: relative tolerance of an adaptive solver.
         atol: absolute tolerance of an adaptive solver.
         t0: the time of ``x0``.
@@ -476,7 +478,9 @@ def integrate(
             time_grid = jnp.linspace(t0, t1, steps + 1)
         time_grid = jnp.asarray(time_grid, t_dtype)
         t0, t1 = time_grid[0], time_grid[-1]
-        controller = diffrax.StepTo(ts=time_grid)
+        controller = _GridSteps(ts=time_grid)
+        increments = jnp.diff(time_grid)
+        grid_ok = jnp.all(increments > 0) | jnp.all(increments < 0)
         dt0, solver_state, nfe = None, None, 0
         max_steps = time_grid.shape[0] - 1
     else:
@@ -490,7 +494,7 @@ def integrate(
         )
         controller = _FirstStepGiven(diffrax.PIDController(rtol=rtol, atol=atol), first_step)
         dt0, solver_state = None, (jnp.array(False), f0)
-        nfe = 2
+        grid_ok, nfe = jnp.array(True), 2
     saveat = diffrax.SaveAt(t1=True, ts=None if save_at is None else jnp.asarray(save_at, t_dtype))
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
@@ -515,7 +519,7 @@ def integrate(
         y1=y1,
         trajectory=trajectory,
         nfe=(nfe + per_step * solution.stats["num_steps"]).astype(jnp.int32),
-        success=(solution.result == diffrax.RESULTS.successful) & finite,
+        success=(solution.result == diffrax.RESULTS.successful) & finite & grid_ok,
     )
 
 
@@ -523,6 +527,22 @@ def _rms(tree: PyTree[Array]) -> Array:
     leaves = jax.tree.leaves(tree)
     size = sum(leaf.size for leaf in leaves)
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves) / size)
+
+
+class _GridSteps(diffrax.StepTo):
+    """Diffrax's ``StepTo`` (steps to the times of a grid) without its run-time checks of
+    the grid, which are host callbacks when the grid is traced (see :class:`_FirstStepGiven`
+    for why those must go). The grid's ends are ``t0`` and ``t1`` by construction; `sample`
+    checks a concrete grid when it is called, and :func:`integrate` reports a traced grid
+    that is not strictly monotonic as ``success=False``. Being a ``StepTo``, it keeps
+    Diffrax's step-counting loop condition."""
+
+    def wrap(self, direction):
+        return _GridSteps(ts=self.ts * direction)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        del terms, t0, t1, y0, dt0, args, func, error_order
+        return self.ts[1], 2
 
 
 class _FirstStepGiven(diffrax.AbstractAdaptiveStepSizeController):
