@@ -296,11 +296,11 @@ def test_bad_velocity_or_state_raise():
         v(x0, 0.5)
 
 
-def test_adaptive_solves_compile_without_host_callbacks():
+def test_solves_compile_without_host_callbacks():
     # XLA keeps no program with a host callback in JAX's persistent compilation cache, so a
-    # callback (Diffrax checks a traced dt0 with one) would make every process compile each
-    # sampler and likelihood solve afresh: 28 s for the digits U-Net's bits/dim solve.
-    # (save_at times still carry Diffrax's checks of their traced values.)
+    # callback (Diffrax checks a traced dt0 and a traced StepTo grid with them) would make
+    # every process compile each sampler and likelihood solve afresh: 28 s for the digits
+    # U-Net's bits/dim solve. (save_at times still carry Diffrax's checks of their values.)
     from fmjax.likelihood import log_likelihood
 
     def velocity(x, t):

@@ -164,6 +164,17 @@ def build_step(
     return train.make_train_step(config, model, tx, schedule, mesh), state, batch, config
 
 
+def _stepping(step, holder: dict, batch):
+    """A no-argument call of the state-donating ``step`` on ``holder["state"]``, which it
+    replaces by the new state; returns the step's loss (for timing)."""
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    return run_step
+
+
 def step_row(
     preset: str,
     image_shape,
@@ -181,13 +192,7 @@ def step_row(
     compile_seconds = time.perf_counter() - start
     flops, counted = step_flops(step, compiled, state, batch)  # before `state` is donated
 
-    holder = {"state": state}
-
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        return metrics["loss"]
-
-    seconds = median_seconds(run_step, repeats)
+    seconds = median_seconds(_stepping(compiled, {"state": state}, batch), repeats)
     images_per_second = per_device_batch / seconds
     row = {
         "benchmark": "train step",
@@ -298,17 +303,11 @@ def compare_compiler_options(
                 f"with {label!r} the step's loss is {loss!r}, against {reference!r} with "
                 f"XLA's defaults: the option changes the computation."
             )
-    holder = {"state": state}
-
-    def timed(fn):
-        def run_step():
-            holder["state"], metrics = fn(holder["state"], batch)
-            return metrics["loss"]
-
-        return run_step
-
+    holder = {"state": state}  # one state, stepped by every variant in turn
     times = interleaved_seconds(
-        {label: timed(fn) for label, fn in compiled.items()}, repeats, OPTION_PAUSE
+        {label: _stepping(fn, holder, batch) for label, fn in compiled.items()},
+        repeats,
+        OPTION_PAUSE,
     )
     return {label: (losses[label], times[label]) for label in compiled}
 
