@@ -76,6 +76,57 @@ def test_profile_rows_refuse_bad_counts_before_building_anything():
         profile.profile_rows("unet_tiny", (8, 8, 1), 4, steps=0)
 
 
+def test_side_by_side_sorts_both_libraries_into_the_same_parts():
+    # PyTorch's operator names: the leaf of a convolution, its one backward operator (both
+    # gradients), the matrix products; the composite wrappers and the rest are "other".
+    assert profile.torch_part("aten::mkldnn_convolution") == "convolution: forward"
+    assert profile.torch_part("aten::convolution_backward") == "convolution: gradients"
+    assert profile.torch_part("aten::bmm") == "matmul"
+    assert profile.torch_part("aten::conv2d") == "other"  # its time is its leaf's
+    assert (
+        profile.torch_part("autograd::engine::evaluate_function: ConvolutionBackward0") == "other"
+    )
+    assert profile.torch_part("aten::native_group_norm") == "other"
+    ours = dict.fromkeys(profile.KINDS, 0.0) | {
+        "convolution: forward": 2.0,
+        "convolution: input gradient": 1.0,
+        "convolution: kernel gradient": 0.5,
+        "matmul: kernel gradient taps": 1.5,
+        "matmul: forward": 0.25,
+        "matmul: backward": 0.75,
+        "element-wise": 0.5,
+        "idle": 0.5,
+    }
+    theirs = {
+        "convolution: forward": 1.0,
+        "convolution: gradients": 2.0,
+        "matmul": 1.0,
+        "other": 2.0,
+    }
+    rows = {row["part"]: row for row in profile.compare_rows("p", 4, ours, theirs)}
+    assert list(rows) == [*profile.PARTS, "step"]
+    assert rows["convolution: forward"]["ratio"] == 2.0
+    assert rows["convolution: gradients"]["fmjax_ms"] == 3000.0
+    assert rows["matmul"]["ratio"] == 1.0
+    assert rows["other"]["fmjax_ms"] == 1000.0 and rows["other"]["ratio"] == 0.5
+    assert rows["step"]["fmjax_ms"] == 7000.0 and rows["step"]["pytorch_ms"] == 6000.0
+
+
+def test_torch_profile_times_a_convolution_step_by_part():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 8, 16, 16)
+    weight = torch.randn(8, 8, 3, 3, requires_grad=True)
+    dense = torch.randn(8, 8, requires_grad=True)
+
+    def step():
+        y = torch.nn.functional.conv2d(x, weight, padding=1)
+        (y.permute(0, 2, 3, 1) @ dense).square().mean().backward()
+
+    seconds = profile.torch_profile(step, steps=2)
+    assert list(seconds) == list(profile.PARTS)
+    assert all(t > 0 for t in seconds.values()), seconds
+
+
 def test_parse_xla_option_types_values_and_refuses_other_text():
     assert bench_train.parse_xla_option("xla_a=TRUE") == ("xla_a", True)
     assert bench_train.parse_xla_option(" xla_b = 3 ") == ("xla_b", 3)

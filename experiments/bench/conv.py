@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from experiments.bench import interleaved_seconds
-from experiments.bench.train import build_step
+from experiments.bench.train import build_step, seed_images
 from fmjax import models
 from fmjax.models import conv as conv_module
 from fmjax.models.conv import conv_general_dilated
@@ -372,8 +372,7 @@ def step_rows(
     steps each (default 5 with ``quick``, else 20)."""
     repeats = repeats or (5 if quick else 20)
     side, channels = (32, 3) if preset.startswith("unet_cifar10") else (8, 1)
-    rng = np.random.default_rng(0)
-    images = np.tanh(rng.normal(size=(batch, side, side, channels))).astype(np.float32)
+    images = seed_images((side, side, channels), batch)
     steps = {"fmjax (XLA)": _jax_step(preset, images)}
     if has_torch():
         for count in sorted({threads(), 1}, reverse=True):

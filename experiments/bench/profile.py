@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark --only profile [--quick]
     python -m experiments.bench.profile [--preset NAME] [--batch N] [--steps N] [--top N]
-        [--json PATH]
+        [--torch] [--json PATH]
 
 It traces a few calls of the engine's compiled step (`jax.profiler`, Perfetto format), reads
 the duration of every XLA operation from the trace and its kind from the compiled HLO, and
@@ -21,6 +21,14 @@ sees the operations of XLA's thunk runtime. Work outside them shows as idle: wit
 default XLA flags that is 2-3% of the CIFAR step, but with
 `--xla_cpu_experimental_ynn_fusion_type=reduce` (convolutions by Eigen instead of YNNPACK)
 the convolutions themselves leave no trace events.
+
+With ``--torch`` (PyTorch installed: the ``bench`` extra) it then profiles the PyTorch port of
+the same U-Net's step (``experiments/bench/conv.py``: same layers, loss, AdamW and EMA) with
+``torch.profiler`` at the thread count XLA uses, and sets the two side by side in the parts
+both profiles tell apart (:data:`PARTS`): forward convolutions, convolution gradients (input
+and kernel together: PyTorch computes both in one operator), matrix products, and everything
+else. PyTorch's parts are its operators' self CPU times; "other" is the rest of its step's
+wall time (element-wise operators, the optimizer, Python).
 """
 
 import argparse
@@ -32,12 +40,13 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
 
-from experiments.bench.train import build_step
+from experiments.bench.train import build_step, seed_images
 from fmjax.models.conv import TAPS_SCOPE
 
 KINDS = (
@@ -79,6 +88,18 @@ _MOVEMENT = {
     "transpose",
     "tuple",
 }
+PARTS = ("convolution: forward", "convolution: gradients", "matmul", "other")
+"""The rows of the side by side with PyTorch: what both profiles tell apart."""
+
+_PART_OF_KIND = {
+    "convolution: forward": "convolution: forward",
+    "convolution: input gradient": "convolution: gradients",
+    "convolution: kernel gradient": "convolution: gradients",
+    "matmul: kernel gradient taps": "convolution: gradients",
+    "matmul: forward": "matmul",
+    "matmul: backward": "matmul",
+}
+_TORCH_MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm"}
 _COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}
 
 
@@ -214,17 +235,17 @@ def attribute_ops(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]
     seconds = collections.defaultdict(float)
     running: collections.Counter = collections.Counter()
     last = None
-    for time, change, name in points:
-        if last is not None and time > last:
+    for at, change, name in points:
+        if last is not None and at > last:
             count = sum(running.values())
             if count == 0:
-                seconds["idle"] += (time - last) / 1e6
+                seconds["idle"] += (at - last) / 1e6
             for other, n in running.items():
-                seconds[other] += (time - last) / 1e6 * n / count
+                seconds[other] += (at - last) / 1e6 * n / count
         running[name] += change
         if running[name] == 0:
             del running[name]
-        last = time
+        last = at
     return dict(seconds)
 
 
@@ -310,6 +331,72 @@ def profile_rows(preset: str, image_shape, batch: int, steps: int = 2, top: int 
     return rows
 
 
+def torch_part(name: str) -> str:
+    """The part (of :data:`PARTS`) of a PyTorch operator, by its profiler name."""
+    if name.startswith("aten::") and name.endswith("convolution_backward"):
+        return "convolution: gradients"
+    if name.startswith("aten::") and name.endswith("convolution"):
+        return "convolution: forward"
+    return "matmul" if name in _TORCH_MATMULS else "other"
+
+
+def torch_profile(step, steps: int = 2) -> dict[str, float]:
+    """``{part: seconds per call}`` (:data:`PARTS`) of ``steps`` profiled calls of ``step``, a
+    no-argument function of PyTorch operators, after a warm-up call: the self CPU time of the
+    operators of each part, and as ``"other"`` the rest of the calls' wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_trace
+
+    step()
+    with torch_trace(activities=[ProfilerActivity.CPU]) as trace:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    seconds = dict.fromkeys(PARTS, 0.0)
+    for event in trace.key_averages():
+        part = torch_part(event.key)
+        if part != "other":
+            seconds[part] += event.self_cpu_time_total / 1e6 / steps
+    seconds["other"] = max(wall - sum(seconds.values()), 0.0)
+    return seconds
+
+
+def compare_rows(preset: str, batch: int, ours: dict[str, float], theirs: dict[str, float]):
+    """The side by side: one row per part of :data:`PARTS` and one for the whole step, with
+    ms per step of fmjax (``ours``: seconds by kind of :data:`KINDS`, from :func:`profile`)
+    and of PyTorch (``theirs``: seconds by part, from :func:`torch_profile`) and their ratio."""
+    mine = dict.fromkeys(PARTS, 0.0)
+    for kind, t in ours.items():
+        mine[_PART_OF_KIND.get(kind, "other")] += t
+    rows = []
+    for part in (*PARTS, "step"):
+        a = sum(mine.values()) if part == "step" else mine[part]
+        b = sum(theirs.values()) if part == "step" else theirs[part]
+        rows.append(
+            {
+                "benchmark": f"{preset} step profile vs PyTorch",
+                "batch": batch,
+                "part": part,
+                "fmjax_ms": 1e3 * a,
+                "pytorch_ms": 1e3 * b,
+                "ratio": a / b if b else None,
+            }
+        )
+    return rows
+
+
+def torch_compare_rows(preset: str, image_shape, batch: int, ours_rows: list[dict], steps: int = 2):
+    """:func:`compare_rows` of ``ours_rows`` (the :data:`KINDS` rows of :func:`profile_rows`
+    for the same ``preset`` and ``batch``) and of a :func:`torch_profile` of the PyTorch port
+    of ``preset`` (``experiments/bench/conv.py``), on the same images."""
+    from experiments.bench.conv import _torch_step, threads
+
+    step = _torch_step(preset, seed_images(image_shape, batch), threads())
+    ours = {row["kind"]: row["ms_per_step"] / 1e3 for row in ours_rows[: len(KINDS)]}
+    return compare_rows(preset, batch, ours, torch_profile(step, steps))
+
+
 def run(quick: bool) -> list[dict]:
     """The profile of ``unet_digits`` at batch 64 (``quick``) or of the torchcfm CIFAR-10
     U-Net at batch 16."""
@@ -327,13 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=2, help="traced steps")
     parser.add_argument("--top", type=int, default=0, help="also list the N longest operations")
+    parser.add_argument(
+        "--torch", action="store_true", help="also profile the PyTorch port, side by side"
+    )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    rows = profile_rows(args.preset, _NATIVE_SHAPES[args.preset], args.batch, args.steps, args.top)
+    shape = _NATIVE_SHAPES[args.preset]
+    rows = profile_rows(args.preset, shape, args.batch, args.steps, args.top)
     print(markdown_table(rows[: len(KINDS)]))
     if args.top > 0:
         print()
         print(markdown_table(rows[len(KINDS) :]))
+    if args.torch:
+        side_by_side = torch_compare_rows(args.preset, shape, args.batch, rows, args.steps)
+        print()
+        print(markdown_table(side_by_side))
+        rows += side_by_side
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -153,15 +153,19 @@ def build_step(
     state = jax.jit(
         lambda: train.init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
     )()
-    rng = np.random.default_rng(0)
     batch = {
-        "image": np.tanh(rng.normal(size=(config.train.batch_size, *image_shape))).astype(
-            np.float32
-        ),
+        "image": seed_images(image_shape, config.train.batch_size),
         "label": np.zeros(config.train.batch_size, np.int32),
     }
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     return train.make_train_step(config, model, tx, schedule, mesh), state, batch, config
+
+
+def seed_images(image_shape, batch: int) -> np.ndarray:
+    """The benchmarks' fixed batch: ``batch`` images of ``image_shape``, ``tanh`` of seed-0
+    normal draws (in [-1, 1]), float32."""
+    rng = np.random.default_rng(0)
+    return np.tanh(rng.normal(size=(batch, *image_shape))).astype(np.float32)
 
 
 def _stepping(step, holder: dict, batch):
