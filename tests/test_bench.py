@@ -139,6 +139,9 @@ def test_parse_xla_option_types_values_and_refuses_other_text():
             bench_train.parse_xla_option(text)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 def _counting_step():
     """A donating step whose loss counts the batch's NaNs after a multiplication by zero:
     two with IEEE arithmetic (inf * 0 and nan * 0), none under fast math."""
@@ -157,10 +160,35 @@ def test_compare_compiler_options_times_each_variant_from_the_same_loss(monkeypa
     step, state, batch = _counting_step()
     option = ("xla_cpu_enable_concurrency_optimized_scheduler", False)
     results = bench_train.compare_compiler_options(step, state, batch, [option], repeats=3)
-    assert list(results) == ["default", "xla_cpu_enable_concurrency_optimized_scheduler=False"]
-    for loss, seconds in results.values():
-        assert loss == 2.0
-        assert len(seconds) == 3 and min(seconds) > 0
+    assert list(results) == [
+        "default",
+        bench_train.CONTROL,
+        "xla_cpu_enable_concurrency_optimized_scheduler=False",
+    ]
+    for result in results.values():
+        assert result.loss == 2.0
+        assert len(result.seconds) == 3 and min(result.seconds) > 0
+    assert results[bench_train.CONTROL].same_hlo
+
+
+def test_compare_compiler_options_tells_an_option_that_changes_the_hlo(monkeypatch):
+    # A convolution of 16x16x32 maps becomes a YNNPACK fusion of its own under this option
+    # (XLA leaves smaller ones alone): the optimized HLO differs, the control's cannot. (The
+    # kernel is an argument: XLA:CPU in JAX 0.10.2 miscomputes a convolution by a constant
+    # kernel of equal entries, e.g. a closed-over jnp.ones.)
+    monkeypatch.setattr(bench_train, "OPTION_PAUSE", 0.0)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(kernel, batch):
+        y = jax.lax.conv_general_dilated(batch, kernel, (1, 1), "SAME", dimension_numbers=_NHWC)
+        return kernel, {"loss": jnp.mean(y)}
+
+    option = ("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, 32, 32))
+    batch = jax.random.normal(jax.random.key(1), (4, 16, 16, 32))
+    results = bench_train.compare_compiler_options(step, kernel, batch, [option], 1)
+    assert results[bench_train.CONTROL].same_hlo
+    assert not results["=".join(option)].same_hlo
 
 
 def test_compare_compiler_options_refuses_unknown_and_result_changing_options():

@@ -24,7 +24,12 @@ With ``--xla-option`` (one preset) it instead compares XLA compiler options in o
 the same lowered step compiled with XLA's defaults and once per option, each checked to give
 the default's loss from the same state, then timed in turn (:func:`compare_compiler_options`). One process
 sees one machine: a flag set through ``XLA_FLAGS`` needs a process of its own, and this
-machine's speed drifts by more than most flags change.
+machine's speed drifts by more than most flags change. A second compilation of the defaults
+runs among the variants as a control (:data:`CONTROL`): identical programs have differed by
+up to 13% in this protocol, so a variant's ratio means something only where it is well outside
+the control's. Each row also says whether the variant's optimized HLO is the default's
+(``same_hlo``): then the option changed nothing above code generation, and unless it acts
+there (as fast math does) its timing is the control's noise.
 """
 
 import argparse
@@ -32,6 +37,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +252,9 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
     return rows
 
 
+CONTROL = "default, compiled again"
+"""The label of :func:`compare_compiler_options`' control: the defaults, compiled a second time."""
+
 OPTION_PAUSE = 1.0
 """Seconds of sleep before each timed step of :func:`compare_compiler_options`, so that the
 previous step's threads are idle when the next starts."""
@@ -271,12 +280,26 @@ def parse_xla_option(text: str) -> tuple[str, object]:
         return name, value
 
 
+class OptionTiming(NamedTuple):
+    """One variant of :func:`compare_compiler_options`.
+
+    Attributes:
+        loss: ``metrics["loss"]`` of its first step.
+        seconds: the time of each timed step.
+        same_hlo: whether its optimized HLO is the default's (see the module).
+    """
+
+    loss: float
+    seconds: list[float]
+    same_hlo: bool
+
+
 def compare_compiler_options(
     step, state, batch, options: list[tuple[str, object]], repeats: int
-) -> dict[str, tuple[float, list[float]]]:
-    """``{label: (loss, [seconds of each timed step])}`` of the jitted, state-donating
-    ``step(state, batch) -> (state, metrics)`` compiled with XLA's defaults (label
-    ``"default"``) and once per ``(name, value)`` option (label ``"name=value"``).
+) -> dict[str, OptionTiming]:
+    """``{label: OptionTiming}`` of the jitted, state-donating ``step(state, batch) -> (state,
+    metrics)`` compiled with XLA's defaults (label ``"default"``), again with them (the control,
+    :data:`CONTROL`) and once per ``(name, value)`` option (label ``"name=value"``).
 
     The step is lowered once and compiled once per variant (``compiler_options``, so an
     option applies to this program only). Each variant's first step runs from a copy of
@@ -289,13 +312,16 @@ def compare_compiler_options(
             whose step computes a different loss.
     """
     lowered = step.lower(state, batch)
-    variants = {"default": {}} | {f"{name}={value}": {name: value} for name, value in options}
+    variants = {"default": {}, CONTROL: {}}
+    variants |= {f"{name}={value}": {name: value} for name, value in options}
     compiled = {}
     for label, compiler_options in variants.items():
         try:
             compiled[label] = lowered.compile(compiler_options=compiler_options)
         except jax.errors.JaxRuntimeError as err:
             raise ValueError(f"XLA refused the option {label!r}: {err}") from None
+    default_hlo = compiled["default"].as_text()
+    same_hlo = {label: fn.as_text() == default_hlo for label, fn in compiled.items()}
     losses = {}
     for label, fn in compiled.items():  # from copies: the steps donate their state
         _, metrics = fn(jax.tree.map(jnp.copy, state), batch)
@@ -313,7 +339,7 @@ def compare_compiler_options(
         repeats,
         OPTION_PAUSE,
     )
-    return {label: (losses[label], times[label]) for label in compiled}
+    return {label: OptionTiming(losses[label], times[label], same_hlo[label]) for label in compiled}
 
 
 def option_rows(
@@ -325,11 +351,11 @@ def option_rows(
     dtype: str | None = None,
 ) -> list[dict]:
     """:func:`compare_compiler_options` on ``preset``'s train step: one row for XLA's
-    defaults and one per option, with the best and median step times and the median's
+    defaults, one for the control and one per option, with the best and median step times and the median's
     ratio to the default's."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
     results = compare_compiler_options(step, state, batch, options, repeats)
-    default_median = float(np.median(results["default"][1]))
+    default_median = float(np.median(results["default"].seconds))
     return [
         {
             "benchmark": "train step, XLA option",
@@ -337,12 +363,13 @@ def option_rows(
             "batch_per_device": per_device_batch,
             "dtype": config.model.dtype,
             "option": label,
-            "loss": loss,
-            "best_ms": 1e3 * min(seconds),
-            "median_ms": 1e3 * float(np.median(seconds)),
-            "median_vs_default": float(np.median(seconds)) / default_median,
+            "loss": result.loss,
+            "same_hlo": result.same_hlo,
+            "best_ms": 1e3 * min(result.seconds),
+            "median_ms": 1e3 * float(np.median(result.seconds)),
+            "median_vs_default": float(np.median(result.seconds)) / default_median,
         }
-        for label, (loss, seconds) in results.items()
+        for label, result in results.items()
     ]
 
 
