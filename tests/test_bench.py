@@ -77,12 +77,13 @@ def test_profile_rows_refuse_bad_counts_before_building_anything():
 
 
 def test_side_by_side_sorts_both_libraries_into_the_same_parts():
-    # PyTorch's operator names: the leaf of a convolution, its one backward operator (both
-    # gradients), the matrix products; the composite wrappers and the rest are "other".
+    # PyTorch's operator names: convolutions (oneDNN's, the slow fallback), their backward
+    # operators (both gradients), the matrix products; autograd's bookkeeping is "other".
     assert profile.torch_part("aten::mkldnn_convolution") == "convolution: forward"
+    assert profile.torch_part("aten::_slow_conv2d_forward") == "convolution: forward"
     assert profile.torch_part("aten::convolution_backward") == "convolution: gradients"
+    assert profile.torch_part("aten::_slow_conv2d_backward") == "convolution: gradients"
     assert profile.torch_part("aten::bmm") == "matmul"
-    assert profile.torch_part("aten::conv2d") == "other"  # its time is its leaf's
     assert (
         profile.torch_part("autograd::engine::evaluate_function: ConvolutionBackward0") == "other"
     )

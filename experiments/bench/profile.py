@@ -332,11 +332,11 @@ def profile_rows(preset: str, image_shape, batch: int, steps: int = 2, top: int 
 
 
 def torch_part(name: str) -> str:
-    """The part (of :data:`PARTS`) of a PyTorch operator, by its profiler name."""
-    if name.startswith("aten::") and name.endswith("convolution_backward"):
-        return "convolution: gradients"
-    if name.startswith("aten::") and name.endswith("convolution"):
-        return "convolution: forward"
+    """The part (of :data:`PARTS`) of a PyTorch operator, by its profiler name: any ATen
+    convolution operator (oneDNN's, the slow fallbacks, the wrappers, whose self time is
+    small), its backward, or a matrix product."""
+    if name.startswith("aten::") and "conv" in name:
+        return "convolution: gradients" if "backward" in name else "convolution: forward"
     return "matmul" if name in _TORCH_MATMULS else "other"
 
 
