@@ -126,6 +126,16 @@ def test_torch_profile_times_a_convolution_step_by_part():
     seconds = profile.torch_profile(step, steps=2)
     assert list(seconds) == list(profile.PARTS)
     assert all(t > 0 for t in seconds.values()), seconds
+    with pytest.raises(ValueError, match="steps=0"):
+        profile.torch_profile(step, steps=0)
+
+
+def test_side_by_side_without_torch_says_what_to_install(monkeypatch):
+    from experiments.bench import conv
+
+    monkeypatch.setattr(conv, "has_torch", lambda: False)
+    with pytest.raises(ValueError, match=r"needs torch: pip install"):
+        profile.main(["--preset", "unet_tiny", "--torch"])
 
 
 def test_parse_xla_option_types_values_and_refuses_other_text():

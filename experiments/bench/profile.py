@@ -343,7 +343,13 @@ def torch_part(name: str) -> str:
 def torch_profile(step, steps: int = 2) -> dict[str, float]:
     """``{part: seconds per call}`` (:data:`PARTS`) of ``steps`` profiled calls of ``step``, a
     no-argument function of PyTorch operators, after a warm-up call: the self CPU time of the
-    operators of each part, and as ``"other"`` the rest of the calls' wall time."""
+    operators of each part, and as ``"other"`` the rest of the calls' wall time.
+
+    Raises:
+        ValueError: for ``steps`` below 1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be positive; got steps={steps}.")
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_trace
 
@@ -389,12 +395,28 @@ def compare_rows(preset: str, batch: int, ours: dict[str, float], theirs: dict[s
 def torch_compare_rows(preset: str, image_shape, batch: int, ours_rows: list[dict], steps: int = 2):
     """:func:`compare_rows` of ``ours_rows`` (the :data:`KINDS` rows of :func:`profile_rows`
     for the same ``preset`` and ``batch``) and of a :func:`torch_profile` of the PyTorch port
-    of ``preset`` (``experiments/bench/conv.py``), on the same images."""
+    of ``preset`` (``experiments/bench/conv.py``), on the same images.
+
+    Raises:
+        ValueError: without PyTorch (the ``bench`` extra).
+    """
     from experiments.bench.conv import _torch_step, threads
+
+    _require_torch()
 
     step = _torch_step(preset, seed_images(image_shape, batch), threads())
     ours = {row["kind"]: row["ms_per_step"] / 1e3 for row in ours_rows[: len(KINDS)]}
     return compare_rows(preset, batch, ours, torch_profile(step, steps))
+
+
+def _require_torch() -> None:
+    from experiments.bench.conv import has_torch
+
+    if not has_torch():
+        raise ValueError(
+            "the side by side with PyTorch needs torch: pip install -e '.[bench]' (or the CPU "
+            "build of torch alone)."
+        )
 
 
 def run(quick: bool) -> list[dict]:
@@ -419,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.torch:
+        _require_torch()  # before minutes of profiling, not after
     shape = _NATIVE_SHAPES[args.preset]
     rows = profile_rows(args.preset, shape, args.batch, args.steps, args.top)
     print(markdown_table(rows[: len(KINDS)]))

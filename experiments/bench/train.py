@@ -351,8 +351,8 @@ def option_rows(
     dtype: str | None = None,
 ) -> list[dict]:
     """:func:`compare_compiler_options` on ``preset``'s train step: one row for XLA's
-    defaults, one for the control and one per option, with the best and median step times and the median's
-    ratio to the default's."""
+    defaults, one for the control and one per option, with whether its HLO is the default's,
+    the best and median step times and the median's ratio to the default's."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
     results = compare_compiler_options(step, state, batch, options, repeats)
     default_median = float(np.median(results["default"].seconds))
