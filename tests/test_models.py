@@ -312,7 +312,7 @@ def test_tiny_model_overfits_one_batch_with_fresh_noise():
 
 
 def test_image_chunks_on_cpu_change_no_value(monkeypatch):
-    # On CPU, attention and dropout of large maps loop over chunks of images; with the size
+    # On CPU, dropout of large maps loops over chunks of images; with the size
     # threshold lifted the tiny model takes that path: an odd batch (a padded last chunk),
     # the same outputs, dropout masks and gradients as at once, and forward mode still works.
     from fmjax.models import unet
@@ -338,3 +338,69 @@ def test_image_chunks_on_cpu_change_no_value(monkeypatch):
     chunked = run()
     for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(at_once), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _softmax_attention(q, k, v):
+    """The textbook formula, [batch, heads, positions, head_dim]: softmax(q kᵀ / √d) v."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_attention_normalised_after_the_product_is_softmax_attention(x64):
+    from fmjax.models.unet import _attend
+
+    # Logits up to ~±40: the max shift matters, and the weights are far from uniform.
+    q, k, v, g = (
+        5 * jax.random.normal(key, (2, 3, 10, 8)) for key in jax.random.split(jax.random.key(0), 4)
+    )
+
+    def ours(q, k, v):
+        return _attend(q, k, v, jnp.float64)
+
+    np.testing.assert_allclose(ours(q, k, v), _softmax_attention(q, k, v), rtol=1e-12, atol=1e-13)
+
+    def loss(f):
+        return lambda q, k, v: jnp.vdot(jnp.tanh(f(q, k, v)), g)
+
+    for got, want in zip(
+        jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+        jax.grad(loss(_softmax_attention), (0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    tangents = (jnp.cos(q), jnp.sin(k), v**2)  # forward mode, as the exact divergence takes it
+    np.testing.assert_allclose(
+        jax.jvp(ours, (q, k, v), tangents)[1],
+        jax.jvp(_softmax_attention, (q, k, v), tangents)[1],
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_head(x64):
+    # The parameters' meaning is fixed by checkpoints: the qkv projection's 3c outputs are
+    # [queries | keys | values], each of heads of head_dim consecutive channels.
+    from fmjax.models.unet import _Attention
+
+    heads, groups, (b, side, c) = 2, 2, (2, 3, 8)
+    block = _Attention(num_heads=heads, num_groups=groups, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (b, side, side, c))
+    params = jax.tree.map(
+        lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
+        block.init(jax.random.key(2), x),
+    )["params"]
+    h = x.reshape(b, side * side, groups, c // groups)
+    h = (h - h.mean((1, 3), keepdims=True)) / jnp.sqrt(h.var((1, 3), keepdims=True) + 1e-5)
+    row = {
+        name: {k: w[None, None] if w.ndim == 1 else w for k, w in p.items()}
+        for name, p in params.items()
+    }
+    h = h.reshape(b, side * side, c) * row["norm"]["scale"] + row["norm"]["bias"]
+    qkv = h @ row["qkv"]["kernel"] + row["qkv"]["bias"]
+    q, k, v = (
+        qkv[..., i * c : (i + 1) * c].reshape(b, -1, heads, c // heads).transpose(0, 2, 1, 3)
+        for i in range(3)
+    )
+    out = _softmax_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, side * side, c)
+    want = x + (out @ row["proj_out"]["kernel"] + row["proj_out"]["bias"]).reshape(x.shape)
+    np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-10, atol=1e-12)

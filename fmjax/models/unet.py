@@ -159,15 +159,16 @@ def drop_labels(
 
 
 def _group_norm(h: jax.Array, num_groups: int, dtype: Any, name: str) -> jax.Array:
-    """GroupNorm computed in float32 whatever the compute dtype, then cast back to it."""
+    """GroupNorm computed in float32 (float64 for a float64 ``dtype``), then cast to ``dtype``."""
+    wide = jnp.promote_types(dtype, jnp.float32)
     norm = nn.GroupNorm(
         num_groups=num_groups,
         epsilon=_GROUP_NORM_EPSILON,
-        dtype=jnp.float32,
+        dtype=wide,
         param_dtype=jnp.float32,
         name=name,
     )
-    return norm(h.astype(jnp.float32)).astype(dtype)
+    return norm(h.astype(wide)).astype(dtype)
 
 
 def _conv(
@@ -217,10 +218,9 @@ def _image_chunks(fn, *arrays: jax.Array, chunk: int) -> jax.Array:
     """``fn(*arrays)`` for a ``fn`` that treats each image (leading index) on its own; on CPU,
     from :data:`_CHUNK_MIN_BYTES` of inputs on, computed ``chunk`` images at a time.
 
-    On CPU a whole batch of CIFAR-sized intermediates (attention logits, dropout draws) overflows
-    the cache, and such memory-bound work ran 3x faster a chunk at a time (the CIFAR-10 U-Net's
-    forward pass 10-25%); on accelerators a loop would only serialise it, and small inputs fit
-    the cache anyway. Same values either way (see :func:`fmjax.models.conv.map_in_chunks`).
+    On CPU a whole batch of CIFAR-sized dropout draws overflows the cache, and drawing the masks
+    a chunk at a time ran 2.8x faster; on accelerators a loop would only serialise it, and small
+    inputs fit the cache anyway. Same values either way (see :func:`fmjax.models.conv.map_in_chunks`).
     """
     if sum(a.size * a.dtype.itemsize for a in arrays) < _CHUNK_MIN_BYTES:
         return fn(*arrays)
@@ -282,6 +282,29 @@ class _ResBlock(nn.Module):
         return x + h
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
+    r"""Softmax attention of ``[batch, heads, positions, head_dim]`` queries, keys and values:
+    :math:`\mathrm{softmax}(q k^\top / \sqrt{d})\, v`, normalised after the product.
+
+    The weights are left unnormalised, :math:`e = \exp((s - \max s) / \sqrt{d})`, and the
+    output :math:`e v` is divided by the row sums of :math:`e`: the division touches
+    ``positions x head_dim`` values instead of ``positions x positions``, and the backward pass
+    has no softmax of its own to differentiate. On CPU, with the heads-major layout, that made a
+    whole 16x16x256 attention block (4 heads, batch 16) 36% faster forward and 18% faster
+    differentiated than ``jax.nn.softmax`` of the weights looped over chunks of images, as it
+    was; a chunked loop no longer helped at any batch tried (16-64). Logits, weights, their sums
+    and the products' accumulators are float32 (float64 for a float64 ``dtype``); the products'
+    operands are ``dtype``. The max is a constant shift (the softmax does not depend on it), hence ``stop_gradient``:
+    gradients and forward-mode tangents are exact.
+    """
+    wide = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 for a float64 model
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=wide)
+    shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    weights = jnp.exp((logits - shift) / math.sqrt(q.shape[-1]))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), v, preferred_element_type=wide)
+    return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype)
+
+
 class _Attention(nn.Module):
     """Multi-head self-attention over all positions of a feature map, with a residual."""
 
@@ -295,14 +318,12 @@ class _Attention(nn.Module):
         head_dim = c // self.num_heads
         h = _group_norm(x, self.num_groups, self.dtype, "norm")
         qkv = _dense(3 * c, self.dtype, "qkv")(h)
-        q, k, v = jnp.split(qkv.reshape(b, height * width, 3 * self.num_heads, head_dim), 3, axis=2)
-
-        def attend(q, k, v):
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
-            return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-        out = _image_chunks(attend, q, k, v, chunk=2).reshape(b, height, width, c)
+        # Heads-major [3, batch, heads, positions, head_dim]: one copy here and one back, and
+        # then every product is a plain batched matrix product over (image, head).
+        qkv = qkv.reshape(b, height * width, 3, self.num_heads, head_dim)
+        q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+        out = _attend(q, k, v, self.dtype)
+        out = jnp.moveaxis(out, 1, 2).reshape(b, height, width, c)
         out = _dense(c, self.dtype, "proj_out", zero=True)(out)
         return x + out
 
