@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from fmjax._checks import check_batched, check_choice, check_float, check_positive_int
+from fmjax._xla import solve_jit
 from fmjax.sampling import (
     VelocityFn,
     _check_solver_args,
@@ -148,7 +149,7 @@ def log_likelihood(
     return _log_likelihood_jit(arrays, x1, key, rtol, atol, static=static)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@functools.partial(solve_jit, static_argnames=("static",))
 def _log_likelihood_jit(arrays, x1, key, rtol, atol, *, static):
     rest, divergence, num_probes, probe, solver, steps, max_steps = static
     velocity_fn = _merge_arrays(arrays, rest)

@@ -28,6 +28,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from fmjax._checks import check_batched, check_choice, check_float, check_positive_int
+from fmjax._xla import solve_jit
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
@@ -326,7 +327,12 @@ def sample(
     solve is traced into the caller's program; a batch sharded over devices is solved as one
     state (one step size for the global batch). Inside ``jax.shard_map`` each shard solves its
     own part; pass ``check_vma=False`` there, as Diffrax's loops do not yet carry
-    varying-manual-axes types (diffrax issue #735).
+    varying-manual-axes types (diffrax issue #735). On CPU a top-level solve is compiled with
+    XLA's YNNPACK fusions restricted to matrix products
+    (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``, for this
+    program only): digits U-Net sampling ran 1.8x faster so, the CIFAR-10 U-Net's forward pass
+    1.1-1.2x. Set that option in ``XLA_FLAGS`` to choose otherwise; under a caller's ``jit``,
+    ``grad`` or ``vmap`` the caller's program keeps its own options.
 
     Args:
         velocity_fn: ``velocity_fn(x, t)`` with ``x`` shaped like ``x0`` and ``t`` a scalar
@@ -388,7 +394,7 @@ def sample(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@functools.partial(solve_jit, static_argnames=("static",))
 def _sample_jit(arrays, x0, time_grid, save_at, t0, t1, rtol, atol, *, static):
     rest, solver, steps, max_steps = static
     velocity_fn = _merge_arrays(arrays, rest)

@@ -8,6 +8,7 @@ import pytest
 
 from experiments.bench import profile
 from experiments.bench import train as bench_train
+from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
 
@@ -211,3 +212,19 @@ def test_compare_compiler_options_refuses_unknown_and_result_changing_options():
         bench_train.compare_compiler_options(
             step, state, batch, [("xla_cpu_enable_fast_math", True)], 1
         )
+
+
+def test_sampling_option_rows_time_the_control_and_fmjaxs_options():
+    from experiments.bench import sampling as bench_sampling
+
+    rows = bench_sampling.option_rows(quick=True)  # results equal, or it raises
+    if solve_compiler_options() is None:  # off CPU, or an XLA without the options
+        assert rows == []
+        return
+    assert [row["options"] for row in rows] == [
+        "XLA's defaults",
+        "defaults, compiled again",
+        "fmjax's",
+    ]
+    assert rows[0]["ratio"] == 1.0
+    assert all(row["wall_ms"] > 0 for row in rows)

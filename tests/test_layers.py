@@ -9,7 +9,7 @@ import sys
 import pytest
 
 FMJAX = pathlib.Path(__file__).resolve().parent.parent / "fmjax"
-CORE = ("paths", "couplings", "timesteps", "loss", "sampling", "likelihood", "_checks")
+CORE = ("paths", "couplings", "timesteps", "loss", "sampling", "likelihood", "_checks", "_xla")
 THIRD_PARTY = {"jax", "optax", "diffrax", "numpy", "jaxtyping", "scipy"}
 
 

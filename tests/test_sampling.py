@@ -326,3 +326,79 @@ def test_a_traced_time_grid_that_turns_back_fails_through_success():
     assert bool(solve(jnp.array([0.0, 0.5, 1.0])).success)
     assert bool(solve(jnp.array([1.0, 0.5, 0.0])).success)
     assert not bool(solve(jnp.array([0.0, 0.6, 0.3, 1.0])).success)
+
+
+@pytest.fixture
+def fresh_solve_options():
+    """`solve_compiler_options` decided afresh in the test, and again after it."""
+    from fmjax import _xla
+
+    _xla.solve_compiler_options.cache_clear()
+    yield _xla
+    _xla.solve_compiler_options.cache_clear()
+
+
+def _conv_velocity(x, t):
+    # Convolution, matrix product and element-wise work: what the CPU options reroute.
+    kernel = jnp.cos(jnp.arange(3 * 3 * 4 * 4, dtype=x.dtype)).reshape(3, 3, 4, 4) / 6
+    dims = ("NHWC", "HWIO", "NHWC")
+    h = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
+    return jnp.tanh(h @ kernel[1, 1]) * (1 - t)
+
+
+def test_top_level_solves_compile_with_the_solve_options_and_nested_ones_without(
+    fresh_solve_options, monkeypatch
+):
+    from fmjax.likelihood import log_likelihood
+
+    x0 = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    velocity, _ = gaussian_flow()
+    gauss_x0 = noise(batch=4)
+
+    # XLA's options, as fmjax picks them (on CPU with YNNPACK, the matrix-product-only
+    # fusions), change the results by summation order only, also differentiated through a
+    # velocity that closes over the differentiated value (JAX then compiles the solve's known
+    # part on its own).
+    def closure_grad():
+        return jax.grad(
+            lambda s: sample(
+                lambda x, t: s * velocity(x, t), gauss_x0, solver="euler", steps=3
+            ).x.sum()
+        )(jnp.asarray(0.5))
+
+    picked = sample(_conv_velocity, x0, solver="heun", steps=4).x, closure_grad()
+    monkeypatch.setattr(fresh_solve_options, "solve_compiler_options", lambda: None)
+    defaults = sample(_conv_velocity, x0, solver="heun", steps=4).x, closure_grad()
+    for got, want in zip(picked, defaults, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # An option XLA refuses shows where the options go: into a top-level solve's compile...
+    monkeypatch.setattr(
+        fresh_solve_options, "solve_compiler_options", lambda: {"xla_no_such_option": 1}
+    )
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option"):
+        sample(velocity, gauss_x0, solver="euler", steps=3)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option"):
+        log_likelihood(velocity, gauss_x0, solver="euler", steps=3)
+    # ...and not into solves under a caller's jit, grad or vmap.
+    under_jit = jax.jit(lambda x: sample(velocity, x, solver="euler", steps=3).x)(gauss_x0)
+    under_vmap = jax.vmap(lambda x: sample(velocity, x[None], solver="euler", steps=3).x[0])(
+        gauss_x0
+    )
+    np.testing.assert_allclose(under_vmap, under_jit, rtol=1e-6)
+    grad = jax.grad(lambda x: sample(velocity, x, solver="euler", steps=3).x.sum())(gauss_x0)
+    assert np.all(np.isfinite(grad))
+
+
+def test_solve_options_leave_a_users_xla_flags_and_an_xla_without_them_alone(
+    fresh_solve_options, monkeypatch
+):
+    xla = fresh_solve_options
+    if xla.solve_compiler_options() is not None:  # XLA with YNNPACK (JAX 0.8 on), on CPU
+        assert xla.solve_compiler_options() == xla.SOLVE_OPTIONS_CPU
+    xla.solve_compiler_options.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla.YNN_FUSION_OPTION}=LIBRARY_FUSION_TYPE_REDUCE")
+    assert xla.solve_compiler_options() is None
+    xla.solve_compiler_options.cache_clear()
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(xla, "SOLVE_OPTIONS_CPU", {"xla_no_such_option": 1})
+    assert xla.solve_compiler_options() is None

@@ -7,6 +7,10 @@
 2. `sample(..., solver="euler", steps=100)` against a plain `jax.lax.fori_loop` Euler loop
    over the same velocity function, both jitted end to end: for a small MLP and for a
    U-Net-like conv net on 8x8x1 images (~0.9M parameters, plain JAX).
+3. On CPU, the digits U-Net sampled (euler) by one program compiled three times: with XLA's
+   defaults, with them again (the control: two compilations of one program differ by up to
+   13% here) and with the options fmjax compiles its solves with
+   (`fmjax._xla.solve_compiler_options`).
 """
 
 import math
@@ -16,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench import interleaved_median_seconds, median_seconds
+from fmjax._xla import solve_compiler_options
+from fmjax.models import UNetDigits
 from fmjax.sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, sample
 
 DIMS = 8
@@ -206,5 +212,47 @@ def overhead_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def option_rows(quick: bool) -> list[dict]:
+    """Euler sampling of the digits U-Net compiled with XLA's defaults, with them again and
+    with fmjax's solve options: median ms and the ratio to the defaults' median. No rows
+    where fmjax compiles solves with no options (off CPU, or an XLA without them)."""
+    options = solve_compiler_options()
+    if options is None:
+        return []
+    batch, steps, repeats = (16, 4, 3) if quick else (256, 20, 7)
+    model = UNetDigits()
+    x0 = jax.random.normal(jax.random.key(0), (batch, 8, 8, 1))
+    params = jax.jit(model.init)(jax.random.key(1), x0, jnp.zeros(batch))
+    # Random weights everywhere: a fresh init's zero output layers would make it a no-op.
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params
+    )
+
+    def solve(params, x0):  # jitted by the caller, so `sample` adds no options of its own
+        return sample(lambda x, t: model.apply(params, x, t), x0, solver="euler", steps=steps).x
+
+    lowered = jax.jit(solve).lower(params, x0)
+    variants = {"XLA's defaults": {}, "defaults, compiled again": {}, "fmjax's": options}
+    compiled = {name: lowered.compile(compiler_options=opts) for name, opts in variants.items()}
+    reference = compiled["XLA's defaults"](params, x0)
+    for name, fn in compiled.items():
+        error = float(jnp.max(jnp.abs(fn(params, x0) - reference)))
+        assert error <= 1e-4 * float(jnp.max(jnp.abs(reference))), (name, error)
+    seconds = interleaved_median_seconds(
+        {name: lambda fn=fn: fn(params, x0) for name, fn in compiled.items()}, repeats
+    )
+    setting = f"unet_digits, batch {batch}, euler x{steps}"
+    return [
+        {
+            "benchmark": "sampling compile options (CPU)",
+            "options": name,
+            "setting": setting,
+            "wall_ms": 1e3 * seconds[name],
+            "ratio": seconds[name] / seconds["XLA's defaults"],
+        }
+        for name in compiled
+    ]
+
+
 def run(quick: bool = False) -> list[dict]:
-    return solver_rows(quick) + overhead_rows(quick)
+    return solver_rows(quick) + overhead_rows(quick) + option_rows(quick)
