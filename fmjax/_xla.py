@@ -1,11 +1,13 @@
-"""The XLA compiler options fmjax compiles its ODE solves with. Private to the core.
+"""The XLA compiler options fmjax compiles its ODE solves and train steps with. Private.
 
 On CPU, XLA (from JAX 0.8 or so) hands convolutions, matrix products and the element-wise work
-around them to YNNPACK as fused library calls. For forward-only programs, such as a sampling
-solve or the exact-divergence likelihood, restricting those fusions to matrix products alone
+around them to YNNPACK as fused library calls. For the programs of small U-Nets (sampling solves,
+the exact-divergence likelihood, the digits train step), restricting those fusions to matrix
+products alone
 (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: convolutions and
-element-wise work go back to XLA's own kernels) ran 1.8-2x faster on the digits U-Net and
-1.1-1.2x on the CIFAR-10 one, each against the default program compiled twice in one process
+element-wise work go back to XLA's own kernels) ran 1.8-2x faster on the digits U-Net's
+solves and 1.5x on its train step, and 1.1-1.2x on the CIFAR-10 U-Net's forward pass (its
+train step: unchanged), each against the default program compiled twice in one process
 (the README's Performance section has the figures). It is a per-program
 compile option, so it touches no other program of the process, and it changes results only by
 summation order (relative 2e-6 on the CIFAR U-Net). A user who sets the same option in
@@ -24,15 +26,20 @@ YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 SOLVE_OPTIONS_CPU = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-@functools.cache
 def solve_compiler_options() -> dict[str, Any] | None:
-    """:data:`SOLVE_OPTIONS_CPU` when the default backend is CPU, the user's ``XLA_FLAGS`` do
-    not set the option and this XLA accepts it; ``None`` (XLA's defaults) otherwise.
+    """:func:`compiler_options` for the default backend's platform."""
+    return compiler_options(jax.default_backend())
 
-    Decided once per process, at the first solve (not at import: the backend may not be
-    chosen yet then).
+
+@functools.cache
+def compiler_options(platform: str) -> dict[str, Any] | None:
+    """:data:`SOLVE_OPTIONS_CPU` for ``platform="cpu"`` when the user's ``XLA_FLAGS`` do not
+    set the option and this XLA accepts it; ``None`` (XLA's defaults) otherwise.
+
+    Decided once per process and platform, at the first program that asks (not at import:
+    the backend may not be chosen yet then).
     """
-    if jax.default_backend() != "cpu" or YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
+    if platform != "cpu" or YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
     probe = jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32))
     try:

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from fmjax import checkpoint, configs, couplings, data, images, models, paths, sampling, timesteps
+from fmjax._xla import compiler_options
 from fmjax.loss import cfm_loss
 
 __all__ = [
@@ -361,7 +362,9 @@ def make_train_step(
         keys = jax.lax.with_sharding_constraint(keys, NamedSharding(mesh, P("data")))
         return mapped(state, batch["image"], batch["label"], keys)
 
-    return jax.jit(step_fn, donate_argnums=0)
+    # On CPU, XLA's YNNPACK fusions of matrix products only: the digits U-Net's step 1.5x faster.
+    options = compiler_options(mesh.devices.flat[0].platform)
+    return jax.jit(step_fn, donate_argnums=0, compiler_options=options)
 
 
 def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:

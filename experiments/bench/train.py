@@ -298,8 +298,10 @@ def compare_compiler_options(
     step, state, batch, options: list[tuple[str, object]], repeats: int
 ) -> dict[str, OptionTiming]:
     """``{label: OptionTiming}`` of the jitted, state-donating ``step(state, batch) -> (state,
-    metrics)`` compiled with XLA's defaults (label ``"default"``), again with them (the control,
-    :data:`CONTROL`) and once per ``(name, value)`` option (label ``"name=value"``).
+    metrics)`` compiled with its own options (label ``"default"``: XLA's defaults, or those the
+    step was jitted with, as fmjax's train step is on CPU, see ``fmjax._xla``), again with them
+    (the control, :data:`CONTROL`) and once per ``(name, value)`` option on top of them (label
+    ``"name=value"``).
 
     The step is lowered once and compiled once per variant (``compiler_options``, so an
     option applies to this program only). Each variant's first step runs from a copy of
