@@ -79,8 +79,9 @@ def solve_jit(fn: Callable, *, static_argnames: tuple[str, ...]) -> Callable:
 
 
 def _traced(*trees: Any) -> bool:
-    """Whether a caller's transformation is at work: JAX is staging a program here (then even
-    a constant's sum is a tracer), or an argument is a tracer (``grad``, ``vmap``)."""
-    if isinstance(jnp.zeros((), jnp.int32) + 0, jax.core.Tracer):
+    """Whether a caller's transformation is at work: an argument is a tracer (``grad``,
+    ``vmap``, a caller's ``jit``), or JAX is staging a program here all the same (then even a
+    constant's sum is a tracer: a ``jit`` whose arguments do not reach the solve)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees)):
         return True
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+    return isinstance(jnp.zeros((), jnp.int32) + 0, jax.core.Tracer)

@@ -6,6 +6,10 @@ from collections.abc import Callable
 
 import jax
 
+CONTROL = "default, compiled again"
+"""The label of a compile-option comparison's control: the defaults, compiled a second time
+(two compilations of one program have differed by up to 13% on the development machine)."""
+
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `fn()` over `repeats` runs after one warm-up (compile) run."""

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench import interleaved_median_seconds, median_seconds
+from experiments.bench import CONTROL, interleaved_median_seconds, median_seconds
 from fmjax._xla import solve_compiler_options
 from fmjax.models import UNetDigits
 from fmjax.sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, sample
@@ -232,7 +232,7 @@ def option_rows(quick: bool) -> list[dict]:
         return sample(lambda x, t: model.apply(params, x, t), x0, solver="euler", steps=steps).x
 
     lowered = jax.jit(solve).lower(params, x0)
-    variants = {"XLA's defaults": {}, "defaults, compiled again": {}, "fmjax's": options}
+    variants = {"XLA's defaults": {}, CONTROL: {}, "fmjax's": options}
     compiled = {name: lowered.compile(compiler_options=opts) for name, opts in variants.items()}
     reference = compiled["XLA's defaults"](params, x0)
     for name, fn in compiled.items():

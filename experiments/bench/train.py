@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import interleaved_seconds, median_seconds
+from experiments.bench import CONTROL, interleaved_seconds, median_seconds
 from fmjax import configs, train
 
 META_RECIPE_STEPS = 175_000
@@ -251,9 +251,6 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
         rows.append(step_row(preset, image_shape, per_device_batch, repeats, peak, dtype))
     return rows
 
-
-CONTROL = "default, compiled again"
-"""The label of :func:`compare_compiler_options`' control: the defaults, compiled a second time."""
 
 OPTION_PAUSE = 1.0
 """Seconds of sleep before each timed step of :func:`compare_compiler_options`, so that the

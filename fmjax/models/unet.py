@@ -220,7 +220,8 @@ def _image_chunks(fn, *arrays: jax.Array, chunk: int) -> jax.Array:
 
     On CPU a whole batch of CIFAR-sized dropout draws overflows the cache, and drawing the masks
     a chunk at a time ran 2.8x faster; on accelerators a loop would only serialise it, and small
-    inputs fit the cache anyway. Same values either way (see :func:`fmjax.models.conv.map_in_chunks`).
+    inputs fit the cache anyway. Same values either way (see
+    :func:`fmjax.models.conv.map_in_chunks`).
     """
     if sum(a.size * a.dtype.itemsize for a in arrays) < _CHUNK_MIN_BYTES:
         return fn(*arrays)
@@ -294,8 +295,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
     differentiated than ``jax.nn.softmax`` of the weights looped over chunks of images, as it
     was; a chunked loop no longer helped at any batch tried (16-64). Logits, weights, their sums
     and the products' accumulators are float32 (float64 for a float64 ``dtype``); the products'
-    operands are ``dtype``. The max is a constant shift (the softmax does not depend on it), hence ``stop_gradient``:
-    gradients and forward-mode tangents are exact.
+    operands are ``dtype``. The max is a constant shift (the softmax does not depend on it),
+    hence ``stop_gradient``: gradients and forward-mode tangents are exact.
     """
     wide = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 for a float64 model
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=wide)
