@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-SOLVE_OPTIONS_CPU = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_OPTIONS = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def solve_compiler_options() -> dict[str, Any] | None:
@@ -33,7 +33,7 @@ def solve_compiler_options() -> dict[str, Any] | None:
 
 @functools.cache
 def compiler_options(platform: str) -> dict[str, Any] | None:
-    """:data:`SOLVE_OPTIONS_CPU` for ``platform="cpu"`` when the user's ``XLA_FLAGS`` do not
+    """:data:`CPU_OPTIONS` for ``platform="cpu"`` when the user's ``XLA_FLAGS`` do not
     set the option and this XLA accepts it; ``None`` (XLA's defaults) otherwise.
 
     Decided once per process and platform, at the first program that asks (not at import:
@@ -43,10 +43,10 @@ def compiler_options(platform: str) -> dict[str, Any] | None:
         return None
     probe = jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32))
     try:
-        probe.compile(compiler_options=SOLVE_OPTIONS_CPU)
+        probe.compile(compiler_options=CPU_OPTIONS)
     except jax.errors.JaxRuntimeError:  # "No such compile option": an XLA without YNNPACK
         return None
-    return dict(SOLVE_OPTIONS_CPU)
+    return dict(CPU_OPTIONS)
 
 
 def solve_jit(fn: Callable, *, static_argnames: tuple[str, ...]) -> Callable:

@@ -394,11 +394,11 @@ def test_solve_options_leave_a_users_xla_flags_and_an_xla_without_them_alone(
 ):
     xla = fresh_solve_options
     if xla.solve_compiler_options() is not None:  # XLA with YNNPACK (JAX 0.8 on), on CPU
-        assert xla.solve_compiler_options() == xla.SOLVE_OPTIONS_CPU
+        assert xla.solve_compiler_options() == xla.CPU_OPTIONS
     xla.compiler_options.cache_clear()
     monkeypatch.setenv("XLA_FLAGS", f"--{xla.YNN_FUSION_OPTION}=LIBRARY_FUSION_TYPE_REDUCE")
     assert xla.solve_compiler_options() is None
     xla.compiler_options.cache_clear()
     monkeypatch.delenv("XLA_FLAGS")
-    monkeypatch.setattr(xla, "SOLVE_OPTIONS_CPU", {"xla_no_such_option": 1})
+    monkeypatch.setattr(xla, "CPU_OPTIONS", {"xla_no_such_option": 1})
     assert xla.solve_compiler_options() is None
