@@ -42,9 +42,9 @@ from fmjax import checkpoint, configs, couplings, data, images, models, paths, s
 from fmjax._xla import compiler_options
 from fmjax.loss import cfm_loss
 
-CPU_OPTIONS_MAX_PIXELS = 32 * 32
-"""On CPU, train steps on images of fewer pixels than this are compiled with fmjax's CPU
-options (``fmjax._xla``); larger ones with XLA's defaults (see :func:`make_train_step`)."""
+# On CPU, train steps on images of fewer pixels than this are compiled with fmjax's CPU
+# options (fmjax._xla), larger ones with XLA's defaults: see make_train_step.
+_CPU_OPTIONS_MAX_PIXELS = 32 * 32
 
 __all__ = [
     "EvalHook",
@@ -367,12 +367,11 @@ def make_train_step(
         keys = jax.lax.with_sharding_constraint(keys, NamedSharding(mesh, P("data")))
         return mapped(state, batch["image"], batch["label"], keys)
 
-    # On CPU, XLA's YNNPACK fusions of matrix products only: the digits U-Net's step 1.5x faster.
-    # The matrix-product-only YNNPACK fusions (fmjax._xla) send reductions back to XLA's own
-    # kernels, 5-7x slower on large maps: the bias gradients and GroupNorm sums of 32x32
-    # images. Measured (two compilations each, interleaved): on the digits U-Net's step they
+    # On CPU, XLA's YNNPACK fusions of matrix products only (fmjax._xla). They send reductions
+    # back to XLA's own kernels, 5-7x slower on large maps: the bias gradients and GroupNorm
+    # sums of 32x32 images. Measured (two compilations each, interleaved): on the digits U-Net's step they
     # win (0.75-0.9x the defaults' time), on the CIFAR-10 U-Net's they lose (1.2x).
-    small_images = math.prod(config.data.image_shape[:2]) < CPU_OPTIONS_MAX_PIXELS
+    small_images = math.prod(config.data.image_shape[:2]) < _CPU_OPTIONS_MAX_PIXELS
     options = compiler_options(mesh.devices.flat[0].platform) if small_images else None
     return jax.jit(step_fn, donate_argnums=0, compiler_options=options)
 

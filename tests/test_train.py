@@ -431,12 +431,12 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_
 def test_cpu_train_steps_take_fmjax_options_only_for_small_images(monkeypatch):
     # Measured: the matrix-product-only fusions speed up the digits U-Net's step and slow
     # down the CIFAR-10 U-Net's (fmjax.train.make_train_step). Only the jit call is checked.
-    seen = []
-    monkeypatch.setattr(train.jax, "jit", lambda fn, **kwargs: seen.append(kwargs) or fn)
-    monkeypatch.setattr(train, "compiler_options", lambda platform: {"option": platform})
     config = tiny_config()
     model = train.build_model(config.model)
     tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    seen = []  # jax.jit is patched last, and only for make_train_step's calls below
+    monkeypatch.setattr(train.jax, "jit", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    monkeypatch.setattr(train, "compiler_options", lambda platform: {"option": platform})
     for shape in [(8, 8, 1), (31, 33, 3), (32, 32, 3), (64, 64, 3)]:
         config.data.image_shape = shape
         train.make_train_step(config, model, tx, schedule, mesh_of(1))
