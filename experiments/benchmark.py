@@ -19,6 +19,7 @@ import time
 import jax
 
 import experiments.bench
+from experiments.bench import machine
 
 AREAS = tuple(
     sorted(
@@ -60,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         "backend": jax.default_backend(),
         "devices": [str(device) for device in jax.devices()],
         "cpu_count": os.cpu_count(),
+        "machine": machine(),
         "areas": {},
     }
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices)")
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices); "
+        f"{machine()}"
+    )
     for area in (args.only,) if args.only else AREAS:
         module = importlib.import_module(f"experiments.bench.{area}")
         rows = module.run(quick=args.quick)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench import profile
+from experiments.bench import interleaved_seconds, machine, profile
 from experiments.bench import train as bench_train
 from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
@@ -167,8 +167,7 @@ def _counting_step():
     return step, state, jnp.array([1.0, jnp.inf, 2.0, jnp.nan])
 
 
-def test_compare_compiler_options_times_each_variant_from_the_same_loss(monkeypatch):
-    monkeypatch.setattr(bench_train, "OPTION_PAUSE", 0.0)
+def test_compare_compiler_options_times_each_variant_from_the_same_loss():
     step, state, batch = _counting_step()
     option = ("xla_cpu_enable_concurrency_optimized_scheduler", False)
     results = bench_train.compare_compiler_options(step, state, batch, [option], repeats=3)
@@ -183,12 +182,11 @@ def test_compare_compiler_options_times_each_variant_from_the_same_loss(monkeypa
     assert results[bench_train.CONTROL].same_hlo
 
 
-def test_compare_compiler_options_tells_an_option_that_changes_the_hlo(monkeypatch):
+def test_compare_compiler_options_tells_an_option_that_changes_the_hlo():
     # A convolution of 16x16x32 maps becomes a YNNPACK fusion of its own under this option
     # (XLA leaves smaller ones alone): the optimized HLO differs, the control's cannot. (The
     # kernel is an argument: XLA:CPU in JAX 0.10.2 miscomputes a convolution by a constant
     # kernel of equal entries, e.g. a closed-over jnp.ones.)
-    monkeypatch.setattr(bench_train, "OPTION_PAUSE", 0.0)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(kernel, batch):
@@ -224,3 +222,22 @@ def test_sampling_option_rows_time_the_control_and_fmjaxs_options():
     assert [row["options"] for row in rows] == ["XLA's defaults", bench_train.CONTROL, "fmjax's"]
     assert rows[0]["ratio"] == 1.0
     assert all(row["wall_ms"] > 0 for row in rows)
+
+
+def test_interleaved_seconds_settles_each_timed_call_with_an_untimed_one_of_its_own():
+    calls = []
+    fns = {name: functools.partial(calls.append, name) for name in ("a", "b")}
+    times = interleaved_seconds(fns, repeats=2, settle=True)
+    # A warm-up each, then per repeat: a (untimed), a (timed), b (untimed), b (timed).
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert {name: len(v) for name, v in times.items()} == {"a": 2, "b": 2}
+    calls.clear()
+    interleaved_seconds(fns, repeats=2)
+    assert calls == ["a", "b"] * 3
+
+
+def test_machine_names_the_glibc_tunables_that_change_cpu_step_times(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert "GLIBC_TUNABLES" not in machine()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert machine().endswith(", GLIBC_TUNABLES=glibc.malloc.hugetlb=1")

@@ -1,5 +1,7 @@
 """Benchmark areas for `python -m experiments.benchmark`; shared timing helpers."""
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -9,6 +11,35 @@ import jax
 CONTROL = "default, compiled again"
 """The label of a compile-option comparison's control: the defaults, compiled a second time
 (two compilations of one program have differed by up to 13% on the development machine)."""
+
+
+def cpu_model() -> str:
+    """The CPU's model (Linux's ``/proc/cpuinfo``: name, family and model numbers, and
+    whether it has AVX-512; else what `platform` knows). CPU figures are comparable on one
+    model only: the development machine has changed model between sessions, and with it the
+    CPU gap to PyTorch."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "unknown"
+    avx512 = ", AVX-512" if "avx512f" in fields.get("flags", "").split() else ""
+    return f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')}{avx512})"
+
+
+def machine() -> str:
+    """One line for a benchmark's header: CPU model, the CPUs this process may use, and
+    ``GLIBC_TUNABLES`` when set (it changes XLA:CPU's step times, see the README)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"{cpu_model()}, {cpus} CPUs" + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -23,17 +54,23 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def interleaved_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int, pause: float = 0.0
+    fns: dict[str, Callable[[], object]], repeats: int, settle: bool = False
 ) -> dict:
     """``{name: [wall seconds of each repeat]}``, after a warm-up, the functions run in turn
-    so that drifting machine load (other processes, thermal state) affects them alike;
-    ``pause`` seconds of sleep before each timed call let the previous one's threads go idle."""
+    so that drifting machine load (other processes, thermal state) affects them alike.
+
+    ``settle``: each timed call follows an untimed call of the same function, so that it
+    starts in the state a training loop's next step starts in: the previous function's pool
+    threads idle, and this one's memory just freed and still resident. (Sleeping instead,
+    as this did before, costs XLA:CPU's steps a page fault per page of their temporaries on
+    a VM that hands idle memory back to its host: see the README's Performance section.)"""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            time.sleep(pause)
+            if settle:
+                jax.block_until_ready(fn())
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)

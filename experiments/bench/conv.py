@@ -30,8 +30,9 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
 Timing: the machine this was written on has 2 cores shared with other jobs, so every variant
 is run in turn and the best of the repeats is reported, with the median beside it for the
 step. The conv rows run PyTorch's passes after XLA's, since XLA's spinning pool threads starve
-OpenMP's; the train steps alternate, ours and PyTorch's, with :data:`STEP_PAUSE` of sleep
-before each, so that the machine's drifting speed affects both alike. PyTorch runs at the
+OpenMP's; the train steps alternate, ours and PyTorch's, each timed step right after an
+untimed one of the same library, so that the machine's drifting speed affects both alike and
+each timed step starts as a training loop's next step does. PyTorch runs at the
 thread count XLA uses (the CPUs this process may run on) and, for the step, also at 1 thread,
 because OpenMP's spinning barriers degrade far more than XLA's thread pool when the cores are
 oversubscribed.
@@ -50,15 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments.bench import interleaved_seconds
+from experiments.bench import interleaved_seconds, machine
 from experiments.bench.train import build_step, seed_images
 from fmjax import models
 from fmjax.models import conv as conv_module
 from fmjax.models.conv import conv_general_dilated
 
 BATCH = 64
-STEP_PAUSE = 1.0
-"""Seconds of sleep before each timed train step of the side by side."""
 # (height = width, in channels, out channels).
 QUICK_SHAPES = [(8, 16, 16), (8, 32, 32), (32, 32, 32)]
 FULL_SHAPES = [(8, 16, 16), (8, 32, 32), (16, 64, 64), (32, 32, 32), (32, 128, 128)]
@@ -77,11 +76,11 @@ def threads() -> int:
 
 
 def best_and_median_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int, pause: float = 0.0
+    fns: dict[str, Callable[[], object]], repeats: int, settle: bool = False
 ) -> dict:
     """``{name: (best, median)}`` wall seconds of each function, run in turn after a warm-up
-    (``pause``: seconds of sleep before each timed call)."""
-    times = interleaved_seconds(fns, repeats, pause)
+    (``settle``: each timed call right after an untimed one, see `interleaved_seconds`)."""
+    times = interleaved_seconds(fns, repeats, settle)
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
@@ -380,8 +379,9 @@ def step_rows(
                 preset, images, count
             )
     # In turn, so that this machine's drifting speed (up to 40% within the hour) affects all
-    # alike; the pause lets XLA's spinning pool threads go idle before OpenMP's start.
-    timed = best_and_median_seconds(steps, repeats, pause=STEP_PAUSE)
+    # alike; the untimed step before each timed one lets the other library's pool threads go
+    # idle, and gives this one's step the memory state of a training loop's.
+    timed = best_and_median_seconds(steps, repeats, settle=True)
     return [
         {
             "benchmark": f"{preset} train step",
@@ -439,5 +439,5 @@ if __name__ == "__main__":
             )
         steps = step_rows(args.quick, args.preset, args.batch, args.repeats)
         rows = steps if args.steps_only else conv_rows(args.quick) + steps
-    print(markdown_table(rows))
+    print(f"{machine()}\n\n{markdown_table(rows)}")
     sys.exit(0)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import jax
 
+from experiments.bench import machine
 from experiments.bench.train import build_step, seed_images
 from fmjax.models.conv import TAPS_SCOPE
 
@@ -444,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch:
         _require_torch()  # before minutes of profiling, not after
     shape = _NATIVE_SHAPES[args.preset]
+    print(machine(), flush=True)
     rows = profile_rows(args.preset, shape, args.batch, args.steps, args.top)
     print(markdown_table(rows[: len(KINDS)]))
     if args.top > 0:

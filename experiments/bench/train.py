@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import CONTROL, interleaved_seconds, median_seconds
+from experiments.bench import CONTROL, interleaved_seconds, machine, median_seconds
 from fmjax import configs, train
 
 META_RECIPE_STEPS = 175_000
@@ -252,11 +252,6 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
     return rows
 
 
-OPTION_PAUSE = 1.0
-"""Seconds of sleep before each timed step of :func:`compare_compiler_options`, so that the
-previous step's threads are idle when the next starts."""
-
-
 def parse_xla_option(text: str) -> tuple[str, object]:
     """``"NAME=VALUE"`` as ``(NAME, VALUE)``: ``true``/``false`` become booleans, integers
     integers, anything else stays a string (e.g. an enum's name).
@@ -304,7 +299,7 @@ def compare_compiler_options(
     option applies to this program only). Each variant's first step runs from a copy of
     ``state``, and its ``metrics["loss"]`` must match the default's to ``1e-4`` relative: an
     option that changes the result is an error, not a speed-up. Then the variants run in
-    turn, ``repeats`` times each, with :data:`OPTION_PAUSE` of sleep before every step.
+    turn, ``repeats`` times each, every timed step right after an untimed one of its own.
 
     Raises:
         ValueError: for an option XLA does not accept (its name or its value), or one
@@ -336,7 +331,7 @@ def compare_compiler_options(
     times = interleaved_seconds(
         {label: _stepping(fn, holder, batch) for label, fn in compiled.items()},
         repeats,
-        OPTION_PAUSE,
+        settle=True,
     )
     return {label: OptionTiming(losses[label], times[label], same_hlo[label]) for label in compiled}
 
@@ -425,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         presets = [(args.preset, shape, args.batch_per_device)]
     from experiments.benchmark import markdown_table
 
-    print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
+    print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
     if options:
         rows = option_rows(*presets[0], args.repeats, options, dtype)
     else:
