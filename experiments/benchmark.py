@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="runs/benchmark.json", help="where to write rows")
     args = parser.parse_args(argv)
 
+    machine_line = machine()
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
@@ -61,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         "backend": jax.default_backend(),
         "devices": [str(device) for device in jax.devices()],
         "cpu_count": os.cpu_count(),
-        "machine": machine(),
+        "machine": machine_line,
         "areas": {},
     }
     print(
         f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} devices); "
-        f"{machine()}"
+        f"{machine_line}"
     )
     for area in (args.only,) if args.only else AREAS:
         module = importlib.import_module(f"experiments.bench.{area}")

@@ -34,12 +34,16 @@ def cpu_model() -> str:
     return f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')}{avx512})"
 
 
+def threads() -> int:
+    """The CPUs this process may run on: the size of XLA:CPU's thread pool."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine() -> str:
     """One line for a benchmark's header: CPU model, the CPUs this process may use, and
     ``GLIBC_TUNABLES`` when set (it changes XLA:CPU's step times, see the README)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     tunables = os.environ.get("GLIBC_TUNABLES")
-    return f"{cpu_model()}, {cpus} CPUs" + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
+    return f"{cpu_model()}, {threads()} CPUs" + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

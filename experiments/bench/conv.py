@@ -41,7 +41,6 @@ oversubscribed.
 import argparse
 import importlib.util
 import math
-import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -51,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments.bench import interleaved_seconds, machine
+from experiments.bench import interleaved_seconds, machine, threads
 from experiments.bench.train import build_step, seed_images
 from fmjax import models
 from fmjax.models import conv as conv_module
@@ -68,11 +67,6 @@ _NCHW = ("NCHW", "OIHW", "NCHW")
 def has_torch() -> bool:
     """Whether PyTorch is importable (the ``bench`` extra)."""
     return importlib.util.find_spec("torch") is not None
-
-
-def threads() -> int:
-    """The CPUs this process may run on: the size of XLA:CPU's thread pool."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def best_and_median_seconds(

@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import jax
 
-from experiments.bench import machine
+from experiments.bench import machine, threads
 from experiments.bench.train import build_step, seed_images
 from fmjax.models.conv import TAPS_SCOPE
 
@@ -401,7 +401,7 @@ def torch_compare_rows(preset: str, image_shape, batch: int, ours_rows: list[dic
     Raises:
         ValueError: without PyTorch (the ``bench`` extra).
     """
-    from experiments.bench.conv import _torch_step, threads
+    from experiments.bench.conv import _torch_step
 
     _require_torch()
 
