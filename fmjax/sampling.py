@@ -323,7 +323,10 @@ def sample(
     **Compilation.** Everything runs in one ``jax.jit``; arrays inside ``velocity_fn`` (e.g.
     the parameters of an Equinox module or of a ``jax.tree_util.Partial``) are traced, so a
     second call with a new ``x0`` (same shape) or new parameters does not recompile. A new
-    Python closure is a new function and compiles again. Inside a caller's ``jit`` the whole
+    Python closure is a new function and compiles again. JAX's persistent compilation cache
+    keeps the compiled solve across processes, except with ``save_at``: Diffrax checks the
+    save times with a host callback, and JAX stores no program that has one, so a solve with
+    ``save_at`` compiles again in each new process. Inside a caller's ``jit`` the whole
     solve is traced into the caller's program; a batch sharded over devices is solved as one
     state (one step size for the global batch). Inside ``jax.shard_map`` each shard solves its
     own part; pass ``check_vma=False`` there, as Diffrax's loops do not yet carry

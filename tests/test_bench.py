@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench import interleaved_seconds, machine, profile
+from experiments.bench import cpu_model, interleaved_seconds, machine, profile
 from experiments.bench import train as bench_train
 from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
@@ -241,3 +241,20 @@ def test_machine_names_the_glibc_tunables_that_change_cpu_step_times(monkeypatch
     assert "GLIBC_TUNABLES" not in machine()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     assert machine().endswith(", GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+
+
+def test_cpu_model_reads_the_first_processor_of_cpuinfo(tmp_path):
+    block = (
+        "processor\t: {n}\nmodel name\t: {name}\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "flags\t\t: fpu sse2 avx2 {flags}\n\n"
+    )
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        block.format(n=0, name="Xeon A", flags="avx512f amx_bf16 amx_tile")
+        + block.format(n=1, name="Xeon B", flags="")
+    )
+    assert cpu_model(str(cpuinfo)) == "Xeon A (family 6, model 143, AVX-512, AMX)"
+    cpuinfo.write_text(block.format(n=0, name="EPYC", flags=""))
+    assert cpu_model(str(cpuinfo)) == "EPYC (family 6, model 143)"
+    # Without a model name (not Linux, or another format), `platform` answers.
+    assert cpu_model(str(tmp_path / "missing")) not in ("", "EPYC")

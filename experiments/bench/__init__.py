@@ -13,14 +13,14 @@ CONTROL = "default, compiled again"
 (two compilations of one program have differed by up to 13% on the development machine)."""
 
 
-def cpu_model() -> str:
-    """The CPU's model (Linux's ``/proc/cpuinfo``: name, family and model numbers, and
-    whether it has AVX-512; else what `platform` knows). CPU figures are comparable on one
-    model only: the development machine has changed model between sessions, and with it the
-    CPU gap to PyTorch."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model (Linux's ``/proc/cpuinfo``, or the file `cpuinfo`: name, family and
+    model numbers, and whether it has AVX-512 and AMX; else what `platform` knows). CPU
+    figures are comparable on one model only: the development machine has changed model
+    between sessions, and with it the CPU gap to PyTorch."""
     fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if not key.strip():
@@ -30,8 +30,16 @@ def cpu_model() -> str:
         pass
     if "model name" not in fields:
         return platform.processor() or platform.machine() or "unknown"
-    avx512 = ", AVX-512" if "avx512f" in fields.get("flags", "").split() else ""
-    return f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')}{avx512})"
+    flags = set(fields.get("flags", "").split())
+    # AVX-512 sets XLA's and oneDNN's vector width; AMX runs bf16 matrix products in tiles.
+    extensions = [
+        name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags
+    ]
+    return (
+        f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')}"
+        + "".join(f", {name}" for name in extensions)
+        + ")"
+    )
 
 
 def threads() -> int:
