@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import pathlib
+import platform
+import re
 import signal
 import threading
 import time
@@ -590,6 +592,32 @@ def train_and_evaluate(
         return _train(config, model, workdir, source, hooks, mesh, preemption)
 
 
+def _huge_pages_hint(
+    image_shape: Sequence[int], backend: str, tunables: str | None, libc: tuple[str, str]
+) -> str | None:
+    """A log line that suggests ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, or None.
+
+    XLA:CPU allocates a step's temporaries as one block, which glibc maps and unmaps on every
+    step, so each step page-faults it in again; with the tunable (glibc >= 2.35) glibc maps it
+    with transparent huge pages. Measured on the CIFAR-10 U-Net's step: 16-20% faster. Steps on
+    small images go the other way (the digits U-Net's: 13-26% slower), hence the same pixel
+    threshold as the CPU options of :func:`make_train_step`. glibc reads the tunable when the
+    process starts, so only the user can set it.
+    """
+    name, version = libc
+    if backend != "cpu" or math.prod(image_shape[:2]) < _CPU_OPTIONS_MAX_PIXELS:
+        return None
+    if name != "glibc" or tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < (2, 35):
+        return None
+    if tunables and "glibc.malloc.hugetlb" in tunables:
+        return None
+    return (
+        "CPU training of images of 32x32 pixels or more is 16-20% faster with glibc's "
+        "allocator on transparent huge pages: start Python with "
+        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the README's Benchmarks section)."
+    )
+
+
 def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainState:
     """The loop of :func:`train_and_evaluate`, after validation."""
     is_main = jax.process_index() == 0
@@ -605,6 +633,14 @@ def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainStat
         state, start = restored
         log.info("Resuming %s from step %d.", workdir, start)
     train_step = make_train_step(config, model, tx, schedule, mesh)
+    hint = _huge_pages_hint(
+        config.data.image_shape,
+        mesh.devices.flat[0].platform,
+        os.environ.get("GLIBC_TUNABLES"),
+        platform.libc_ver(),
+    )
+    if hint and is_main:
+        log.info(hint)
     writer = _MetricWriter(workdir, is_main, start)
     best = _BestCheckpoint(workdir, is_main)
     t = config.train

@@ -446,3 +446,21 @@ def test_cpu_train_steps_take_fmjax_options_only_for_small_images(monkeypatch):
         None,
         None,
     ]
+
+
+def test_the_huge_pages_hint_is_given_for_large_cpu_images_on_glibc_without_the_tunable():
+    glibc = ("glibc", "2.36")
+    hint = train._huge_pages_hint((32, 32, 3), "cpu", None, glibc)
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in hint
+    assert train._huge_pages_hint((64, 64, 3), "cpu", "glibc.malloc.arena_max=1", glibc) == hint
+    for args in [
+        ((8, 8, 1), "cpu", None, glibc),  # small images: the tunable slows them down
+        ((31, 33, 3), "cpu", None, glibc),
+        ((32, 32, 3), "gpu", None, glibc),
+        ((32, 32, 3), "cpu", "glibc.malloc.hugetlb=1", glibc),  # already set
+        ((32, 32, 3), "cpu", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", glibc),
+        ((32, 32, 3), "cpu", None, ("glibc", "2.34")),  # the tunable came in glibc 2.35
+        ((32, 32, 3), "cpu", None, ("", "")),  # musl, macOS: no glibc tunables
+    ]:
+        assert train._huge_pages_hint(*args) is None, args
+    assert train._huge_pages_hint((32, 32, 3), "cpu", None, ("glibc", "2.40")) == hint
