@@ -599,10 +599,11 @@ def _huge_pages_hint(
 
     XLA:CPU allocates a step's temporaries as one block, which glibc maps and unmaps on every
     step, so each step page-faults it in again; with the tunable (glibc >= 2.35) glibc maps it
-    with transparent huge pages. Measured on the CIFAR-10 U-Net's step: 16-20% faster. Steps on
-    small images go the other way (the digits U-Net's: 13-26% slower), hence the same pixel
-    threshold as the CPU options of :func:`make_train_step`. glibc reads the tunable when the
-    process starts, so only the user can set it.
+    with transparent huge pages. Measured on the CIFAR-10 U-Net's step: 16-20% faster on an AMD
+    Zen 5 VM, within noise (0-3%) on an Intel Xeon VM; steps on small images go the other way
+    (the digits U-Net's: 13-26% slower on the Zen 5), hence the same pixel threshold as the CPU
+    options of :func:`make_train_step`. glibc reads the tunable when the process starts, so
+    only the user can set it.
     """
     name, version = libc
     if backend != "cpu" or math.prod(image_shape[:2]) < _CPU_OPTIONS_MAX_PIXELS:
@@ -612,9 +613,9 @@ def _huge_pages_hint(
     if tunables and "glibc.malloc.hugetlb" in tunables:
         return None
     return (
-        "CPU training of images of 32x32 pixels or more is 16-20% faster with glibc's "
-        "allocator on transparent huge pages: start Python with "
-        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the README's Benchmarks section)."
+        "CPU training of images of 32x32 pixels or more can be faster with glibc's allocator "
+        "on transparent huge pages (16-20% on one CPU measured, none on another): try starting "
+        "Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the README's Benchmarks section)."
     )
 
 
