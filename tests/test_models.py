@@ -311,33 +311,30 @@ def test_tiny_model_overfits_one_batch_with_fresh_noise():
     assert last < first / 10
 
 
-def test_image_chunks_on_cpu_change_no_value(monkeypatch):
-    # On CPU, dropout of large maps loops over chunks of images; with the size
-    # threshold lifted the tiny model takes that path: an odd batch (a padded last chunk),
-    # the same outputs, dropout masks and gradients as at once, and forward mode still works.
-    from fmjax.models import unet
+@pytest.mark.parametrize("shape", [(7,), (3, 4, 6), (2, 5, 3, 9)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_masks_are_jax_random_bernoulli_bit_for_bit(shape, p):
+    # The written-out hash gives the very masks jax.random.bernoulli draws, so dropout is the
+    # same stream as before it (runs reproduce); its compiled form has no loop left.
+    from fmjax.models.unet import _bernoulli
 
-    model = UNetTinyConditional(dropout=0.2)
-    params = random_params(model, IMAGE)
-    x, t, y = images(batch=3), TIMES[:3], jnp.arange(3)
-    rngs = {"dropout": jax.random.key(0)}
+    keys = jax.random.split(jax.random.key(17), 4)
+    want = jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys)
+    ours = jax.jit(lambda keys: _bernoulli(keys, p, shape))
+    np.testing.assert_array_equal(ours(keys), want)
+    assert 0 < want.mean() < 1
+    assert "while" not in ours.lower(keys).compile().as_text()
 
-    def loss(params, x):
-        return jnp.sum(model.apply(params, x, t, y, train=True, rngs=rngs) ** 2)
 
-    def run():
-        out = jax.jit(lambda p, x: model.apply(p, x, t, y, train=True, rngs=rngs))(params, x)
-        grads = jax.jit(jax.grad(loss))(params, x)
-        tangent = jax.jit(lambda x: jax.jvp(lambda x: loss(params, x), (x,), (x,))[1])(x)
-        return out, grads, tangent
+def test_dropout_masks_of_other_keys_and_x64_are_jax_random_bernoulli(x64):
+    from fmjax.models.unet import _bernoulli
 
-    at_once = run()
-    monkeypatch.setattr(unet, "_CHUNK_MIN_BYTES", 0)
-    lowered = jax.jit(lambda p, x: model.apply(p, x, t, y, train=True, rngs=rngs)).lower(params, x)
-    assert "while" in lowered.as_text()  # the chunked path is the one compiled
-    chunked = run()
-    for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(at_once), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for keys in (
+        jax.random.split(jax.random.key(3), 2),  # float64 draws under x64
+        jax.random.split(jax.random.key(3, impl="rbg"), 2),
+    ):
+        want = jax.vmap(lambda k: jax.random.bernoulli(k, 0.7, (4, 5)))(keys)
+        np.testing.assert_array_equal(jax.jit(lambda k: _bernoulli(k, 0.7, (4, 5)))(keys), want)
 
 
 def _softmax_attention(q, k, v):
@@ -375,6 +372,28 @@ def test_attention_normalised_after_the_product_is_softmax_attention(x64):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+def test_attention_projection_initialises_as_the_dense_layer_it_replaced():
+    # Same key, same initial parameters as nn.Dense(3c) named "qkv": runs seeded before the
+    # heads-major projection start from the same weights.
+    import flax.linen as nn
+
+    from fmjax.models.unet import _KERNEL_INIT, _Attention, _group_norm
+
+    class DenseQKV(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = _group_norm(x, 2, jnp.float32, "norm")
+            nn.Dense(3 * x.shape[-1], kernel_init=_KERNEL_INIT, name="qkv")(h)
+            return nn.Dense(x.shape[-1], name="proj_out")(h)
+
+    x = jnp.ones((1, 2, 2, 8))
+    want = DenseQKV().init(jax.random.key(3), x)["params"]
+    got = _Attention(num_heads=2, num_groups=2, dtype=jnp.float32).init(jax.random.key(3), x)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(got["params"]["qkv"][name], want["qkv"][name])
+    assert float(jnp.abs(want["qkv"]["kernel"]).max()) > 0
 
 
 def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_head(x64):
