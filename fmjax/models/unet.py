@@ -253,11 +253,7 @@ def _bernoulli(keys: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     def unrolled(keys):
         data = jax.random.key_data(keys)
         k1, k2 = (data[:, i].reshape(-1, *(1,) * len(shape)) for i in range(2))
-        strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
-        flat = sum(
-            jax.lax.broadcasted_iota(jnp.uint32, (1, *shape), 1 + axis) * np.uint32(stride)
-            for axis, stride in enumerate(strides)
-        )
+        flat = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(1, *shape)
         x1, x2 = _threefry2x32(k1, k2, jnp.zeros_like(flat), flat)
         mantissa = ((x1 ^ x2) >> np.uint32(9)) | np.uint32(0x3F800000)
         uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
