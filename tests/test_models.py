@@ -437,9 +437,13 @@ def test_group_norm_is_flax_group_norm_in_value_gradient_and_jvp(x64, shape):
     flax_norm = nn.GroupNorm(4, epsilon=_GROUP_NORM_EPSILON, dtype=jnp.float64)
     ours = _GroupNorm(4, _GROUP_NORM_EPSILON, jnp.float64)
     params = ours.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, flax_norm.init(jax.random.key(1), x)
-    )
+    flax_params = flax_norm.init(jax.random.key(1), x)
+    assert jax.tree.structure(params) == jax.tree.structure(flax_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="num_groups=5 divides"):
+        _GroupNorm(5, _GROUP_NORM_EPSILON, jnp.float64).init(jax.random.key(1), x)
     params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
     cotangent = jax.random.normal(jax.random.key(3), shape, jnp.float64)
     tangents = (jax.tree.map(lambda a: a - 0.5, params), cotangent)

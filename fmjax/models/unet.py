@@ -165,11 +165,16 @@ def _group_mean(sums: jax.Array, groups: int, count: int) -> jax.Array:
     return jnp.broadcast_to(grouped, (n, groups, c // groups)).reshape(n, c)
 
 
+def _positions(x: jax.Array, groups: int) -> tuple[tuple[int, ...], int]:
+    """The position axes of a channels-last ``x`` ``[n, ..., c]``, and how many values each
+    image's group holds (positions times the group's channels)."""
+    return tuple(range(1, x.ndim - 1)), math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+
+
 def _normalized(x: jax.Array, groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
     """``(xhat, r)``: ``x`` normalised per image and group, and ``r = 1 / sqrt(var + eps)``
     per image and channel ``[n, c]`` (Flax's statistics: the mean and the mean of squares)."""
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    axes, count = _positions(x, groups)
     mean = _group_mean(x.sum(axes), groups, count)
     var = jnp.maximum(_group_mean(jnp.square(x).sum(axes), groups, count) - mean**2, 0)
     r = jax.lax.rsqrt(var + epsilon)
@@ -206,8 +211,7 @@ def _channels(v: jax.Array, ndim: int) -> jax.Array:
 def _group_norm_jvp(groups, epsilon, primals, tangents):
     x, scale, bias = primals
     x_dot, scale_dot, bias_dot = tangents
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    axes, count = _positions(x, groups)
     xhat, r = _normalized(x, groups, epsilon)
     sr = scale[None] * r  # [n, c]
     m1 = _group_mean(x_dot.sum(axes), groups, count)
@@ -237,6 +241,11 @@ class _GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
+        if x.ndim < 2 or c % self.num_groups:
+            raise ValueError(
+                f"GroupNorm needs channels-last inputs [n, ..., c] whose channels "
+                f"num_groups={self.num_groups} divides; got shape {x.shape}."
+            )
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
