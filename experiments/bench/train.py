@@ -254,15 +254,19 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
 
 def parse_xla_option(text: str) -> tuple[str, object]:
     """``"NAME=VALUE"`` as ``(NAME, VALUE)``: ``true``/``false`` become booleans, integers
-    integers, anything else stays a string (e.g. an enum's name).
+    integers, anything else stays a string (e.g. an enum's name). An empty value (``NAME=``)
+    is the empty string: for a list option it means none, so
+    ``xla_cpu_experimental_ynn_fusion_type=`` compiles the step without YNNPACK fusions.
 
     Example:
         >>> parse_xla_option("xla_cpu_enable_concurrency_optimized_scheduler=false")
         ('xla_cpu_enable_concurrency_optimized_scheduler', False)
+        >>> parse_xla_option("xla_cpu_experimental_ynn_fusion_type=")
+        ('xla_cpu_experimental_ynn_fusion_type', '')
     """
     name, sep, value = text.partition("=")
     name, value = name.strip(), value.strip()
-    if not sep or not name.isidentifier() or not value:
+    if not sep or not name.isidentifier():
         raise ValueError(f"an XLA option must read NAME=VALUE; got {text!r}.")
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
