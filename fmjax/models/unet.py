@@ -182,6 +182,13 @@ def _normalized(x: jax.Array, groups: int, epsilon: float) -> tuple[jax.Array, j
     return (x - expand(mean)) * expand(r), r
 
 
+def _scale_shift(xhat: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """``xhat * scale + bias`` with per-channel ``scale`` and ``bias`` ``[c]`` broadcast over
+    a channels-last ``xhat`` ``[n, ..., c]`` (reshaped explicitly: no rank promotion)."""
+    channels = (1,) * (xhat.ndim - 1) + scale.shape
+    return xhat * scale.reshape(channels) + bias.reshape(channels)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _group_norm_apply(x, scale, bias, groups: int, epsilon: float):
     r"""``nn.GroupNorm``'s map, :math:`\hat x \cdot \mathrm{scale} + \mathrm{bias}`, for
@@ -199,12 +206,7 @@ def _group_norm_apply(x, scale, bias, groups: int, epsilon: float):
     GroupNorm reduced the cotangent 4-5 times per norm. Forward mode is the rule itself.
     """
     xhat, _ = _normalized(x, groups, epsilon)
-    return xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim)
-
-
-def _channels(v: jax.Array, ndim: int) -> jax.Array:
-    """A per-channel vector ``[c]`` as ``[1, ..., 1, c]`` of rank ``ndim``."""
-    return v.reshape((1,) * (ndim - 1) + v.shape)
+    return _scale_shift(xhat, scale, bias)
 
 
 @_group_norm_apply.defjvp
@@ -222,7 +224,7 @@ def _group_norm_jvp(groups, epsilon, primals, tangents):
         + expand(bias_dot[None] - sr * m1)
         + xhat * expand(scale_dot[None] - sr * m2)
     )
-    return xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim), out_dot
+    return _scale_shift(xhat, scale, bias), out_dot
 
 
 class _GroupNorm(nn.Module):
