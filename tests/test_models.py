@@ -425,6 +425,56 @@ def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_
     np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-10, atol=1e-12)
 
 
+def test_attention_output_projection_is_the_dense_layer_in_value_gradient_and_jvp(x64):
+    # Same parameters (names, shapes, dtypes, zero initialisation) as nn.Dense(c) with zero
+    # kernel named "proj_out", and the same map, gradient and forward-mode tangent: its custom
+    # JVP only changes the form in which the kernel gradient is computed on CPU.
+    import flax.linen as nn
+
+    from fmjax.models.unet import _OutProjection
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 6), jnp.float64)
+    dense = nn.Dense(5, kernel_init=nn.initializers.zeros, dtype=jnp.float64)
+    ours = _OutProjection(5, jnp.float64)
+    params, dense_params = ours.init(jax.random.key(1), x), dense.init(jax.random.key(1), x)
+    assert jax.tree.structure(params) == jax.tree.structure(dense_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(dense_params), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
+    cotangent = jax.random.normal(jax.random.key(3), (2, 3, 4, 5), jnp.float64)
+    param_tangents = jax.tree.map(jnp.cos, params)
+
+    def kernel_gradient(layer):
+        return lambda x: jax.grad(lambda p: jnp.vdot(layer.apply(p, x), cotangent))(params)
+
+    for want, got in (
+        (dense.apply(params, x), ours.apply(params, x)),
+        (
+            jax.vjp(dense.apply, params, x)[1](cotangent),
+            jax.vjp(ours.apply, params, x)[1](cotangent),
+        ),
+        (
+            jax.jvp(dense.apply, (params, x), (param_tangents, jnp.sin(x)))[1],
+            jax.jvp(ours.apply, (params, x), (param_tangents, jnp.sin(x)))[1],
+        ),
+        (  # tangents of the parameters only, then of the input only (symbolic zeros)
+            jax.jvp(lambda p: dense.apply(p, x), (params,), (param_tangents,))[1],
+            jax.jvp(lambda p: ours.apply(p, x), (params,), (param_tangents,))[1],
+        ),
+        (
+            jax.jvp(lambda x: dense.apply(params, x), (x,), (jnp.sin(x),))[1],
+            jax.jvp(lambda x: ours.apply(params, x), (x,), (jnp.sin(x),))[1],
+        ),
+        (  # second order: the kernel gradient's own derivative along the input
+            jax.jvp(kernel_gradient(dense), (x,), (jnp.sin(x),))[1],
+            jax.jvp(kernel_gradient(ours), (x,), (jnp.sin(x),))[1],
+        ),
+    ):
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 4, 12), (2, 7, 8)])
 def test_group_norm_is_flax_group_norm_in_value_gradient_and_jvp(x64, shape):
     # Same parameters, and to float64 rounding the same map, gradient (of input and both
