@@ -259,3 +259,79 @@ def test_cpu_model_reads_the_first_processor_of_cpuinfo(tmp_path):
     assert cpu_model(str(cpuinfo)) == "EPYC (family 6, model 143)"
     # Without a model name (not Linux, or another format), `platform` answers.
     assert cpu_model(str(tmp_path / "missing")) not in ("", "EPYC")
+
+
+def _gpu_trace(kernels):
+    """A Perfetto trace shaped as jax.profiler writes one on a GPU: a host process, a device
+    process with a stream thread (the kernels) and an "XLA Ops" thread (a summary of them)."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {
+            "ph": "M",
+            "pid": 2,
+            "tid": 7,
+            "name": "thread_name",
+            "args": {"name": "Stream #7(Compute)"},
+        },
+        {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    events = [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 500, "name": "PjitFunction(step)"}]
+    for start, dur, name in kernels:
+        events.append({"ph": "X", "pid": 2, "tid": 7, "ts": start, "dur": dur, "name": name})
+        events.append({"ph": "X", "pid": 2, "tid": 9, "ts": start, "dur": dur, "name": "fusion.1"})
+    return {"traceEvents": meta + events}
+
+
+def test_gpu_kernel_summary_reads_stream_kernels_once_and_sorts_them_by_kind():
+    from experiments.bench import kernels
+
+    trace = _gpu_trace(
+        [
+            (0, 300, "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"),
+            (300, 100, "nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_TNT"),
+            (450, 50, "loop_add_fusion_3"),
+            (1000, 300, "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"),
+            (1300, 150, "input_reduce_fusion_1"),
+            (1450, 50, "loop_add_fusion_3"),
+        ]
+    )
+    events = kernels.device_events(trace, op_names=set())
+    assert len(events) == 6  # neither the host's event nor the "XLA Ops" summaries
+    by_kind, busy_ms, top = kernels.summarize(events, steps=2, top=2)
+    # Two steps: per step 0.3 ms of convolution, 0.05 of matmul, 0.075 of reduction, 0.05 of
+    # element-wise; the device was busy 0.45 ms of the first (a gap at 400-450 us) and 0.5 ms
+    # of the second.
+    assert by_kind["convolution"] == pytest.approx(0.3)
+    assert by_kind["matmul"] == pytest.approx(0.05)
+    assert by_kind["reduction"] == pytest.approx(0.075)
+    assert by_kind["element-wise"] == pytest.approx(0.05)
+    assert by_kind["attention"] == by_kind["other"] == by_kind["data movement"] == 0
+    assert busy_ms == pytest.approx(0.475)
+    assert top[0] == ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 0.3, 1.0)
+    assert top[1][0] == "input_reduce_fusion_1"
+
+
+def test_gpu_kernel_summary_falls_back_to_hlo_named_events_without_a_device_process():
+    from experiments.bench import kernels
+
+    trace = {
+        "traceEvents": [
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 40, "name": "convolution.3"},
+            {"ph": "X", "pid": 1, "tid": 2, "ts": 10, "dur": 40, "name": "fusion.2"},
+            {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 90, "name": "ThunkExecutor"},
+        ]
+    }
+    events = kernels.device_events(trace, op_names={"convolution.3", "fusion.2"})
+    assert sorted(name for _, _, name in events) == ["convolution.3", "fusion.2"]
+    assert kernels.busy_microseconds(events) == 50  # overlapping intervals count once
+
+
+def test_kernel_rows_refuse_bad_counts_before_building_anything():
+    from experiments.bench import kernels
+
+    with pytest.raises(ValueError, match="steps and batch must be positive"):
+        kernels.kernel_rows("unet_tiny", (8, 8, 1), batch=0, dtype="float32")
+    with pytest.raises(ValueError, match="sample batch and steps must be positive"):
+        kernels.sampling_row("unet_tiny", (8, 8, 1), batch=4, dtype="float32", steps=0)

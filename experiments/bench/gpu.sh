@@ -3,7 +3,7 @@
 #
 #   bash experiments/bench/gpu.sh [RESULTS_DIR]            # default: $OUT, else ./bench-results
 #   bash experiments/bench/gpu.sh --dry-run [RESULTS_DIR]  # the same steps, tiny, on any backend
-#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, sampling, ot
+#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, kernels, sampling, ot
 #
 # From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
 # project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
@@ -16,24 +16,28 @@
 #     bfloat16 at per-device batch 128 on every GPU: ms/step, images/s, GFLOP/step, the
 #     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
 #     GPU-hours of the Meta recipe (175k steps x 512); then torchcfm's preset the same way,
-#  4. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
+#  4. traces the Meta preset's train step (experiments/bench/kernels.py): device time by kind
+#     of kernel, idle time, the longest kernels, and the Euler sampling cost of the same U-Net
+#     (ms per velocity evaluation at batch 500, projected FID-50k time); the raw trace and the
+#     step's HLO go to RESULTS_DIR/kernels/ for a finer reading offline,
+#  5. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
 #     (experiments/bench/ot.py: the host and in-graph assignment solvers on the GPU, which
 #     decides whether "auto" should keep calling the host there),
 # writing gpu.log (everything printed) and one JSON file per benchmark to RESULTS_DIR.
 #
-# --dry-run skips the install and nvidia-smi and runs steps 3-4 at tiny sizes (8x8 images,
+# --dry-run skips the install and nvidia-smi and runs steps 3-5 at tiny sizes (8x8 images,
 # batch 1, one timed step, --quick sampling) on whatever backend JAX has: a check of this
-# script on a CPU machine. --only PARTS (comma-separated: train, sampling, ot) runs those
-# parts of steps 3-4 alone, e.g. to split the work over two shorter sessions on a device.
+# script on a CPU machine. --only PARTS (comma-separated: train, kernels, sampling, ot) runs
+# those parts of steps 3-5 alone, e.g. to split the work over two shorter sessions on a device.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-dry_run=0 parts=train,sampling,ot results=
+dry_run=0 parts=train,kernels,sampling,ot results=
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only)
-      parts=${2:?--only needs PARTS: a comma-separated subset of train,sampling,ot}
+      parts=${2:?--only needs PARTS: a comma-separated subset of train,kernels,sampling,ot}
       shift
       ;;
     -*)
@@ -45,8 +49,8 @@ while (($#)); do
   shift
 done
 for part in ${parts//,/ }; do
-  [[ "$part" =~ ^(train|sampling|ot)$ ]] || {
-    echo "--only: unknown part '$part'; expected some of train, sampling, ot" >&2
+  [[ "$part" =~ ^(train|kernels|sampling|ot)$ ]] || {
+    echo "--only: unknown part '$part'; expected some of train, kernels, sampling, ot" >&2
     exit 2
   }
 done
@@ -60,6 +64,7 @@ echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null
 
 if ((dry_run)); then
   shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
+  sample=(--sample-batch 1 --sample-steps 2) traced=1
 else
   jax_version=$(sed -n 's/^jax==//p' requirements.txt)
   read -r found backend < <("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' \
@@ -72,8 +77,9 @@ else
   fi
   nvidia-smi | tee "$results/nvidia-smi.txt"
   shape=() batch=128 repeats=20 quick=()
+  sample=(--sample-batch 500 --sample-steps 20) traced=3
 fi
-if ! "$python" -c 'import experiments.bench.ot, experiments.bench.sampling, experiments.bench.train'; then
+if ! "$python" -c 'import experiments.bench.kernels, experiments.bench.ot, experiments.bench.sampling'; then
   echo "== a package the benchmarks import is missing (above): pip install -r requirements.txt," \
     "or offline, from wheels downloaded elsewhere: pip install --no-index --no-deps WHEELS" >&2
   exit 1
@@ -87,6 +93,12 @@ if wants train; then
       --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
       --json "$results/train_${preset}_bf16.json"
   done
+fi
+if wants kernels; then
+  echo "== kernels: unet_cifar10_meta, bfloat16, batch $batch; Euler sampling"
+  "$python" -m experiments.bench.kernels --preset unet_cifar10_meta --dtype bfloat16 \
+    --batch "$batch" --steps "$traced" "${shape[@]}" "${sample[@]}" \
+    --save "$results/kernels" --json "$results/kernels.json"
 fi
 if wants sampling; then
   echo "== sampling"
