@@ -8,11 +8,11 @@
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
 parameters and optimiser state stay float32): compile time, images/s per device, the step's
-FLOPs from XLA's cost analysis (on CPU of the step lowered without its loops: see
-`step_flops`), the achieved FLOP/s as a fraction of a large matmul in the
-step's compute dtype measured in the same run on the same device (a practical peak), and
-peak memory (the device's allocator statistics where it keeps them, else XLA's memory
-analysis of the step).
+FLOPs from XLA's cost analysis of the step lowered for CUDA, before XLA's rewrites (see
+`step_flops`: the compiled step's count misses loop trips on CPU and cuDNN calls on GPUs),
+the achieved FLOP/s as a fraction of a large matmul in the step's compute dtype measured in
+the same run on the same device (a practical peak), and peak memory (the device's allocator
+statistics where it keeps them, else XLA's memory analysis of the step).
 
 For the Meta CIFAR-10 preset a row also projects the device-hours of the Meta recipe
 (`META_RECIPE_STEPS` steps at global batch `META_RECIPE_BATCH`, see
@@ -106,21 +106,26 @@ def _flops_of(analysis) -> float | None:
 def step_flops(step, compiled, *args) -> tuple[float | None, str]:
     """The FLOPs of one call of the jitted ``step`` and how they were counted.
 
-    XLA's cost analysis counts a while loop's body once, whatever its trip count, and on CPU
-    the U-Nets loop over chunks of images (the kernel gradient, attention, dropout:
-    :mod:`fmjax.models.conv`, :mod:`fmjax.models.unet`), so there the compiled step's count
-    misses most of the kernel gradient (416 instead of 563 GFLOP for the torchcfm CIFAR-10
-    step at batch 16). On CPU the count is therefore that of the same step lowered for CUDA,
-    whose ``platform_dependent`` branches are the loop-free ones (nothing is compiled for
-    it); elsewhere, and where that lowering fails (older JAX), the compiled step's.
+    Counted on the step lowered for CUDA and not compiled (nothing is compiled for it), on
+    every backend, because the compiled step's cost analysis undercounts on both CPU and GPU:
+
+    - XLA counts a while loop's body once, whatever its trip count, and on CPU the U-Nets loop
+      over chunks of images (the kernel gradient, attention, dropout: :mod:`fmjax.models.conv`,
+      :mod:`fmjax.models.unet`), so there the compiled count misses most of the kernel
+      gradient (416 instead of 563 GFLOP for the torchcfm CIFAR-10 step at batch 16); the
+      CUDA lowering takes the ``platform_dependent`` branches without loops.
+    - XLA:GPU rewrites convolutions into cuDNN custom calls, which its cost analysis does not
+      count: on an H200 the compiled Meta CIFAR-10 step at batch 128 counted 710 GFLOP, against
+      14,831 in the lowering (14,128 of them in the 179 cuDNN calls, recounted from their
+      shapes in the compiled HLO).
+
+    Where that lowering fails (older JAX), the compiled step's count.
     """
-    if jax.default_backend() == "cpu":
-        try:
-            lowered = step.trace(*args).lower(lowering_platforms=("cuda",))
-            return _flops_of(lowered.cost_analysis()), "loop-free (CUDA) lowering"
-        except (AttributeError, TypeError, ValueError, NotImplementedError):
-            pass
-    return _flops_of(compiled.cost_analysis()), "compiled step"
+    try:
+        lowered = step.trace(*args).lower(lowering_platforms=("cuda",))
+        return _flops_of(lowered.cost_analysis()), "loop-free (CUDA) lowering"
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return _flops_of(compiled.cost_analysis()), "compiled step"
 
 
 def _peak_memory_bytes(compiled) -> int | None:
