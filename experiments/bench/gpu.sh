@@ -61,6 +61,14 @@ python=${PYTHON:-.venv/bin/python}
 [[ -x "$python" ]] || python=python3
 exec > >(tee -a "$results/gpu.log") 2>&1
 echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') -> $results"
+# One compilation cache for this run's processes, empty at its start: the train part's compile
+# times stay cold, and the kernels part reuses the Meta step the train part compiled (a
+# minute on an H200). A cache the caller set is kept.
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+  export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+fi
 
 if ((dry_run)); then
   shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
