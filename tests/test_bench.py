@@ -335,3 +335,11 @@ def test_kernel_rows_refuse_bad_counts_before_building_anything():
         kernels.kernel_rows("unet_tiny", (8, 8, 1), batch=0, dtype="float32")
     with pytest.raises(ValueError, match="sample batch and steps must be positive"):
         kernels.sampling_row("unet_tiny", (8, 8, 1), batch=4, dtype="float32", steps=0)
+
+
+def test_preset_shape_reads_h_w_c_and_refuses_anything_else():
+    assert bench_train.preset_shape("unet_cifar10_meta", None) == (32, 32, 3)
+    assert bench_train.preset_shape("unet_cifar10_meta", "8, 8,3") == (8, 8, 3)
+    for text in ("8,8", "8,8,0", "8,8,x", "8,8,3,1", "-8,8,3"):
+        with pytest.raises(ValueError, match="three positive integers H,W,C"):
+            bench_train.preset_shape("unet_tiny", text)

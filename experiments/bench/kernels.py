@@ -45,7 +45,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import machine, median_seconds
-from experiments.bench.train import _NATIVE_SHAPES, _stepping, build_step, default_dtype
+from experiments.bench.train import (
+    _NATIVE_SHAPES,
+    _stepping,
+    build_step,
+    default_dtype,
+    preset_shape,
+)
 from fmjax import sampling, train
 
 KERNEL_KINDS = (
@@ -303,13 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", help="folder for the raw trace and the step's HLO")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    shape = _NATIVE_SHAPES[args.preset]
-    if args.image_shape:
-        shape = tuple(int(p) for p in args.image_shape.split(","))
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(
-                f"--image-shape must be three positive integers; got {args.image_shape!r}."
-            )
+    shape = preset_shape(args.preset, args.image_shape)
     dtype = args.dtype or default_dtype()
     from experiments.benchmark import markdown_table
 

@@ -405,6 +405,24 @@ _NATIVE_SHAPES = {
 }
 
 
+def preset_shape(preset: str, image_shape: str | None) -> tuple[int, int, int]:
+    """The image shape a benchmark builds ``preset`` for: ``image_shape`` ("H,W,C", from a
+    command line) when given, else the preset's own.
+
+    Example:
+        >>> preset_shape("unet_cifar10_meta", None), preset_shape("unet_cifar10_meta", "8,8,3")
+        ((32, 32, 3), (8, 8, 3))
+    """
+    if not image_shape:
+        return _NATIVE_SHAPES[preset]
+    parts = image_shape.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"--image-shape must be three positive integers H,W,C; got {image_shape!r}."
+        )
+    return tuple(int(p) for p in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), help="one preset")
@@ -437,14 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = jax.default_backend() != "cpu"
         presets = FULL_ACCELERATOR if accelerator else FULL_CPU
     else:
-        shape = _NATIVE_SHAPES[args.preset]
-        if args.image_shape:
-            parts = args.image_shape.split(",")
-            if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-                raise ValueError(
-                    f"--image-shape must be three positive integers H,W,C; got {args.image_shape!r}."
-                )
-            shape = tuple(int(p) for p in parts)
+        shape = preset_shape(args.preset, args.image_shape)
         presets = [(args.preset, shape, args.batch_per_device)]
     from experiments.benchmark import markdown_table
 
