@@ -36,7 +36,6 @@ import os
 import pathlib
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import machine, median_seconds
+from experiments.bench import machine, median_seconds, profile
 from experiments.bench.train import (
     _NATIVE_SHAPES,
     _stepping,
@@ -69,7 +68,7 @@ KERNEL_KINDS = (
 _KIND_PATTERNS = (
     ("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
     ("convolution", re.compile(r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|cudnn", re.I)),
-    ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|wgmma|xmma|cublas|\bdot|^dot|_dot", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|wgmma|xmma|cublas|\bdot|_dot", re.I)),
     ("reduction", re.compile(r"reduce|reduction", re.I)),
     (
         "data movement",
@@ -100,14 +99,6 @@ def kernel_kind(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
-
-
-def read_trace(directory: pathlib.Path) -> dict:
-    """The Perfetto trace that ``jax.profiler.trace(directory, create_perfetto_trace=True)``
-    wrote."""
-    (path,) = directory.glob("plugins/profile/*/perfetto_trace.json.gz")
-    with gzip.open(path) as f:
-        return json.load(f)
 
 
 def device_events(trace: dict, op_names: set[str]) -> list[tuple[float, float, str]]:
@@ -167,10 +158,6 @@ def summarize(events: list[tuple[float, float, str]], steps: int, top: int):
     return by_kind, busy_microseconds(events) / 1e3 / steps, kernels
 
 
-def _op_names(hlo: str) -> set[str]:
-    return set(re.findall(r"^\s+(?:ROOT )?%?([\w.\-]+) = ", hlo, re.M))
-
-
 def kernel_rows(
     preset: str,
     image_shape,
@@ -192,20 +179,23 @@ def kernel_rows(
     compiled = step.lower(state, data).compile()
     hlo = compiled.as_text()
     stepping = _stepping(compiled, {"state": state}, data)
-    wall_ms = 1e3 * median_seconds(stepping, 5)
+    wall_ms = 1e3 * median_seconds(stepping, 5)  # also the trace's warm-up
     with tempfile.TemporaryDirectory() as directory:
-        jax.block_until_ready(stepping())
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             for _ in range(steps):
                 jax.block_until_ready(stepping())
-        trace = read_trace(pathlib.Path(directory))
+        trace = profile.read_trace(pathlib.Path(directory))
         if save:
             os.makedirs(save, exist_ok=True)
-            (path,) = pathlib.Path(directory).glob("plugins/profile/*/perfetto_trace.json.gz")
-            shutil.copy(path, os.path.join(save, "trace.json.gz"))
+            shutil.copy(
+                profile.trace_file(pathlib.Path(directory)), os.path.join(save, "trace.json.gz")
+            )
             with gzip.open(os.path.join(save, "step.hlo.txt.gz"), "wt") as f:
                 f.write(hlo)
-    by_kind, busy_ms, kernels = summarize(device_events(trace, _op_names(hlo)), steps, top)
+    # On CPU, XLA's operations stand in for kernels; parse_hlo leaves out the loops and calls
+    # that contain others (which the trace times too, so they would count twice).
+    ops = set(profile.parse_hlo(hlo))
+    by_kind, busy_ms, kernels = summarize(device_events(trace, ops), steps, top)
     common = {
         "benchmark": f"{preset} kernels",
         "batch": batch,
@@ -247,16 +237,15 @@ def sampling_row(preset: str, image_shape, batch: int, dtype: str, steps: int) -
         lambda p: p + 0.01 * jax.random.normal(jax.random.key(2), p.shape, p.dtype), params
     )
 
-    @jax.jit
     def solve(params, x0):
         return sampling.sample(
             lambda x, t: model.apply(params, x, t), x0, solver="euler", steps=steps
         ).x
 
     start = time.perf_counter()
-    jax.block_until_ready(solve(params, x0))
+    compiled = jax.jit(solve).lower(params, x0).compile()
     compile_s = time.perf_counter() - start
-    seconds = statistics.median(_timed(lambda: solve(params, x0), 5))
+    seconds = median_seconds(lambda: compiled(params, x0), 5)
     per_evaluation = seconds / steps
     return {
         "benchmark": f"{preset} euler sampling",
@@ -269,15 +258,6 @@ def sampling_row(preset: str, image_shape, batch: int, dtype: str, steps: int) -
         "images_x_nfe_per_s": batch / per_evaluation,
         "fid50k_at_100_nfe_s": 50_000 / batch * 100 * per_evaluation,
     }
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run(quick: bool) -> list[dict]:

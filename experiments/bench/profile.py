@@ -250,10 +250,21 @@ def attribute_ops(events: Iterable[tuple[float, float, str]], ops: dict[str, Op]
     return dict(seconds)
 
 
-def _trace_events(directory: pathlib.Path) -> list[tuple[float, float, str]]:
+def trace_file(directory: pathlib.Path) -> pathlib.Path:
+    """The Perfetto trace that ``jax.profiler.trace(directory, create_perfetto_trace=True)``
+    wrote (gzipped JSON)."""
     (path,) = directory.glob("plugins/profile/*/perfetto_trace.json.gz")
-    with gzip.open(path) as f:
-        trace = json.load(f)
+    return path
+
+
+def read_trace(directory: pathlib.Path) -> dict:
+    """:func:`trace_file`'s contents: ``{"traceEvents": [...], ...}``."""
+    with gzip.open(trace_file(directory)) as f:
+        return json.load(f)
+
+
+def _trace_events(directory: pathlib.Path) -> list[tuple[float, float, str]]:
+    trace = read_trace(directory)
     return [
         (e["ts"], e["ts"] + e["dur"], e["name"])
         for e in trace["traceEvents"]
