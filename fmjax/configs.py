@@ -154,6 +154,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("path.prediction", p.prediction, ("velocity", "target", "epsilon"))
     _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
+    # A U-Net field that configs for GPUs add (experiments/configs/cifar10.py).
+    attention = config.model.get("attention", "xla")
+    _choice("model.attention", attention, ("xla", "cudnn"))
+    if attention == "cudnn" and config.model.dtype == "float32":
+        raise ValueError(
+            "config.model.attention='cudnn' computes in bfloat16 or float16; set "
+            "config.model.dtype to one of them, or config.model.attention='xla'."
+        )
     if not (isinstance(o.learning_rate, int | float) and 0 < o.learning_rate < math.inf):
         raise ValueError(
             f"config.optim.learning_rate={o.learning_rate!r} is not valid; expected a positive "

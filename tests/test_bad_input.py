@@ -101,6 +101,12 @@ _CONFIG_ROWS = [
     ("train.sample_steps", 0, r"train.sample_steps=0 is not valid; expected a positive"),
     ("data.image_size", 0, r"config.data.image_size=0 is not valid; expected a positive"),
     ("model.num_classes", 0, r"config.model.num_classes=0 is not valid; expected a positive"),
+    (
+        "model.attention",
+        "flash",
+        r"config.model.attention='flash' is not valid; expected one of \['xla', 'cudnn'\]",
+    ),
+    ("model.attention", "cudnn", r"attention='cudnn' computes in bfloat16 or float16; set "),
 ]
 
 

@@ -2,12 +2,14 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments.bench import cpu_model, interleaved_seconds, machine, profile
 from experiments.bench import train as bench_train
+from fmjax import models, train
 from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
@@ -213,6 +215,57 @@ def test_compare_compiler_options_refuses_unknown_and_result_changing_options():
         )
 
 
+class _FormsMLP(nn.Module):
+    """A velocity MLP computed in one of three forms: ``"plain"``, ``"transposed"`` (the
+    same function through transposed products) or ``"doubled"`` (another function). Its
+    output layer starts at zero, as the U-Nets' attention projections do."""
+
+    form: str = "plain"
+    num_classes: int | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train=False):
+        b = x.shape[0]
+        h = jnp.concatenate([x.reshape(b, -1), jnp.broadcast_to(t, (b,))[:, None]], axis=1)
+        w = self.param("w", nn.initializers.normal(0.3), (h.shape[1], 16))
+        hidden = (w.T @ h.T).T if self.form == "transposed" else h @ w
+        if self.form not in ("plain", "transposed", "doubled"):
+            raise ValueError(f"form={self.form!r} is not valid")
+        out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros)(jnp.tanh(hidden))
+        return (2 * out if self.form == "doubled" else out).reshape(x.shape)
+
+
+models.PRESETS.setdefault("bench_forms_mlp", _FormsMLP)
+
+
+def _forms_step():
+    step, state, batch, config = bench_train.build_step("bench_forms_mlp", (4, 4, 1), 8)
+    return step, state, batch, config, train.make_mesh()
+
+
+def test_compare_model_options_times_a_model_computed_another_way_from_the_same_state():
+    results = bench_train.compare_model_options(*_forms_step(), [("form", "transposed")], repeats=2)
+    assert list(results) == ["default", bench_train.CONTROL, "form=transposed"]
+    reference = results["default"]
+    assert reference.loss > 0 and reference.grad_norm > 0
+    for result in results.values():
+        assert result.loss == pytest.approx(reference.loss, rel=1e-4)
+        assert result.grad_norm == pytest.approx(reference.grad_norm, rel=1e-4)
+        assert len(result.seconds) == 2 and min(result.seconds) > 0
+
+
+def test_compare_model_options_refuses_another_function_and_unknown_fields():
+    # At the fresh state the zero output layer hides "doubled" (both outputs are 0); the
+    # check runs from perturbed parameters, where it cannot hide.
+    with pytest.raises(ValueError, match="with 'form=doubled' the step's loss is"):
+        bench_train.compare_model_options(*_forms_step(), [("form", "doubled")], 1)
+    with pytest.raises(ValueError, match="'width=3' is not a field of the model"):
+        bench_train.compare_model_options(*_forms_step(), [("width", 3)], 1)
+    with pytest.raises(ValueError, match="form='squared' is not valid"):
+        bench_train.compare_model_options(*_forms_step(), [("form", "squared")], 1)
+
+
 def test_sampling_option_rows_time_the_control_and_fmjaxs_options():
     from experiments.bench import sampling as bench_sampling
 
@@ -343,3 +396,40 @@ def test_preset_shape_reads_h_w_c_and_refuses_anything_else():
     for text in ("8,8", "8,8,0", "8,8,x", "8,8,3,1", "-8,8,3"):
         with pytest.raises(ValueError, match="three positive integers H,W,C"):
             bench_train.preset_shape("unet_tiny", text)
+
+
+def test_layer_shapes_of_the_meta_preset_are_its_levels_and_attention_blocks():
+    from experiments.bench.layers import layer_shapes
+
+    shapes = layer_shapes("unet_cifar10_meta", (32, 32, 3), 128)
+    assert shapes["group_norm"] == [(128, 32, 32, 256), (128, 16, 16, 256), (128, 8, 8, 256)]
+    # attention at 16x16 (attention_ds=(2,)) and in the middle, one head of 256 channels
+    assert shapes["attention"] == [((128, 16, 16, 256), 1), ((128, 8, 8, 256), 1)]
+
+
+class _Scaled(nn.Module):
+    """``x @ w * factor``: one parameter ``w``, another function for each ``factor``; a
+    negative factor cannot run (a ValueError at trace time, as cuDNN's forms raise here)."""
+
+    factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        if self.factor < 0:
+            raise ValueError("this form cannot run here")
+        w = self.param("w", nn.initializers.normal(1.0), (x.shape[-1], x.shape[-1]))
+        return x @ w * self.factor
+
+
+def test_compare_forms_times_equal_forms_reports_forms_that_cannot_run_and_refuses_others():
+    from experiments.bench.layers import compare_forms
+
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    forms = {"a": _Scaled(), "b": _Scaled(1.0 + 1e-6), "none": _Scaled(-1.0)}
+    rows = compare_forms("scaled", forms, x, "float32", 2, {"extra": 1})
+    assert [row["form"] for row in rows] == ["a", "b", "none"]
+    assert rows[0]["forward_vs_first"] == 1 and rows[1]["max_rel_difference"] < 1e-5
+    assert all(rows[i]["gradient_ms"] > 0 and rows[i]["extra"] == 1 for i in (0, 1))
+    assert rows[2]["error"] == "this form cannot run here" and "forward_ms" not in rows[2]
+    with pytest.raises(ValueError, match=r"computed by 'b' differs from 'a' by 0\.1"):
+        compare_forms("scaled", {"a": _Scaled(), "b": _Scaled(1.1)}, x, "float32", 1, {})

@@ -396,13 +396,22 @@ def test_attention_projection_initialises_as_the_dense_layer_it_replaced():
     assert float(jnp.abs(want["qkv"]["kernel"]).max()) > 0
 
 
-def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_head(x64):
+@pytest.mark.parametrize("implementation", ["xla", "cudnn"])
+def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_head(
+    x64, implementation, monkeypatch
+):
     # The parameters' meaning is fixed by checkpoints: the qkv projection's 3c outputs are
-    # [queries | keys | values], each of heads of head_dim consecutive channels.
+    # [queries | keys | values], each of heads of head_dim consecutive channels. The "cudnn"
+    # block's own part (position-major projections, the output's layout) is checked here
+    # with jax.nn.dot_product_attention's XLA implementation standing in for cuDNN's kernel
+    # (which needs a GPU and bfloat16; a test below compares the two there).
+    from fmjax.models import unet
     from fmjax.models.unet import _Attention
 
+    fused = unet._attend_fused
+    monkeypatch.setattr(unet, "_attend_fused", lambda q, k, v, _: fused(q, k, v, "xla"))
     heads, groups, (b, side, c) = 2, 2, (2, 3, 8)
-    block = _Attention(num_heads=heads, num_groups=groups, dtype=jnp.float64)
+    block = _Attention(heads, groups, jnp.float64, implementation)
     x = jax.random.normal(jax.random.key(0), (b, side, side, c))
     params = jax.tree.map(
         lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
@@ -422,7 +431,62 @@ def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_
     )
     out = _softmax_attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, side * side, c)
     want = x + (out @ row["proj_out"]["kernel"] + row["proj_out"]["bias"]).reshape(x.shape)
-    np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-10, atol=1e-12)
+    # The stand-in for cuDNN takes its softmax in float32 (a layout error would be O(1)).
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if implementation == "xla" else {"rtol": 2e-5}
+    np.testing.assert_allclose(block.apply({"params": params}, x), want, **tolerance)
+
+
+def test_fused_attention_takes_position_major_arrays_and_scales_by_the_head_width(x64):
+    from fmjax.models.unet import _attend, _attend_fused
+
+    q, k, v = (
+        3 * jax.random.normal(key, (2, 10, 3, 8)) for key in jax.random.split(jax.random.key(0), 3)
+    )
+    heads_major = [jnp.moveaxis(a, 2, 1) for a in (q, k, v)]
+    want = jnp.moveaxis(_softmax_attention(*heads_major), 1, 2)
+    # JAX's XLA implementation takes its softmax in float32 whatever the inputs: 1e-5.
+    np.testing.assert_allclose(_attend_fused(q, k, v, "xla"), want, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jnp.moveaxis(_attend(*heads_major, jnp.float64), 1, 2), want, rtol=1e-12, atol=1e-13
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs there")
+def test_cudnn_attention_without_a_gpu_raises_a_value_error_naming_the_setting():
+    model = UNetTiny(dtype=jnp.bfloat16, attention="cudnn")
+    x = jnp.zeros((1, 8, 8, 1))
+    with pytest.raises(ValueError, match=r"attention='cudnn' cannot run here.*attention='xla'"):
+        jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros(1))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")
+def test_cudnn_attention_is_the_xla_attention_in_value_and_gradient_on_a_gpu():
+    xla, cudnn = (UNetTiny(dtype=jnp.bfloat16, attention=a) for a in ("xla", "cudnn"))
+    params, x = random_params(xla, (16, 16, 1)), images(shape=(16, 16, 1))
+
+    def loss(model):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x, TIMES) ** 2)))
+
+    (want, want_grad), (got, got_grad) = loss(xla)(params), loss(cudnn)(params)
+    assert float(want) > 0.01
+    # Both in bfloat16, summed in different orders: as close as bfloat16 runs of one formula.
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        assert float(jnp.linalg.norm(g - w)) <= 0.05 * float(jnp.linalg.norm(w)) + 1e-6
+
+
+@pytest.mark.parametrize(
+    "attention, dtype, match",
+    [
+        ("cudnn", jnp.float32, "bfloat16 or float16; got dtype float32"),
+        ("flash", jnp.bfloat16, r"attention='flash' is not valid; expected one of \['xla'"),
+    ],
+)
+def test_bad_attention_setting_raises(attention, dtype, match):
+    model = UNetTiny(dtype=dtype, attention=attention)
+    x = jnp.zeros((1, 8, 8, 1))
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros(1))
 
 
 def test_attention_output_projection_is_the_dense_layer_in_value_gradient_and_jvp(x64):

@@ -3,7 +3,8 @@
 #
 #   bash experiments/bench/gpu.sh [RESULTS_DIR]            # default: $OUT, else ./bench-results
 #   bash experiments/bench/gpu.sh --dry-run [RESULTS_DIR]  # the same steps, tiny, on any backend
-#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, kernels, sampling, ot
+#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, kernels, variants,
+#                                                             # sampling, ot
 #
 # From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
 # project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
@@ -20,6 +21,10 @@
 #     of kernel, idle time, the longest kernels, and the Euler sampling cost of the same U-Net
 #     (ms per velocity evaluation at batch 500, projected FID-50k time); the raw trace and the
 #     step's HLO go to RESULTS_DIR/kernels/ for a finer reading offline,
+#  4b. compares ways of computing the Meta preset (part "variants"): its train step with
+#     cuDNN's fused attention against fmjax's own (experiments/bench/train.py --model-option
+#     attention=cudnn, with a control; a failure is logged and the script goes on), and its
+#     GroupNorm and attention layers alone, each way (experiments/bench/layers.py),
 #  5. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
 #     (experiments/bench/ot.py: the host and in-graph assignment solvers on the GPU, which
 #     decides whether "auto" should keep calling the host there),
@@ -27,17 +32,19 @@
 #
 # --dry-run skips the install and nvidia-smi and runs steps 3-5 at tiny sizes (8x8 images,
 # batch 1, one timed step, --quick sampling) on whatever backend JAX has: a check of this
-# script on a CPU machine. --only PARTS (comma-separated: train, kernels, sampling, ot) runs
+# script on a CPU machine (there the variants part compares attention=xla with itself: cuDNN
+# needs a GPU). --only PARTS (comma-separated: train, kernels, variants, sampling, ot) runs
 # those parts of steps 3-5 alone, e.g. to split the work over two shorter sessions on a device.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-dry_run=0 parts=train,kernels,sampling,ot results=
+dry_run=0 parts=train,kernels,variants,sampling,ot results=
+all_parts="train, kernels, variants, sampling, ot"
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only)
-      parts=${2:?--only needs PARTS: a comma-separated subset of train,kernels,sampling,ot}
+      parts=${2:?--only needs PARTS: a comma-separated subset of $all_parts}
       shift
       ;;
     -*)
@@ -49,8 +56,8 @@ while (($#)); do
   shift
 done
 for part in ${parts//,/ }; do
-  [[ "$part" =~ ^(train|kernels|sampling|ot)$ ]] || {
-    echo "--only: unknown part '$part'; expected some of train, kernels, sampling, ot" >&2
+  [[ "$part" =~ ^(train|kernels|variants|sampling|ot)$ ]] || {
+    echo "--only: unknown part '$part'; expected some of $all_parts" >&2
     exit 2
   }
 done
@@ -72,7 +79,7 @@ fi
 
 if ((dry_run)); then
   shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
-  sample=(--sample-batch 1 --sample-steps 2) traced=1
+  sample=(--sample-batch 1 --sample-steps 2) traced=1 attention=xla
 else
   jax_version=$(sed -n 's/^jax==//p' requirements.txt)
   read -r found backend < <("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' \
@@ -85,9 +92,9 @@ else
   fi
   nvidia-smi | tee "$results/nvidia-smi.txt"
   shape=() batch=128 repeats=20 quick=()
-  sample=(--sample-batch 500 --sample-steps 20) traced=3
+  sample=(--sample-batch 500 --sample-steps 20) traced=3 attention=cudnn
 fi
-if ! "$python" -c 'import experiments.bench.kernels, experiments.bench.ot, experiments.bench.sampling'; then
+if ! "$python" -c 'import experiments.bench.kernels, experiments.bench.layers, experiments.bench.ot, experiments.bench.sampling'; then
   echo "== a package the benchmarks import is missing (above): pip install -r requirements.txt," \
     "or offline, from wheels downloaded elsewhere: pip install --no-index --no-deps WHEELS" >&2
   exit 1
@@ -107,6 +114,15 @@ if wants kernels; then
   "$python" -m experiments.bench.kernels --preset unet_cifar10_meta --dtype bfloat16 \
     --batch "$batch" --steps "$traced" "${shape[@]}" "${sample[@]}" \
     --save "$results/kernels" --json "$results/kernels.json"
+fi
+if wants variants; then
+  echo "== variants: unet_cifar10_meta, bfloat16, batch $batch: attention=$attention; layers"
+  "$python" -m experiments.bench.train --preset unet_cifar10_meta --dtype bfloat16 \
+    --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
+    --model-option "attention=$attention" --json "$results/variants_meta_bf16.json" ||
+    echo "== variants: the step comparison failed (above); going on"
+  "$python" -m experiments.bench.layers --preset unet_cifar10_meta --dtype bfloat16 \
+    --batch "$batch" --repeats "$repeats" "${shape[@]}" --json "$results/layers.json"
 fi
 if wants sampling; then
   echo "== sampling"

@@ -3,7 +3,7 @@
     python -m experiments.benchmark --only train [--quick]
     python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
         [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
-        [--xla-option NAME=VALUE ...]
+        [--xla-option NAME=VALUE ... | --model-option NAME=VALUE ...]
 
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
@@ -30,6 +30,12 @@ up to 13% in this protocol, so a variant's ratio means something only where it i
 the control's. Each row also says whether the variant's optimized HLO is the default's
 (``same_hlo``): then the option changed nothing above code generation, and unless it acts
 there (as fast math does) its timing is the control's noise.
+
+With ``--model-option`` (one preset) it compares ways of computing the same model, in the
+same protocol: a field of the preset set to another value, e.g. ``attention=cudnn``
+(cuDNN's fused attention on an NVIDIA GPU, see ``fmjax.models.UNet``), each variant's first
+step checked against the default's from the same perturbed parameters
+(:func:`compare_model_options`).
 """
 
 import argparse
@@ -178,8 +184,7 @@ def build_step(
     config.model.dtype = dtype or default_dtype()
     config.data.image_shape = image_shape
     config.train.batch_size = per_device_batch * mesh.size
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    step, model, tx = engine_step(config, mesh)
     state = jax.jit(
         lambda: train.init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
     )()
@@ -188,7 +193,15 @@ def build_step(
         "label": np.zeros(config.train.batch_size, np.int32),
     }
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    return train.make_train_step(config, model, tx, schedule, mesh), state, batch, config
+    return step, state, batch, config
+
+
+def engine_step(config, mesh):
+    """``(step, model, tx)``: the engine's jitted train step of ``config`` over ``mesh``, with
+    the model and optimizer it was built from."""
+    model = train.build_model(config.model)
+    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    return train.make_train_step(config, model, tx, schedule, mesh), model, tx
 
 
 def seed_images(image_shape, batch: int) -> np.ndarray:
@@ -276,7 +289,7 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
     return rows
 
 
-def parse_xla_option(text: str) -> tuple[str, object]:
+def parse_xla_option(text: str, what: str = "an XLA option") -> tuple[str, object]:
     """``"NAME=VALUE"`` as ``(NAME, VALUE)``: ``true``/``false`` become booleans, integers
     integers, anything else stays a string (e.g. an enum's name). An empty value (``NAME=``)
     is the empty string: for a list option it means none, so
@@ -291,7 +304,7 @@ def parse_xla_option(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     name, value = name.strip(), value.strip()
     if not sep or not name.isidentifier():
-        raise ValueError(f"an XLA option must read NAME=VALUE; got {text!r}.")
+        raise ValueError(f"{what} must read NAME=VALUE; got {text!r}.")
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     try:
@@ -334,8 +347,7 @@ def compare_compiler_options(
             whose step computes a different loss.
     """
     lowered = step.lower(state, batch)
-    variants = {"default": {}, CONTROL: {}}
-    variants |= {f"{name}={value}": {name: value} for name, value in options}
+    variants = {"default": {}, CONTROL: {}} | _labelled(options)
     compiled = {}
     for label, compiler_options in variants.items():
         try:
@@ -344,24 +356,122 @@ def compare_compiler_options(
             raise ValueError(f"XLA refused the option {label!r}: {err}") from None
     default_hlo = compiled["default"].as_text()
     same_hlo = {label: fn.as_text() == default_hlo for label, fn in compiled.items()}
-    losses = {}
-    for label, fn in compiled.items():  # from copies: the steps donate their state
+    losses = _first_metrics(compiled, state, batch, "loss", 1e-4, "XLA's defaults", "option")
+    times = _interleaved_steps(compiled, state, batch, repeats)
+    return {label: OptionTiming(losses[label], times[label], same_hlo[label]) for label in compiled}
+
+
+def _first_metrics(
+    compiled: dict, state, batch, names, rtol: float, default: str, what: str
+) -> dict[str, float | tuple]:
+    """``{label: metrics[names]}`` of each compiled step's first step from a copy of ``state``
+    (the steps donate their state); ``names`` is a name or a tuple of them. Raises
+    ``ValueError`` where a variant's value is not the ``"default"`` one's to ``rtol``."""
+    single = isinstance(names, str)
+    names = (names,) if single else tuple(names)
+    values = {}
+    for label, fn in compiled.items():
         _, metrics = fn(jax.tree.map(jnp.copy, state), batch)
-        losses[label] = float(metrics["loss"])
-    reference = losses["default"]
-    for label, loss in losses.items():
-        if not abs(loss - reference) <= 1e-4 * abs(reference):  # a NaN fails too
-            raise ValueError(
-                f"with {label!r} the step's loss is {loss!r}, against {reference!r} with "
-                f"XLA's defaults: the option changes the computation."
-            )
-    holder = {"state": state}  # one state, stepped by every variant in turn
-    times = interleaved_seconds(
+        values[label] = tuple(float(metrics[name]) for name in names)
+    for label, got in values.items():
+        for name, value, reference in zip(names, got, values["default"], strict=True):
+            if not abs(value - reference) <= rtol * abs(reference):  # a NaN fails too
+                raise ValueError(
+                    f"with {label!r} the step's {name} is {value!r}, against {reference!r} "
+                    f"with {default}: the {what} changes the computation."
+                )
+    return {label: got[0] if single else got for label, got in values.items()}
+
+
+def _interleaved_steps(compiled: dict, state, batch, repeats: int) -> dict[str, list[float]]:
+    """The seconds of each step of each compiled variant, the variants stepping one state in
+    turn (:func:`experiments.bench.interleaved_seconds`, settled)."""
+    holder = {"state": state}
+    return interleaved_seconds(
         {label: _stepping(fn, holder, batch) for label, fn in compiled.items()},
         repeats,
         settle=True,
     )
-    return {label: OptionTiming(losses[label], times[label], same_hlo[label]) for label in compiled}
+
+
+def perturbed(params, seed: int = 0):
+    """``params`` plus Gaussian noise, each leaf's at a tenth of its RMS (0.02 for an
+    all-zero leaf), so that zero-initialised layers (the attention blocks' output
+    projections, the residual blocks' last convolutions) take part in the output: a fresh
+    U-Net's attention does not change its output, and so could not be compared."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def noisy(leaf, key):
+        rms = jnp.sqrt(jnp.mean(jnp.square(leaf)))
+        scale = jnp.where(rms > 0, 0.1 * rms, 0.02)
+        return leaf + scale * jax.random.normal(key, leaf.shape, leaf.dtype)
+
+    return jax.tree.unflatten(
+        tree, [noisy(leaf, key) for leaf, key in zip(leaves, keys, strict=True)]
+    )
+
+
+class ModelTiming(NamedTuple):
+    """One variant of :func:`compare_model_options`.
+
+    Attributes:
+        loss: ``metrics["loss"]`` of its first step from the perturbed state.
+        grad_norm: ``metrics["grad_norm"]`` of that step.
+        seconds: the time of each timed step.
+    """
+
+    loss: float
+    grad_norm: float
+    seconds: list[float]
+
+
+MODEL_OPTION_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
+"""How far a model variant's first loss and gradient norm may be from the default's, by
+compute dtype: a variant computes the same function, summed in another order."""
+
+
+def compare_model_options(
+    step, state, batch, config, mesh, options: list[tuple[str, object]], repeats: int
+) -> dict[str, ModelTiming]:
+    """``{label: ModelTiming}`` of the engine's train step with the model of ``config`` (label
+    ``"default"``), that step compiled again (the control, :data:`CONTROL`) and once per
+    ``(name, value)`` option, a model field set to another value (label ``"name=value"``,
+    e.g. ``attention=cudnn``: see :attr:`fmjax.models.UNet.attention`).
+
+    Model options change how the network is computed, not what: the parameters are the
+    same, so every variant steps from the same state. First each variant takes one step from
+    a copy of the state with :func:`perturbed` parameters, and its loss and gradient norm must
+    match the default's to :data:`MODEL_OPTION_RTOL` of the compute dtype. Then the variants
+    run in turn from ``state``, ``repeats`` times each, every timed step right after an
+    untimed one of its own.
+
+    Raises:
+        ValueError: for a field the model does not have, or a value it refuses (the model's
+            own message), or a variant whose step computes another loss or gradient.
+    """
+    compiled = {}
+    for label, fields in {"default": {}, CONTROL: {}, **_labelled(options)}.items():
+        variant = config.copy_and_resolve_references()
+        variant.model.update(fields)
+        try:
+            variant_step, _, _ = engine_step(variant, mesh)
+        except TypeError as err:  # the preset has no such field
+            raise ValueError(
+                f"the model option {label!r} is not a field of the model: {err}"
+            ) from None
+        compiled[label] = variant_step.lower(state, batch).compile()
+    rtol = MODEL_OPTION_RTOL[config.model.dtype]
+    start = state._replace(params=perturbed(state.params))
+    checked = _first_metrics(
+        compiled, start, batch, ("loss", "grad_norm"), rtol, "the default model", "model option"
+    )
+    times = _interleaved_steps(compiled, state, batch, repeats)
+    return {label: ModelTiming(*checked[label], times[label]) for label in compiled}
+
+
+def _labelled(options: list[tuple[str, object]]) -> dict[str, dict]:
+    return {f"{name}={value}": {name: value} for name, value in options}
 
 
 def option_rows(
@@ -387,6 +497,39 @@ def option_rows(
             "option": label,
             "loss": result.loss,
             "same_hlo": result.same_hlo,
+            "best_ms": 1e3 * min(result.seconds),
+            "median_ms": 1e3 * float(np.median(result.seconds)),
+            "median_vs_default": float(np.median(result.seconds)) / default_median,
+        }
+        for label, result in results.items()
+    ]
+
+
+def model_option_rows(
+    preset: str,
+    image_shape,
+    per_device_batch: int,
+    repeats: int,
+    options: list[tuple[str, object]],
+    dtype: str | None = None,
+) -> list[dict]:
+    """:func:`compare_model_options` on ``preset``'s train step over every device: one row
+    for the default model, one for the control and one per option, with the checked loss and
+    gradient norm, the best and median step times and the median's ratio to the default's."""
+    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
+    mesh = train.make_mesh()
+    results = compare_model_options(step, state, batch, config, mesh, options, repeats)
+    default_median = float(np.median(results["default"].seconds))
+    return [
+        {
+            "benchmark": "train step, model option",
+            "preset": preset,
+            "device": jax.devices()[0].device_kind,
+            "batch_per_device": per_device_batch,
+            "dtype": config.model.dtype,
+            "option": label,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
             "best_ms": 1e3 * min(result.seconds),
             "median_ms": 1e3 * float(np.median(result.seconds)),
             "median_vs_default": float(np.median(result.seconds)) / default_median,
@@ -441,6 +584,14 @@ def main(argv: list[str] | None = None) -> int:
         help="compare the step compiled with this XLA option against XLA's defaults, in one "
         "process (repeatable: one variant each; needs --preset)",
     )
+    parser.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="compare the step of the model with this field set (e.g. attention=cudnn) "
+        "against the preset's, in one process (repeatable: one variant each; needs --preset)",
+    )
     args = parser.parse_args(argv)
     if args.batch_per_device < 1 or args.repeats < 1:
         raise ValueError(
@@ -448,8 +599,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch_per_device} and {args.repeats}."
         )
     options = [parse_xla_option(text) for text in args.xla_option]
-    if options and args.preset is None:
-        raise ValueError("--xla-option compares one preset's step; name it with --preset.")
+    model_options = [parse_xla_option(text, "a model option") for text in args.model_option]
+    if options and model_options:
+        raise ValueError("--xla-option and --model-option are two comparisons; run them apart.")
+    if (options or model_options) and args.preset is None:
+        raise ValueError(
+            "--xla-option and --model-option compare one preset's step; name it with --preset."
+        )
     dtype = args.dtype or default_dtype()
     if args.preset is None:
         accelerator = jax.default_backend() != "cpu"
@@ -462,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
     if options:
         rows = option_rows(*presets[0], args.repeats, options, dtype)
+    elif model_options:
+        rows = model_option_rows(*presets[0], args.repeats, model_options, dtype)
     else:
         rows = run_presets(presets, args.repeats, dtype)
     print(markdown_table(rows), flush=True)

@@ -113,6 +113,9 @@ def get_config(variant: str | None = None):
     c.fid.stats = ml_collections.config_dict.placeholder(str)  # `fmjax.metrics.fid stats`
     c.fid.inception = ml_collections.config_dict.placeholder(str)  # None: the cache
     c.fid.batch_size = 500  # samples per ODE solve; a multiple of the device count
+    # How the U-Net computes attention: "xla" (every backend) or "cudnn" (cuDNN's fused
+    # kernel; NVIDIA GPUs with --config.model.dtype=bfloat16; see fmjax.models.UNet).
+    c.model.attention = "xla"
     {"meta": _meta, "torchcfm": _torchcfm}[recipe](c)
     # Modifiers in a fixed order, so that "smoke,conditional" is "conditional,smoke".
     if "conditional" in parts:

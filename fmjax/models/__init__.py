@@ -11,24 +11,28 @@ from fmjax.models.conv import (
     upsampled_conv_general_dilated,
 )
 from fmjax.models.unet import (
+    ATTENTION_IMPLEMENTATIONS,
     UNet,
     UNetCIFAR10Meta,
     UNetCIFAR10TorchCFM,
     UNetDigits,
     UNetTiny,
     UNetTinyConditional,
+    check_attention,
     drop_labels,
     param_count,
     sinusoidal_embedding,
 )
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "UNet",
     "UNetCIFAR10Meta",
     "UNetCIFAR10TorchCFM",
     "UNetDigits",
     "UNetTiny",
     "UNetTinyConditional",
+    "check_attention",
     "conv_general_dilated",
     "drop_labels",
     "param_count",

@@ -426,9 +426,57 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
     return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+"""The values of :attr:`UNet.attention`."""
+
+
+def _attend_fused(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn"
+) -> jax.Array:
+    """Softmax attention of position-major ``[batch, positions, heads, head_dim]`` queries,
+    keys and values by ``jax.nn.dot_product_attention`` (scale ``1/sqrt(head_dim)``), the
+    output position-major too: with ``"cudnn"``, cuDNN's fused flash-attention kernel, which
+    never writes the ``positions x positions`` weights to memory.
+
+    cuDNN's own errors (no cuDNN in this JAX, a GPU or shape it does not support) become a
+    ``ValueError`` that names the setting to change."""
+    try:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    except (RuntimeError, NotImplementedError) as err:
+        raise ValueError(
+            f"attention={implementation!r} cannot run here ({err}); it needs an NVIDIA GPU "
+            f"with cuDNN and a CUDA build of JAX. Use attention='xla' (every backend)."
+        ) from err
+
+
+def check_attention(attention: str, dtype: Any) -> None:
+    """Raises ``ValueError`` unless ``attention`` (see :attr:`UNet.attention`) can run in the
+    compute ``dtype``: cuDNN's fused kernel takes bfloat16 and float16 only.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_attention("cudnn", jnp.bfloat16)
+        >>> check_attention("cudnn", jnp.float32)
+        Traceback (most recent call last):
+        ...
+        ValueError: attention='cudnn' computes in bfloat16 or float16; got dtype float32. ...
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention={attention!r} is not valid; expected one of "
+            f"{list(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention='cudnn' computes in bfloat16 or float16; got dtype "
+            f"{jnp.dtype(dtype)}. Set dtype to bfloat16, or attention='xla'."
+        )
+
+
 class _HeadsProjection(nn.Module):
     """The attention block's query, key and value projection, straight into heads-major
-    ``[batch, heads, positions, head_dim]`` arrays.
+    ``[batch, heads, positions, head_dim]`` arrays (position-major ``[batch, positions,
+    heads, head_dim]`` with ``heads_major=False``, the layout of ``jax.nn.dot_product_attention``).
 
     Its parameters are those of ``nn.Dense(3 * channels)`` named ``qkv`` (same names, shapes,
     initialisation and meaning: outputs ``[queries | keys | values]``, each split into heads
@@ -442,6 +490,7 @@ class _HeadsProjection(nn.Module):
 
     num_heads: int
     dtype: Any
+    heads_major: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -450,14 +499,13 @@ class _HeadsProjection(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
         h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
         kernel = kernel.reshape(c, 3, self.num_heads, c // self.num_heads)
-        bias = bias.reshape(3, 1, self.num_heads, 1, c // self.num_heads)
+        bias = bias.reshape(3, 1, 1, self.num_heads, c // self.num_heads)
         # Each product's output is position-major, as a plain GEMM writes it; moved to heads-
         # major by one copy (with the bias). Asked for heads-major outputs directly, XLA:CPU
         # transposed the input instead and the forward pass got slower.
-        q, k, v = (
-            jnp.moveaxis(jnp.einsum("bpc,chd->bphd", h, kernel[:, i]), 2, 1) + bias[i]
-            for i in range(3)
-        )
+        q, k, v = (jnp.einsum("bpc,chd->bphd", h, kernel[:, i]) + bias[i] for i in range(3))
+        if self.heads_major:
+            q, k, v = (jnp.moveaxis(a, 2, 1) for a in (q, k, v))
         return q, k, v
 
 
@@ -526,24 +574,30 @@ class _OutProjection(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Multi-head self-attention over all positions of a feature map, with a residual."""
+    """Multi-head self-attention over all positions of a feature map, with a residual;
+    ``implementation`` is one of :data:`ATTENTION_IMPLEMENTATIONS` (see :attr:`UNet.attention`)."""
 
     num_heads: int
     num_groups: int
     dtype: Any
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         h = _group_norm(x, self.num_groups, self.dtype, "norm")
-        # Heads-major [batch, heads, positions, head_dim]: every product is then a plain
-        # batched matrix product over (image, head), at the cost of one copy back after it.
-        q, k, v = _HeadsProjection(self.num_heads, self.dtype, name="qkv")(
+        # Heads-major [batch, heads, positions, head_dim] for our own formula: every product
+        # is then a plain batched matrix product over (image, head), at the cost of one copy
+        # back after it. The fused kernel takes position-major arrays as they are.
+        fused = self.implementation != "xla"
+        q, k, v = _HeadsProjection(self.num_heads, self.dtype, not fused, name="qkv")(
             h.reshape(b, height * width, c)
         )
-        out = _attend(q, k, v, self.dtype)
-        out = jnp.moveaxis(out, 1, 2).reshape(b, height, width, c)
-        out = _OutProjection(c, self.dtype, name="proj_out")(out)
+        if fused:
+            out = _attend_fused(q, k, v, self.implementation)
+        else:
+            out = jnp.moveaxis(_attend(q, k, v, self.dtype), 1, 2)
+        out = _OutProjection(c, self.dtype, name="proj_out")(out.reshape(b, height, width, c))
         return x + out
 
 
@@ -590,6 +644,15 @@ class UNet(nn.Module):
         num_groups: GroupNorm groups; must divide every channel count.
         dtype: the compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and the
             output has the dtype of ``x_t``.
+        attention: how attention is computed, one of :data:`ATTENTION_IMPLEMENTATIONS`
+            (the parameters and the function are the same): ``"xla"``, fmjax's own
+            formula, compiled by XLA on every backend and differentiable in both modes;
+            ``"cudnn"``, cuDNN's fused flash-attention kernel through
+            ``jax.nn.dot_product_attention`` (NVIDIA GPUs, ``dtype`` bfloat16 or float16),
+            which never stores the ``positions x positions`` weights. cuDNN's kernel has a
+            reverse-mode rule only: forward mode (``jax.jvp``, ``jax.linearize``, the exact
+            divergence of :func:`fmjax.likelihood.log_likelihood`) needs ``"xla"``; a model
+            trained with either can be applied with the other.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -617,6 +680,7 @@ class UNet(nn.Module):
     time_scale: float = 1000.0
     num_groups: int = 32
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     def _heads(self, channels: int) -> int:
         if self.head_channels is None:
@@ -738,6 +802,7 @@ class UNet(nn.Module):
         self.check_image_shape(x_t.shape[1:])
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} is not valid; expected a rate in [0, 1).")
+        check_attention(self.attention, self.dtype)
         labels = self._labels(y, batch)
         dtype, groups = self.dtype, self.num_groups
         block = functools.partial(
@@ -746,6 +811,9 @@ class UNet(nn.Module):
             scale_shift_norm=self.scale_shift_norm,
             num_groups=groups,
             dtype=dtype,
+        )
+        attention = functools.partial(
+            _Attention, num_groups=groups, dtype=dtype, implementation=self.attention
         )
 
         emb_dim = 4 * self.model_channels
@@ -777,9 +845,7 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks):
                 h = block(channels, name=f"down{level}_res{i}")(h, emb, train)
                 if ds in self.attention_ds:
-                    h = _Attention(
-                        self._heads(channels), groups, dtype, name=f"down{level}_attn{i}"
-                    )(h)
+                    h = attention(self._heads(channels), name=f"down{level}_attn{i}")(h)
                 skips.append(h)
             if level < levels - 1:
                 name = f"down{level}_resample"
@@ -793,7 +859,7 @@ class UNet(nn.Module):
                 ds *= 2
 
         h = block(h.shape[-1], name="mid_res0")(h, emb, train)
-        h = _Attention(self._heads(h.shape[-1]), groups, dtype, name="mid_attn")(h)
+        h = attention(self._heads(h.shape[-1]), name="mid_attn")(h)
         h = block(h.shape[-1], name="mid_res1")(h, emb, train)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -802,9 +868,7 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = block(channels, name=f"up{level}_res{i}")(h, emb, train)
                 if ds in self.attention_ds:
-                    h = _Attention(self._heads(channels), groups, dtype, name=f"up{level}_attn{i}")(
-                        h
-                    )
+                    h = attention(self._heads(channels), name=f"up{level}_attn{i}")(h)
             if level > 0:
                 name = f"up{level}_resample"
                 if self.resblock_updown:
