@@ -9,7 +9,6 @@ become table columns). Timings are medians over repeats after a warm-up (compile
 
 import argparse
 import importlib
-import json
 import os
 import pkgutil
 import platform
@@ -19,7 +18,7 @@ import time
 import jax
 
 import experiments.bench
-from experiments.bench import machine
+from experiments.bench import machine, write_json
 
 AREAS = tuple(
     sorted(
@@ -75,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         report["areas"][area] = rows
         print(f"\n## {area}\n\n{markdown_table(rows)}\n", flush=True)
 
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.json)
     print(f"wrote {args.json}")
     return 0
 

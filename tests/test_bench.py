@@ -221,18 +221,17 @@ class _FormsMLP(nn.Module):
     output layer starts at zero, as the U-Nets' attention projections do."""
 
     form: str = "plain"
-    num_classes: int | None = None
+    num_classes: int | None = None  # the engine's build_model passes these two
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, y=None, *, train=False):
-        b = x.shape[0]
-        h = jnp.concatenate([x.reshape(b, -1), jnp.broadcast_to(t, (b,))[:, None]], axis=1)
-        w = self.param("w", nn.initializers.normal(0.3), (h.shape[1], 16))
-        hidden = (w.T @ h.T).T if self.form == "transposed" else h @ w
         if self.form not in ("plain", "transposed", "doubled"):
             raise ValueError(f"form={self.form!r} is not valid")
-        out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros)(jnp.tanh(hidden))
+        flat = x.reshape(x.shape[0], -1) * (1 + jnp.broadcast_to(t, x.shape[:1]))[:, None]
+        w = self.param("w", nn.initializers.normal(0.3), (flat.shape[1], 16))
+        hidden = (w.T @ flat.T).T if self.form == "transposed" else flat @ w
+        out = nn.Dense(flat.shape[1], kernel_init=nn.initializers.zeros)(jnp.tanh(hidden))
         return (2 * out if self.form == "doubled" else out).reshape(x.shape)
 
 
@@ -253,6 +252,18 @@ def test_compare_model_options_times_a_model_computed_another_way_from_the_same_
         assert result.loss == pytest.approx(reference.loss, rel=1e-4)
         assert result.grad_norm == pytest.approx(reference.grad_norm, rel=1e-4)
         assert len(result.seconds) == 2 and min(result.seconds) > 0
+
+
+def test_model_option_rows_name_each_variant_with_its_checked_values_and_times():
+    rows = bench_train.model_option_rows(
+        "bench_forms_mlp", (4, 4, 1), 8, 2, [("form", "transposed")], "float32"
+    )
+    assert [row["option"] for row in rows] == ["default", bench_train.CONTROL, "form=transposed"]
+    for row in rows:
+        assert row["preset"] == "bench_forms_mlp" and row["batch_per_device"] == 8
+        assert row["loss"] > 0 and row["grad_norm"] > 0 and "seconds" not in row
+        assert 0 < row["best_ms"] <= row["median_ms"]
+    assert rows[0]["median_vs_default"] == 1.0
 
 
 def test_compare_model_options_refuses_another_function_and_unknown_fields():

@@ -1,5 +1,6 @@
 """Benchmark areas for `python -m experiments.benchmark`; shared timing helpers."""
 
+import json
 import os
 import platform
 import statistics
@@ -7,6 +8,15 @@ import time
 from collections.abc import Callable
 
 import jax
+
+
+def write_json(report, path: str) -> None:
+    """Writes ``report`` (rows, or a dict of them) to ``path`` as indented JSON, creating its
+    folder; NumPy and JAX scalars are written as floats."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=float)
+
 
 CONTROL = "default, compiled again"
 """The label of a compile-option comparison's control: the defaults, compiled a second time

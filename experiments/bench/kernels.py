@@ -31,7 +31,6 @@ finer kinds (convolution direction, tap-form products) are the better tool there
 import argparse
 import collections
 import gzip
-import json
 import os
 import pathlib
 import re
@@ -43,7 +42,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import machine, median_seconds, profile
+from experiments.bench import machine, median_seconds, profile, write_json
 from experiments.bench.train import (
     _NATIVE_SHAPES,
     _stepping,
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(sampling_row(args.preset, shape, args.sample_batch, dtype, args.sample_steps))
         print(markdown_table(rows[-1:]), flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2, default=float)
+        write_json(rows, args.json)
     return 0
 
 

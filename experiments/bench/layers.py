@@ -24,8 +24,6 @@ same choice is ``python -m experiments.bench.train --preset P --model-option att
 """
 
 import argparse
-import json
-import os
 import sys
 
 import flax.linen as nn
@@ -33,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench import interleaved_seconds, machine
+from experiments.bench import interleaved_seconds, machine, write_json
 from experiments.bench.train import _NATIVE_SHAPES, default_dtype, perturbed, preset_shape
 from fmjax import models
 from fmjax.models import unet
@@ -202,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = layer_rows(args.preset, shape, args.batch, args.dtype or default_dtype(), args.repeats)
     print(markdown_table(rows), flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(rows, args.json)
     return 0
 
 

@@ -39,8 +39,6 @@ step checked against the default's from the same perturbed parameters
 """
 
 import argparse
-import json
-import os
 import sys
 import time
 from typing import NamedTuple
@@ -51,7 +49,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import CONTROL, interleaved_seconds, machine, median_seconds
+from experiments.bench import CONTROL, interleaved_seconds, machine, median_seconds, write_json
 from fmjax import configs, train
 
 META_RECIPE_STEPS = 175_000
@@ -487,22 +485,33 @@ def option_rows(
     the best and median step times and the median's ratio to the default's."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
     results = compare_compiler_options(step, state, batch, options, repeats)
+    return _variant_rows("train step, XLA option", config, per_device_batch, results)
+
+
+def _variant_rows(benchmark: str, config, per_device_batch: int, results: dict) -> list[dict]:
+    """One row per variant of a comparison: its checked fields (those of its NamedTuple but
+    ``seconds``), then the best and median step times and the median's ratio to the
+    ``"default"`` variant's."""
     default_median = float(np.median(results["default"].seconds))
-    return [
-        {
-            "benchmark": "train step, XLA option",
-            "preset": preset,
+    rows = []
+    for label, result in results.items():
+        median = float(np.median(result.seconds))
+        row = {
+            "benchmark": benchmark,
+            "preset": config.model.name,
+            "device": jax.devices()[0].device_kind,
             "batch_per_device": per_device_batch,
             "dtype": config.model.dtype,
             "option": label,
-            "loss": result.loss,
-            "same_hlo": result.same_hlo,
-            "best_ms": 1e3 * min(result.seconds),
-            "median_ms": 1e3 * float(np.median(result.seconds)),
-            "median_vs_default": float(np.median(result.seconds)) / default_median,
         }
-        for label, result in results.items()
-    ]
+        row |= {name: value for name, value in result._asdict().items() if name != "seconds"}
+        row |= {
+            "best_ms": 1e3 * min(result.seconds),
+            "median_ms": 1e3 * median,
+            "median_vs_default": median / default_median,
+        }
+        rows.append(row)
+    return rows
 
 
 def model_option_rows(
@@ -519,23 +528,7 @@ def model_option_rows(
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
     mesh = train.make_mesh()
     results = compare_model_options(step, state, batch, config, mesh, options, repeats)
-    default_median = float(np.median(results["default"].seconds))
-    return [
-        {
-            "benchmark": "train step, model option",
-            "preset": preset,
-            "device": jax.devices()[0].device_kind,
-            "batch_per_device": per_device_batch,
-            "dtype": config.model.dtype,
-            "option": label,
-            "loss": result.loss,
-            "grad_norm": result.grad_norm,
-            "best_ms": 1e3 * min(result.seconds),
-            "median_ms": 1e3 * float(np.median(result.seconds)),
-            "median_vs_default": float(np.median(result.seconds)) / default_median,
-        }
-        for label, result in results.items()
-    ]
+    return _variant_rows("train step, model option", config, per_device_batch, results)
 
 
 # The image shape each preset is built for (--image-shape overrides it, e.g. for a small
@@ -624,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_presets(presets, args.repeats, dtype)
     print(markdown_table(rows), flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(rows, args.json)
     return 0
 
 
