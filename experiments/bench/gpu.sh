@@ -23,8 +23,8 @@
 #     step's HLO go to RESULTS_DIR/kernels/ for a finer reading offline,
 #  4b. compares ways of computing the Meta preset (part "variants"): its train step with
 #     cuDNN's fused attention against fmjax's own (experiments/bench/train.py --model-option
-#     attention=cudnn, with a control; a failure is logged and the script goes on), and its
-#     GroupNorm and attention layers alone, each way (experiments/bench/layers.py),
+#     attention=cudnn, with a control; a failure is logged and the script goes on), and the
+#     GroupNorm and attention layers of both presets alone, each way (experiments/bench/layers.py),
 #  5. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
 #     (experiments/bench/ot.py: the host and in-graph assignment solvers on the GPU, which
 #     decides whether "auto" should keep calling the host there),
@@ -67,7 +67,10 @@ mkdir -p "$results"
 python=${PYTHON:-.venv/bin/python}
 [[ -x "$python" ]] || python=python3
 exec > >(tee -a "$results/gpu.log") 2>&1
-echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') -> $results"
+# The commit, and whether the working tree differs from it (a copied tree may carry an older .git).
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+[[ "$commit" == '?' ]] || git diff --quiet HEAD || commit="$commit, working tree changed"
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $commit -> $results"
 # One compilation cache for this run's processes, empty at its start: the train part's compile
 # times stay cold, and the kernels part reuses the Meta step the train part compiled (a
 # minute on an H200). A cache the caller set is kept.
@@ -121,8 +124,10 @@ if wants variants; then
     --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
     --model-option "attention=$attention" --json "$results/variants_meta_bf16.json" ||
     echo "== variants: the step comparison failed (above); going on"
-  "$python" -m experiments.bench.layers --preset unet_cifar10_meta --dtype bfloat16 \
-    --batch "$batch" --repeats "$repeats" "${shape[@]}" --json "$results/layers.json"
+  for preset in unet_cifar10_meta unet_cifar10_torchcfm; do
+    "$python" -m experiments.bench.layers --preset "$preset" --dtype bfloat16 \
+      --batch "$batch" --repeats "$repeats" "${shape[@]}" --json "$results/layers_$preset.json"
+  done
 fi
 if wants sampling; then
   echo "== sampling"
