@@ -649,8 +649,8 @@ class UNet(nn.Module):
             formula, compiled by XLA on every backend and differentiable in both modes;
             ``"cudnn"``, cuDNN's fused flash-attention kernel through
             ``jax.nn.dot_product_attention`` (NVIDIA GPUs from Ampere on, ``dtype``
-            bfloat16 or float16, heads up to 128 channels wide, 256 from Hopper on: the Meta
-            preset's single head is 256 wide), which never stores the ``positions x
+            bfloat16 or float16, heads up to 128 channels wide, 256 on Hopper: the Meta preset's
+            single head is 256 wide), which never stores the ``positions x
             positions`` weights. cuDNN's kernel has a
             reverse-mode rule only: forward mode (``jax.jvp``, ``jax.linearize``, the exact
             divergence of :func:`fmjax.likelihood.log_likelihood`) needs ``"xla"``; a model
