@@ -648,13 +648,13 @@ class UNet(nn.Module):
             (the parameters and the function are the same): ``"xla"``, fmjax's own
             formula, compiled by XLA on every backend and differentiable in both modes;
             ``"cudnn"``, cuDNN's fused flash-attention kernel through
-            ``jax.nn.dot_product_attention`` (NVIDIA GPUs from Ampere on, ``dtype``
-            bfloat16 or float16, heads up to 128 channels wide, 256 on Hopper: the Meta preset's
-            single head is 256 wide), which never stores the ``positions x
-            positions`` weights. cuDNN's kernel has a
-            reverse-mode rule only: forward mode (``jax.jvp``, ``jax.linearize``, the exact
-            divergence of :func:`fmjax.likelihood.log_likelihood`) needs ``"xla"``; a model
-            trained with either can be applied with the other.
+            ``jax.nn.dot_product_attention``, which never stores the ``positions x
+            positions`` weights (NVIDIA GPUs from Ampere on, ``dtype`` bfloat16 or float16,
+            heads up to 128 channels wide, 256 on Hopper: the Meta preset's single head is
+            256 wide). cuDNN's kernel has a reverse-mode rule only: forward mode
+            (``jax.jvp``, ``jax.linearize``, the exact divergence of
+            :func:`fmjax.likelihood.log_likelihood`) needs ``"xla"``. A model trained with
+            either can be applied with the other.
 
     Example:
         >>> import jax, jax.numpy as jnp
