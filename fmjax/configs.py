@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from fmjax.models import ATTENTION_IMPLEMENTATIONS
 from fmjax.sampling import SOLVERS
 
 __all__ = ["base_config", "prepare_workdir", "validate", "validate_image_shape"]
@@ -156,7 +157,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
     # A U-Net field that configs for GPUs add (experiments/configs/cifar10.py).
     attention = config.model.get("attention", "xla")
-    _choice("model.attention", attention, ("xla", "cudnn"))
+    _choice("model.attention", attention, ATTENTION_IMPLEMENTATIONS)
     if attention == "cudnn" and config.model.dtype == "float32":
         raise ValueError(
             "config.model.attention='cudnn' computes in bfloat16 or float16; set "

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.bench import cpu_model, interleaved_seconds, machine, profile
 from experiments.bench import train as bench_train
-from fmjax import models, train
+from fmjax import models
 from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
@@ -239,8 +239,7 @@ models.PRESETS.setdefault("bench_forms_mlp", _FormsMLP)
 
 
 def _forms_step():
-    step, state, batch, config = bench_train.build_step("bench_forms_mlp", (4, 4, 1), 8)
-    return step, state, batch, config, train.make_mesh()
+    return bench_train.build_step("bench_forms_mlp", (4, 4, 1), 8)
 
 
 def test_compare_model_options_times_a_model_computed_another_way_from_the_same_state():
@@ -254,9 +253,9 @@ def test_compare_model_options_times_a_model_computed_another_way_from_the_same_
         assert len(result.seconds) == 2 and min(result.seconds) > 0
 
 
-def test_model_option_rows_name_each_variant_with_its_checked_values_and_times():
-    rows = bench_train.model_option_rows(
-        "bench_forms_mlp", (4, 4, 1), 8, 2, [("form", "transposed")], "float32"
+def test_option_rows_of_a_model_option_name_each_variant_with_its_checked_values_and_times():
+    rows = bench_train.option_rows(
+        "bench_forms_mlp", (4, 4, 1), 8, 2, [("form", "transposed")], "float32", model=True
     )
     assert [row["option"] for row in rows] == ["default", bench_train.CONTROL, "form=transposed"]
     for row in rows:

@@ -48,6 +48,7 @@ from experiments.bench.train import (
     _stepping,
     build_step,
     default_dtype,
+    perturbed,
     preset_shape,
 )
 from fmjax import sampling, train
@@ -231,10 +232,7 @@ def sampling_row(preset: str, image_shape, batch: int, dtype: str, steps: int) -
     config_model = {"name": preset, "dtype": dtype}
     model = train.build_model(config_model)
     x0 = jax.random.normal(jax.random.key(0), (batch, *image_shape))
-    params = jax.jit(model.init)(jax.random.key(1), x0[:1], jnp.zeros(1))
-    params = jax.tree.map(
-        lambda p: p + 0.01 * jax.random.normal(jax.random.key(2), p.shape, p.dtype), params
-    )
+    params = perturbed(jax.jit(model.init)(jax.random.key(1), x0[:1], jnp.zeros(1)))
 
     def solve(params, x0):
         return sampling.sample(

@@ -354,19 +354,19 @@ def compare_compiler_options(
             raise ValueError(f"XLA refused the option {label!r}: {err}") from None
     default_hlo = compiled["default"].as_text()
     same_hlo = {label: fn.as_text() == default_hlo for label, fn in compiled.items()}
-    losses = _first_metrics(compiled, state, batch, "loss", 1e-4, "XLA's defaults", "option")
+    losses = _first_metrics(compiled, state, batch, ("loss",), 1e-4, "XLA's defaults", "option")
     times = _interleaved_steps(compiled, state, batch, repeats)
-    return {label: OptionTiming(losses[label], times[label], same_hlo[label]) for label in compiled}
+    return {
+        label: OptionTiming(*losses[label], times[label], same_hlo[label]) for label in compiled
+    }
 
 
 def _first_metrics(
-    compiled: dict, state, batch, names, rtol: float, default: str, what: str
-) -> dict[str, float | tuple]:
-    """``{label: metrics[names]}`` of each compiled step's first step from a copy of ``state``
-    (the steps donate their state); ``names`` is a name or a tuple of them. Raises
-    ``ValueError`` where a variant's value is not the ``"default"`` one's to ``rtol``."""
-    single = isinstance(names, str)
-    names = (names,) if single else tuple(names)
+    compiled: dict, state, batch, names: tuple[str, ...], rtol: float, default: str, what: str
+) -> dict[str, tuple[float, ...]]:
+    """``{label: (metrics[name] for name in names)}`` of each compiled step's first step from a
+    copy of ``state`` (the steps donate their state). Raises ``ValueError`` where a variant's
+    value is not the ``"default"`` one's to ``rtol``."""
     values = {}
     for label, fn in compiled.items():
         _, metrics = fn(jax.tree.map(jnp.copy, state), batch)
@@ -378,7 +378,7 @@ def _first_metrics(
                     f"with {label!r} the step's {name} is {value!r}, against {reference!r} "
                     f"with {default}: the {what} changes the computation."
                 )
-    return {label: got[0] if single else got for label, got in values.items()}
+    return values
 
 
 def _interleaved_steps(compiled: dict, state, batch, repeats: int) -> dict[str, list[float]]:
@@ -430,7 +430,7 @@ compute dtype: a variant computes the same function, summed in another order."""
 
 
 def compare_model_options(
-    step, state, batch, config, mesh, options: list[tuple[str, object]], repeats: int
+    step, state, batch, config, options: list[tuple[str, object]], repeats: int
 ) -> dict[str, ModelTiming]:
     """``{label: ModelTiming}`` of the engine's train step with the model of ``config`` (label
     ``"default"``), that step compiled again (the control, :data:`CONTROL`) and once per
@@ -448,8 +448,10 @@ def compare_model_options(
         ValueError: for a field the model does not have, or a value it refuses (the model's
             own message), or a variant whose step computes another loss or gradient.
     """
-    compiled = {}
-    for label, fields in {"default": {}, CONTROL: {}, **_labelled(options)}.items():
+    lowered = step.lower(state, batch)
+    compiled = {"default": lowered.compile(), CONTROL: lowered.compile()}
+    mesh = batch["image"].sharding.mesh
+    for label, fields in _labelled(options).items():
         variant = config.copy_and_resolve_references()
         variant.model.update(fields)
         try:
@@ -479,26 +481,26 @@ def option_rows(
     repeats: int,
     options: list[tuple[str, object]],
     dtype: str | None = None,
+    *,
+    model: bool = False,
 ) -> list[dict]:
-    """:func:`compare_compiler_options` on ``preset``'s train step: one row for XLA's
-    defaults, one for the control and one per option, with whether its HLO is the default's,
-    the best and median step times and the median's ratio to the default's."""
+    """:func:`compare_compiler_options` (or with ``model``, :func:`compare_model_options`) on
+    ``preset``'s train step: one row for the default, one for the control and one per option,
+    with the variant's checked values, the best and median step times and the median's ratio
+    to the default's."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
-    results = compare_compiler_options(step, state, batch, options, repeats)
-    return _variant_rows("train step, XLA option", config, per_device_batch, results)
-
-
-def _variant_rows(benchmark: str, config, per_device_batch: int, results: dict) -> list[dict]:
-    """One row per variant of a comparison: its checked fields (those of its NamedTuple but
-    ``seconds``), then the best and median step times and the median's ratio to the
-    ``"default"`` variant's."""
+    if model:
+        results = compare_model_options(step, state, batch, config, options, repeats)
+    else:
+        results = compare_compiler_options(step, state, batch, options, repeats)
+    benchmark = f"train step, {'model' if model else 'XLA'} option"
     default_median = float(np.median(results["default"].seconds))
     rows = []
     for label, result in results.items():
         median = float(np.median(result.seconds))
         row = {
             "benchmark": benchmark,
-            "preset": config.model.name,
+            "preset": preset,
             "device": jax.devices()[0].device_kind,
             "batch_per_device": per_device_batch,
             "dtype": config.model.dtype,
@@ -512,23 +514,6 @@ def _variant_rows(benchmark: str, config, per_device_batch: int, results: dict) 
         }
         rows.append(row)
     return rows
-
-
-def model_option_rows(
-    preset: str,
-    image_shape,
-    per_device_batch: int,
-    repeats: int,
-    options: list[tuple[str, object]],
-    dtype: str | None = None,
-) -> list[dict]:
-    """:func:`compare_model_options` on ``preset``'s train step over every device: one row
-    for the default model, one for the control and one per option, with the checked loss and
-    gradient norm, the best and median step times and the median's ratio to the default's."""
-    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
-    mesh = train.make_mesh()
-    results = compare_model_options(step, state, batch, config, mesh, options, repeats)
-    return _variant_rows("train step, model option", config, per_device_batch, results)
 
 
 # The image shape each preset is built for (--image-shape overrides it, e.g. for a small
@@ -609,10 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.benchmark import markdown_table
 
     print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
-    if options:
-        rows = option_rows(*presets[0], args.repeats, options, dtype)
-    elif model_options:
-        rows = model_option_rows(*presets[0], args.repeats, model_options, dtype)
+    if options or model_options:
+        compared = options or model_options
+        rows = option_rows(*presets[0], args.repeats, compared, dtype, model=bool(model_options))
     else:
         rows = run_presets(presets, args.repeats, dtype)
     print(markdown_table(rows), flush=True)
