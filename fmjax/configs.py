@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from fmjax.models import ATTENTION_IMPLEMENTATIONS
+from fmjax.models import ATTENTION_IMPLEMENTATIONS, GROUP_NORM_IMPLEMENTATIONS
 from fmjax.sampling import SOLVERS
 
 __all__ = ["base_config", "prepare_workdir", "validate", "validate_image_shape"]
@@ -155,7 +155,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("path.prediction", p.prediction, ("velocity", "target", "epsilon"))
     _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
-    # A U-Net field that configs for GPUs add (experiments/configs/cifar10.py).
+    # U-Net fields that the CIFAR-10 configs add (experiments/configs/cifar10.py).
+    _choice("model.group_norm", config.model.get("group_norm", "fmjax"), GROUP_NORM_IMPLEMENTATIONS)
     attention = config.model.get("attention", "xla")
     _choice("model.attention", attention, ATTENTION_IMPLEMENTATIONS)
     if attention == "cudnn" and config.model.dtype == "float32":

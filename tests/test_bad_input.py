@@ -107,6 +107,11 @@ _CONFIG_ROWS = [
         r"config.model.attention='flash' is not valid; expected one of \['xla', 'cudnn'\]",
     ),
     ("model.attention", "cudnn", r"attention='cudnn' computes in bfloat16 or float16; set "),
+    (
+        "model.group_norm",
+        "torch",
+        r"config.model.group_norm='torch' is not valid; expected one of \['fmjax', 'flax'\]",
+    ),
 ]
 
 

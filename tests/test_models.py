@@ -17,6 +17,7 @@ import pytest
 
 from fmjax.loss import cfm_loss
 from fmjax.models import (
+    GROUP_NORM_IMPLEMENTATIONS,
     UNet,
     UNetCIFAR10Meta,
     UNetCIFAR10TorchCFM,
@@ -487,6 +488,41 @@ def test_bad_attention_setting_raises(attention, dtype, match):
     x = jnp.zeros((1, 8, 8, 1))
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros(1))
+
+
+def test_group_norm_settings_are_one_model_in_parameters_value_gradient_and_jvp(x64):
+    # group_norm="flax" swaps every norm of the U-Net (residual blocks, attention, output)
+    # for nn.GroupNorm: the same parameter tree, and to float64 rounding the same function,
+    # gradient and forward-mode tangent, so a run can switch either way.
+    ours, flax = (
+        UNet(8, (1,), 1, (1,), num_groups=4, dtype=jnp.float64, group_norm=g)
+        for g in GROUP_NORM_IMPLEMENTATIONS
+    )
+    shape = (4, 4, 2)
+    x = images(shape=shape).astype(jnp.float64)
+    params = random_params(ours, shape)
+    assert jax.tree.structure(jax.eval_shape(flax.init, jax.random.key(0), x, TIMES)) == (
+        jax.tree.structure(params)
+    )
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(params, x, model):
+        def loss(p):
+            return jnp.mean(jnp.sin(model.apply(p, x, TIMES)))
+
+        tangent = jax.jvp(lambda x: model.apply(params, x, TIMES), (x,), (jnp.cos(x),))[1]
+        return model.apply(params, x, TIMES), jax.grad(loss)(params), tangent
+
+    want, got = run(params, x, ours), run(params, x, flax)
+    assert float(jnp.abs(want[2]).max()) > 0.01
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_group_norm_setting_raises():
+    model = UNetTiny(group_norm="torch")
+    with pytest.raises(ValueError, match=r"group_norm='torch' is not valid; expected one of"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *IMAGE)), jnp.zeros(1))
 
 
 def test_attention_output_projection_is_the_dense_layer_in_value_gradient_and_jvp(x64):

@@ -22,8 +22,9 @@
 #     (ms per velocity evaluation at batch 500, projected FID-50k time); the raw trace and the
 #     step's HLO go to RESULTS_DIR/kernels/ for a finer reading offline,
 #  4b. compares ways of computing the Meta preset (part "variants"): its train step with
-#     cuDNN's fused attention against fmjax's own (experiments/bench/train.py --model-option
-#     attention=cudnn, with a control; a failure is logged and the script goes on), and the
+#     cuDNN's fused attention, and with Flax's GroupNorm, against fmjax's own forms
+#     (experiments/bench/train.py --model-option attention=cudnn --model-option
+#     group_norm=flax, with a control; a failure is logged and the script goes on), and the
 #     GroupNorm and attention layers of both presets alone, each way (experiments/bench/layers.py),
 #  5. runs the sampling benchmarks (experiments/bench/sampling.py) and the exact-OT ones
 #     (experiments/bench/ot.py: the host and in-graph assignment solvers on the GPU, which
@@ -119,10 +120,12 @@ if wants kernels; then
     --save "$results/kernels" --json "$results/kernels.json"
 fi
 if wants variants; then
-  echo "== variants: unet_cifar10_meta, bfloat16, batch $batch: attention=$attention; layers"
+  echo "== variants: unet_cifar10_meta, bfloat16, batch $batch: attention=$attention," \
+    "group_norm=flax; layers"
   "$python" -m experiments.bench.train --preset unet_cifar10_meta --dtype bfloat16 \
     --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
-    --model-option "attention=$attention" --json "$results/variants_meta_bf16.json" ||
+    --model-option "attention=$attention" --model-option group_norm=flax \
+    --json "$results/variants_meta_bf16.json" ||
     echo "== variants: the step comparison failed (above); going on"
   for preset in unet_cifar10_meta unet_cifar10_torchcfm; do
     "$python" -m experiments.bench.layers --preset "$preset" --dtype bfloat16 \

@@ -9,9 +9,9 @@ third of its device time outside the convolutions: GroupNorm and SiLU (about 8.5
 an H200 at batch 128), attention (at least 4.3 ms, with no fused kernel) and dropout. This
 times, at the shapes of ``preset`` at ``batch`` images, forward and forward-plus-gradient:
 
-- GroupNorm then SiLU: fmjax's GroupNorm (``fmjax.models.unet._GroupNorm``: per-channel
-  sums and a custom JVP whose gradient reduces twice, written for XLA:CPU) against
-  ``flax.linen.GroupNorm``, which XLA:GPU may fuse differently;
+- GroupNorm then SiLU with each of :data:`fmjax.models.GROUP_NORM_IMPLEMENTATIONS`
+  (``"fmjax"``: per-channel sums and a custom JVP whose gradient reduces twice, written for
+  XLA:CPU; ``"flax"``: ``flax.linen.GroupNorm``, which XLA:GPU may fuse differently);
 - the attention block (GroupNorm, projections, attention, output projection, residual) with
   each of :data:`fmjax.models.ATTENTION_IMPLEMENTATIONS` (``"cudnn"``: cuDNN's fused
   kernel, NVIDIA GPUs and 16-bit dtypes only).
@@ -20,7 +20,8 @@ Each form's output is first checked against the first form's, from the same pert
 parameters (to :data:`RTOL` of the compute dtype); a form that cannot run here (cuDNN on a
 CPU) gets a row saying why instead of timings. The forms of a layer are timed interleaved
 (:func:`experiments.bench.interleaved_seconds`), medians. The whole-step comparison of the
-same choice is ``python -m experiments.bench.train --preset P --model-option attention=cudnn``.
+same choices is ``python -m experiments.bench.train --preset P --model-option attention=cudnn
+--model-option group_norm=flax``.
 """
 
 import argparse
@@ -41,29 +42,18 @@ RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 value), by compute dtype."""
 
 
-class _FlaxGroupNormSiLU(nn.Module):
-    """``silu(flax.linen.GroupNorm(x))``, the norm in float32: fmjax's ``_group_norm`` with
-    Flax's norm (the same parameters)."""
+class _GroupNormSiLU(nn.Module):
+    """``silu(GroupNorm(x))`` as the U-Net's residual blocks compute it, the norm in float32
+    by ``implementation`` (one of :data:`fmjax.models.GROUP_NORM_IMPLEMENTATIONS`)."""
 
     num_groups: int
     dtype: object
+    implementation: str
 
     @nn.compact
     def __call__(self, x):
-        epsilon = unet._GROUP_NORM_EPSILON
-        norm = nn.GroupNorm(num_groups=self.num_groups, epsilon=epsilon, name="norm")
-        return nn.silu(norm(x.astype(jnp.float32)).astype(self.dtype))
-
-
-class _FmjaxGroupNormSiLU(nn.Module):
-    """``silu(_group_norm(x))``, as the U-Net's residual blocks compute it."""
-
-    num_groups: int
-    dtype: object
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.silu(unet._group_norm(x, self.num_groups, self.dtype, "norm"))
+        norm = unet._group_norm(x, self.num_groups, self.dtype, "norm", self.implementation)
+        return nn.silu(norm)
 
 
 def layer_shapes(preset: str, image_shape, batch: int) -> dict:
@@ -157,8 +147,8 @@ def layer_rows(preset: str, image_shape, batch: int, dtype: str, repeats: int) -
     for shape in shapes["group_norm"]:
         x = jax.random.normal(jax.random.key(2), shape, compute)
         forms = {
-            "fmjax": _FmjaxGroupNormSiLU(groups, compute),
-            "flax": _FlaxGroupNormSiLU(groups, compute),
+            implementation: _GroupNormSiLU(groups, compute, implementation)
+            for implementation in models.GROUP_NORM_IMPLEMENTATIONS
         }
         rows += compare_forms("GroupNorm + SiLU", forms, x, dtype, repeats, {})
     for shape, heads in shapes["attention"]:

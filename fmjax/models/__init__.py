@@ -12,6 +12,7 @@ from fmjax.models.conv import (
 )
 from fmjax.models.unet import (
     ATTENTION_IMPLEMENTATIONS,
+    GROUP_NORM_IMPLEMENTATIONS,
     UNet,
     UNetCIFAR10Meta,
     UNetCIFAR10TorchCFM,
@@ -26,6 +27,7 @@ from fmjax.models.unet import (
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "GROUP_NORM_IMPLEMENTATIONS",
     "UNet",
     "UNetCIFAR10Meta",
     "UNetCIFAR10TorchCFM",
