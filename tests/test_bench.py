@@ -1,6 +1,8 @@
 """The benchmark harness's own arithmetic (experiments/bench/)."""
 
 import functools
+import pathlib
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -443,3 +445,28 @@ def test_compare_forms_times_equal_forms_reports_forms_that_cannot_run_and_refus
     assert rows[2]["error"] == "this form cannot run here" and "forward_ms" not in rows[2]
     with pytest.raises(ValueError, match=r"computed by 'b' differs from 'a' by 0\.1"):
         compare_forms("scaled", {"a": _Scaled(), "b": _Scaled(1.1)}, x, "float32", 1, {})
+
+
+_GPU_SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "bench" / "gpu.sh"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--only", "train,sampling,bogus"], "--only: unknown part 'bogus'; expected some of"),
+        (["--fast"], "unknown option --fast; usage: gpu.sh"),
+    ],
+)
+def test_gpu_script_parses_and_refuses_bad_arguments_before_any_work(tmp_path, args, message):
+    # The script runs only where a GPU is lent, minutes at a time: a syntax error or a typo in
+    # a part's name must show here, before anything is installed, timed or written.
+    assert subprocess.run(["bash", "-n", str(_GPU_SCRIPT)], check=False).returncode == 0
+    results = tmp_path / "results"
+    done = subprocess.run(
+        ["bash", str(_GPU_SCRIPT), *args, str(results)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and message in done.stderr
+    assert not results.exists()
