@@ -402,6 +402,16 @@ def test_kernel_rows_refuse_bad_counts_before_building_anything():
         kernels.sampling_row("unet_tiny", (8, 8, 1), batch=4, dtype="float32", steps=0)
 
 
+def test_pipelined_step_seconds_runs_blocks_of_steps_back_to_back_on_the_held_state():
+    step = jax.jit(lambda state, batch: (state + batch, {"loss": state.sum()}), donate_argnums=0)
+    holder = {"state": jnp.zeros(3)}
+    seconds = bench_train.pipelined_step_seconds(step, holder, jnp.ones(3), steps=4, blocks=2)
+    assert 0 < seconds < 10
+    assert holder["state"].tolist() == [8.0, 8.0, 8.0]  # 2 blocks of 4 steps, each from the last
+    with pytest.raises(ValueError, match="steps and blocks must be positive; got 0 and 3"):
+        bench_train.pipelined_step_seconds(step, holder, jnp.ones(3), steps=0)
+
+
 def test_preset_shape_reads_h_w_c_and_refuses_anything_else():
     assert bench_train.preset_shape("unet_cifar10_meta", None) == (32, 32, 3)
     assert bench_train.preset_shape("unet_cifar10_meta", "8, 8,3") == (8, 8, 3)

@@ -14,7 +14,8 @@
 #  2. checks that the benchmarks' imports resolve (a missing package is named before any
 #     timing starts), records nvidia-smi and the devices JAX sees,
 #  3. times the train step of the Meta CIFAR-10 preset (unet_cifar10_meta, 32x32x3) in
-#     bfloat16 at per-device batch 128 on every GPU: ms/step, images/s, GFLOP/step, the
+#     bfloat16 at per-device batch 128 on every GPU: ms/step (steps dispatched back to back,
+#     as training runs them, and each step alone), images/s, GFLOP/step, the
 #     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
 #     GPU-hours of the Meta recipe (175k steps x 512); then torchcfm's preset the same way,
 #  4. traces the Meta preset's train step (experiments/bench/kernels.py): device time by kind

@@ -10,8 +10,11 @@ on a GPU the work runs as kernels (cuDNN convolutions, cuBLAS or Triton GEMMs, X
 loops) on device streams, which this module reads instead. It traces ``steps`` calls of the
 engine's compiled train step on one device (``jax.profiler``, Perfetto format) and reports:
 
-- the step's wall time outside the trace and the device's busy time per step (the union of
-  kernel intervals): the difference is idle device time (launch gaps, host work);
+- the step's wall time outside the trace, each step timed alone (launch and wait included)
+  and as training runs them (back to back, :func:`experiments.bench.train.pipelined_step_seconds`),
+  and the device's busy time per step (the union of kernel intervals): the difference is
+  idle device time (launch gaps, host work; what the pipelined wall time still shows is not
+  hidden by training's overlap either);
 - kernel time per kind, named from the kernel's name (:func:`kernel_kind`: attention,
   convolution, matmul, reduction, data movement, element-wise), with the share of busy time;
 - the ``top`` kernels by total time, with their number of launches per step.
@@ -49,6 +52,7 @@ from experiments.bench.train import (
     build_step,
     default_dtype,
     perturbed,
+    pipelined_step_seconds,
     preset_shape,
 )
 from fmjax import sampling, train
@@ -178,8 +182,10 @@ def kernel_rows(
     step, state, data, config = build_step(preset, image_shape, batch, dtype, [jax.devices()[0]])
     compiled = step.lower(state, data).compile()
     hlo = compiled.as_text()
-    stepping = _stepping(compiled, {"state": state}, data)
+    holder = {"state": state}
+    stepping = _stepping(compiled, holder, data)
     wall_ms = 1e3 * median_seconds(stepping, 5)  # also the trace's warm-up
+    pipelined_ms = 1e3 * pipelined_step_seconds(compiled, holder, data, 5)
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             for _ in range(steps):
@@ -201,7 +207,10 @@ def kernel_rows(
         "batch": batch,
         "dtype": config.model.dtype,
     }
-    rows = [{**common, "kind": "step (wall, untraced)", "ms_per_step": wall_ms}]
+    rows = [
+        {**common, "kind": "step (wall, untraced)", "ms_per_step": wall_ms},
+        {**common, "kind": "step (wall, pipelined)", "ms_per_step": pipelined_ms},
+    ]
     rows.append(
         {**common, "kind": "device busy", "ms_per_step": busy_ms, "share": busy_ms / wall_ms}
     )

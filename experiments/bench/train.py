@@ -7,7 +7,9 @@
 
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
-parameters and optimiser state stay float32): compile time, images/s per device, the step's
+parameters and optimiser state stay float32): compile time, the step's time as training runs
+it (steps dispatched back to back, `pipelined_step_seconds`) and each step timed alone,
+images/s per device, the step's
 FLOPs from XLA's cost analysis of the step lowered for CUDA, before XLA's rewrites (see
 `step_flops`: the compiled step's count misses loop trips on CPU and cuDNN calls on GPUs),
 the achieved FLOP/s as a fraction of a large matmul in the step's compute dtype measured in
@@ -220,6 +222,30 @@ def _stepping(step, holder: dict, batch):
     return run_step
 
 
+def pipelined_step_seconds(step, holder: dict, batch, steps: int, blocks: int = 3) -> float:
+    """Wall seconds per step of the state-donating ``step`` run as the training loop runs it:
+    ``steps`` calls on ``holder["state"]`` dispatched back to back, waiting only for the last
+    state (median over ``blocks`` blocks of ``steps``).
+
+    ``fmjax.train`` fetches metrics every ``log_every`` steps, so the host dispatches a step
+    while the device still runs the previous one. Timed one step at a time
+    (:func:`experiments.bench.median_seconds`), each step also pays its launch and the host's
+    wait for the result, with the device idle meanwhile: on a GPU, where a step takes tens of
+    milliseconds, that is a visible share of it."""
+    if steps < 1 or blocks < 1:
+        raise ValueError(f"steps and blocks must be positive; got {steps} and {blocks}.")
+    run_step = _stepping(step, holder, batch)
+    jax.block_until_ready(holder["state"])
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        jax.block_until_ready(holder["state"])
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times))
+
+
 def step_row(
     preset: str,
     image_shape,
@@ -229,7 +255,13 @@ def step_row(
     dtype: str | None = None,
 ) -> dict:
     """Benchmarks one preset's train step in compute ``dtype`` (default: :func:`default_dtype`);
-    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row."""
+    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row.
+
+    ``step_ms``, and the throughput, FLOP/s and device-hours derived from it, are per step of
+    ``repeats`` steps dispatched back to back, as training runs them
+    (:func:`pipelined_step_seconds`); ``step_ms_one_at_a_time`` is the median of ``repeats``
+    steps each timed alone, launch and wait included (this row's ``step_ms`` before
+    2026-12-04's third session, and the H200 figures of the README)."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
 
     start = time.perf_counter()
@@ -237,7 +269,9 @@ def step_row(
     compile_seconds = time.perf_counter() - start
     flops, counted = step_flops(step, compiled, state, batch)  # before `state` is donated
 
-    seconds = median_seconds(_stepping(compiled, {"state": state}, batch), repeats)
+    holder = {"state": state}
+    one_at_a_time = median_seconds(_stepping(compiled, holder, batch), repeats)
+    seconds = pipelined_step_seconds(compiled, holder, batch, repeats)
     images_per_second = per_device_batch / seconds
     row = {
         "benchmark": "train step",
@@ -248,6 +282,7 @@ def step_row(
         "dtype": config.model.dtype,
         "compile_s": compile_seconds,
         "step_ms": 1e3 * seconds,
+        "step_ms_one_at_a_time": 1e3 * one_at_a_time,
         "images_per_s_per_device": images_per_second,
         "gflop_per_step_per_device": flops / 1e9 if flops else None,
         "flops_from": counted,
