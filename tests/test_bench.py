@@ -223,6 +223,7 @@ class _FormsMLP(nn.Module):
     output layer starts at zero, as the U-Nets' attention projections do."""
 
     form: str = "plain"
+    tanh: str = "tanh"  # or "sigmoid": tanh(h) = 2 sigmoid(2h) - 1, the same function
     num_classes: int | None = None  # the engine's build_model passes these two
     dtype: jnp.dtype = jnp.float32
 
@@ -233,7 +234,8 @@ class _FormsMLP(nn.Module):
         flat = x.reshape(x.shape[0], -1) * (1 + jnp.broadcast_to(t, x.shape[:1]))[:, None]
         w = self.param("w", nn.initializers.normal(0.3), (flat.shape[1], 16))
         hidden = (w.T @ flat.T).T if self.form == "transposed" else flat @ w
-        out = nn.Dense(flat.shape[1], kernel_init=nn.initializers.zeros)(jnp.tanh(hidden))
+        hidden = jnp.tanh(hidden) if self.tanh == "tanh" else 2 * nn.sigmoid(2 * hidden) - 1
+        out = nn.Dense(flat.shape[1], kernel_init=nn.initializers.zeros)(hidden)
         return (2 * out if self.form == "doubled" else out).reshape(x.shape)
 
 
@@ -245,7 +247,7 @@ def _forms_step():
 
 
 def test_compare_model_options_times_a_model_computed_another_way_from_the_same_state():
-    results = bench_train.compare_model_options(*_forms_step(), [("form", "transposed")], repeats=2)
+    results = bench_train.compare_model_options(*_forms_step(), [{"form": "transposed"}], repeats=2)
     assert list(results) == ["default", bench_train.CONTROL, "form=transposed"]
     reference = results["default"]
     assert reference.loss > 0 and reference.grad_norm > 0
@@ -255,9 +257,29 @@ def test_compare_model_options_times_a_model_computed_another_way_from_the_same_
         assert len(result.seconds) == 2 and min(result.seconds) > 0
 
 
+def test_a_model_variant_sets_several_fields_at_once_and_is_checked_as_one():
+    variant = bench_train.parse_model_variant(" form=transposed  tanh=sigmoid ")
+    assert variant == {"form": "transposed", "tanh": "sigmoid"}
+    results = bench_train.compare_model_options(*_forms_step(), [variant], 1)
+    assert list(results)[-1] == "form=transposed tanh=sigmoid"
+    assert results["form=transposed tanh=sigmoid"].loss == pytest.approx(
+        results["default"].loss, rel=1e-4
+    )
+    doubled = {"form": "doubled", "tanh": "sigmoid"}
+    with pytest.raises(ValueError, match="with 'form=doubled tanh=sigmoid' the step's loss is"):
+        bench_train.compare_model_options(*_forms_step(), [doubled], 1)
+    for text in ("", "form=plain form=doubled"):
+        with pytest.raises(
+            ValueError, match=r"NAME=VALUE \[NAME=VALUE \.\.\.\] with each NAME once"
+        ):
+            bench_train.parse_model_variant(text)
+    with pytest.raises(ValueError, match="a model option must read NAME=VALUE; got 'form'"):
+        bench_train.parse_model_variant("tanh=sigmoid form")
+
+
 def test_option_rows_of_a_model_option_name_each_variant_with_its_checked_values_and_times():
     rows = bench_train.option_rows(
-        "bench_forms_mlp", (4, 4, 1), 8, 2, [("form", "transposed")], "float32", model=True
+        "bench_forms_mlp", (4, 4, 1), 8, 2, [{"form": "transposed"}], "float32", model=True
     )
     assert [row["option"] for row in rows] == ["default", bench_train.CONTROL, "form=transposed"]
     for row in rows:
@@ -271,11 +293,11 @@ def test_compare_model_options_refuses_another_function_and_unknown_fields():
     # At the fresh state the zero output layer hides "doubled" (both outputs are 0); the
     # check runs from perturbed parameters, where it cannot hide.
     with pytest.raises(ValueError, match="with 'form=doubled' the step's loss is"):
-        bench_train.compare_model_options(*_forms_step(), [("form", "doubled")], 1)
+        bench_train.compare_model_options(*_forms_step(), [{"form": "doubled"}], 1)
     with pytest.raises(ValueError, match="'width=3' is not a field of the model"):
-        bench_train.compare_model_options(*_forms_step(), [("width", 3)], 1)
+        bench_train.compare_model_options(*_forms_step(), [{"width": 3}], 1)
     with pytest.raises(ValueError, match="form='squared' is not valid"):
-        bench_train.compare_model_options(*_forms_step(), [("form", "squared")], 1)
+        bench_train.compare_model_options(*_forms_step(), [{"form": "squared"}], 1)
 
 
 def test_sampling_option_rows_time_the_control_and_fmjaxs_options():

@@ -3,7 +3,7 @@
     python -m experiments.benchmark --only train [--quick]
     python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
         [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
-        [--xla-option NAME=VALUE ... | --model-option NAME=VALUE ...]
+        [--xla-option NAME=VALUE ... | --model-option 'NAME=VALUE [NAME=VALUE ...]' ...]
 
 For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
@@ -34,8 +34,9 @@ the control's. Each row also says whether the variant's optimized HLO is the def
 there (as fast math does) its timing is the control's noise.
 
 With ``--model-option`` (one preset) it compares ways of computing the same model, in the
-same protocol: a field of the preset set to another value, e.g. ``attention=cudnn``
-(cuDNN's fused attention on an NVIDIA GPU, see ``fmjax.models.UNet``), each variant's first
+same protocol: fields of the preset set to other values, e.g. ``attention=cudnn`` (cuDNN's
+fused attention on an NVIDIA GPU, see ``fmjax.models.UNet``) or, as one variant,
+``'attention=cudnn group_norm=flax'``, each variant's first
 step checked against the default's from the same perturbed parameters
 (:func:`compare_model_options`).
 """
@@ -322,6 +323,24 @@ def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
     return rows
 
 
+def parse_model_variant(text: str) -> dict[str, object]:
+    """``"NAME=VALUE [NAME=VALUE ...]"`` (fields of one model variant, separated by spaces)
+    as ``{NAME: VALUE}``, each read by :func:`parse_xla_option`.
+
+    Example:
+        >>> parse_model_variant("attention=cudnn group_norm=flax")
+        {'attention': 'cudnn', 'group_norm': 'flax'}
+    """
+    pairs = [parse_xla_option(part, "a model option") for part in text.split()]
+    names = [name for name, _ in pairs]
+    if not pairs or len(set(names)) < len(names):
+        raise ValueError(
+            f"a model option must read NAME=VALUE [NAME=VALUE ...] with each NAME once; "
+            f"got {text!r}."
+        )
+    return dict(pairs)
+
+
 def parse_xla_option(text: str, what: str = "an XLA option") -> tuple[str, object]:
     """``"NAME=VALUE"`` as ``(NAME, VALUE)``: ``true``/``false`` become booleans, integers
     integers, anything else stays a string (e.g. an enum's name). An empty value (``NAME=``)
@@ -380,7 +399,8 @@ def compare_compiler_options(
             whose step computes a different loss.
     """
     lowered = step.lower(state, batch)
-    variants = {"default": {}, CONTROL: {}} | _labelled(options)
+    labelled = {f"{name}={value}": {name: value} for name, value in options}
+    variants = {"default": {}, CONTROL: {}} | labelled
     compiled = {}
     for label, compiler_options in variants.items():
         try:
@@ -465,12 +485,13 @@ compute dtype: a variant computes the same function, summed in another order."""
 
 
 def compare_model_options(
-    step, state, batch, config, options: list[tuple[str, object]], repeats: int
+    step, state, batch, config, variants: list[dict[str, object]], repeats: int
 ) -> dict[str, ModelTiming]:
     """``{label: ModelTiming}`` of the engine's train step with the model of ``config`` (label
     ``"default"``), that step compiled again (the control, :data:`CONTROL`) and once per
-    ``(name, value)`` option, a model field set to another value (label ``"name=value"``,
-    e.g. ``attention=cudnn``: see :attr:`fmjax.models.UNet.attention`).
+    variant, ``{field: value}`` of model fields set to other values (label ``"name=value"``,
+    several joined by spaces; e.g. ``{"attention": "cudnn"}``: see
+    :attr:`fmjax.models.UNet.attention`; :func:`parse_model_variant` reads them).
 
     Model options change how the network is computed, not what: the parameters are the
     same, so every variant steps from the same state. First each variant takes one step from
@@ -486,7 +507,8 @@ def compare_model_options(
     lowered = step.lower(state, batch)
     compiled = {"default": lowered.compile(), CONTROL: lowered.compile()}
     mesh = batch["image"].sharding.mesh
-    for label, fields in _labelled(options).items():
+    for fields in variants:
+        label = " ".join(f"{name}={value}" for name, value in fields.items())
         variant = config.copy_and_resolve_references()
         variant.model.update(fields)
         try:
@@ -505,21 +527,18 @@ def compare_model_options(
     return {label: ModelTiming(*checked[label], times[label]) for label in compiled}
 
 
-def _labelled(options: list[tuple[str, object]]) -> dict[str, dict]:
-    return {f"{name}={value}": {name: value} for name, value in options}
-
-
 def option_rows(
     preset: str,
     image_shape,
     per_device_batch: int,
     repeats: int,
-    options: list[tuple[str, object]],
+    options: list,
     dtype: str | None = None,
     *,
     model: bool = False,
 ) -> list[dict]:
-    """:func:`compare_compiler_options` (or with ``model``, :func:`compare_model_options`) on
+    """:func:`compare_compiler_options` of ``options``, ``(name, value)`` pairs (or with
+    ``model``, :func:`compare_model_options` of ``options``, ``{field: value}`` variants) on
     ``preset``'s train step: one row for the default, one for the control and one per option,
     with the variant's checked values, the best and median step times and the median's ratio
     to the default's."""
@@ -601,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         "--model-option",
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="compare the step of the model with this field set (e.g. attention=cudnn) "
-        "against the preset's, in one process (repeatable: one variant each; needs --preset)",
+        metavar="'NAME=VALUE ...'",
+        help="compare the step of the model with this field set (e.g. attention=cudnn; "
+        "several fields of one variant separated by spaces) against the preset's, in one "
+        "process (repeatable: one variant each; needs --preset)",
     )
     args = parser.parse_args(argv)
     if args.batch_per_device < 1 or args.repeats < 1:
@@ -612,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch_per_device} and {args.repeats}."
         )
     options = [parse_xla_option(text) for text in args.xla_option]
-    model_options = [parse_xla_option(text, "a model option") for text in args.model_option]
+    model_options = [parse_model_variant(text) for text in args.model_option]
     if options and model_options:
         raise ValueError("--xla-option and --model-option are two comparisons; run them apart.")
     if (options or model_options) and args.preset is None:
