@@ -13,8 +13,8 @@ engine's compiled train step on one device (``jax.profiler``, Perfetto format) a
 - the step's wall time outside the trace, each step timed alone (launch and wait included)
   and as training runs them (back to back, :func:`experiments.bench.train.pipelined_step_seconds`),
   and the device's busy time per step (the union of kernel intervals): the difference is
-  idle device time (launch gaps, host work; what the pipelined wall time still shows is not
-  hidden by training's overlap either);
+  idle device time (launch gaps, host work), and its part left in the pipelined wall time is
+  what training's overlap of host and device does not hide;
 - kernel time per kind, named from the kernel's name (:func:`kernel_kind`: attention,
   convolution, matmul, reduction, data movement, element-wise), with the share of busy time;
 - the ``top`` kernels by total time, with their number of launches per step.

@@ -261,8 +261,8 @@ def step_row(
     ``step_ms``, and the throughput, FLOP/s and device-hours derived from it, are per step of
     ``repeats`` steps dispatched back to back, as training runs them
     (:func:`pipelined_step_seconds`); ``step_ms_one_at_a_time`` is the median of ``repeats``
-    steps each timed alone, launch and wait included (this row's ``step_ms`` before
-    2026-12-04's third session, and the H200 figures of the README)."""
+    steps each timed alone, launch and wait included (what ``step_ms`` measured until
+    2026-12-04, the README's H200 figures among them)."""
     step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
 
     start = time.perf_counter()
