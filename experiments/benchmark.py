@@ -18,7 +18,7 @@ import time
 import jax
 
 import experiments.bench
-from experiments.bench import machine, write_json
+from experiments.bench import machine, markdown_table, write_json
 
 AREAS = tuple(
     sorted(
@@ -27,22 +27,6 @@ AREAS = tuple(
         if not info.name.startswith("_")
     )
 )
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """Rows as a Markdown table; columns in first-seen order, missing cells empty."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        cells = [_format(row.get(column, "")) for column in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,35 @@ def write_json(report, path: str) -> None:
         json.dump(report, f, indent=2, default=float)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table; columns in first-seen order, missing cells empty."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = [_format(row.get(column, "")) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def print_header() -> None:
+    """Prints a benchmark's first line: the JAX version, its devices and :func:`machine`."""
+    print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
+
+
+def print_report(rows: list[dict], json_path: str | None) -> None:
+    """Prints ``rows`` as a Markdown table and, with ``json_path``, writes them there too
+    (:func:`write_json`): the end of a benchmark's command line."""
+    print(markdown_table(rows), flush=True)
+    if json_path:
+        write_json(rows, json_path)
+
+
 CONTROL = "default, compiled again"
 """The label of a compile-option comparison's control: the defaults, compiled a second time
 (two compilations of one program have differed by up to 13% on the development machine)."""

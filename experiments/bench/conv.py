@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments.bench import interleaved_seconds, machine, threads
+from experiments.bench import interleaved_seconds, machine, markdown_table, threads
 from experiments.bench.train import build_step, seed_images
 from fmjax import models
 from fmjax.models import conv as conv_module
@@ -395,8 +395,6 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from experiments.benchmark import markdown_table
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--steps-only", action="store_true", help="only the train-step rows")

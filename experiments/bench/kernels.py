@@ -45,7 +45,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import machine, median_seconds, profile, write_json
+from experiments.bench import markdown_table, median_seconds, print_header, profile, write_json
 from experiments.bench.train import (
     _NATIVE_SHAPES,
     _stepping,
@@ -297,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = preset_shape(args.preset, args.image_shape)
     dtype = args.dtype or default_dtype()
-    from experiments.benchmark import markdown_table
-
-    print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
+    print_header()
     rows = kernel_rows(args.preset, shape, args.batch, dtype, args.steps, args.top, args.save)
     print(markdown_table(rows), flush=True)
     if args.sample_batch:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench import interleaved_seconds, machine, write_json
+from experiments.bench import interleaved_seconds, print_header, print_report
 from experiments.bench.train import _NATIVE_SHAPES, default_dtype, perturbed, preset_shape
 from fmjax import models
 from fmjax.models import unet
@@ -184,13 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     shape = preset_shape(args.preset, args.image_shape)
-    from experiments.benchmark import markdown_table
-
-    print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
+    print_header()
     rows = layer_rows(args.preset, shape, args.batch, args.dtype or default_dtype(), args.repeats)
-    print(markdown_table(rows), flush=True)
-    if args.json:
-        write_json(rows, args.json)
+    print_report(rows, args.json)
     return 0
 
 

@@ -55,6 +55,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from experiments.bench import markdown_table
 from fmjax.couplings import exact_ot
 from fmjax.data import eight_gaussians
 from fmjax.likelihood import log_likelihood
@@ -469,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     torch_side = not args.skip_torch and peers_available()
     if not args.skip_torch and not torch_side:
         print(_MISSING, flush=True)
-    from experiments.benchmark import markdown_table
 
     print(f"jax {jax.__version__} on {jax.default_backend()}; {recipe}", flush=True)
     print(markdown_table(compare(recipe, args.seeds, torch_side)))

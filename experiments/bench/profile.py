@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import jax
 
-from experiments.bench import machine, threads
+from experiments.bench import machine, markdown_table, threads
 from experiments.bench.train import build_step, seed_images
 from fmjax.models.conv import TAPS_SCOPE
 
@@ -441,7 +441,6 @@ def run(quick: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.bench.train import _NATIVE_SHAPES
-    from experiments.benchmark import markdown_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), default="unet_cifar10_torchcfm")

@@ -52,7 +52,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.bench import CONTROL, interleaved_seconds, machine, median_seconds, write_json
+from experiments.bench import (
+    CONTROL,
+    interleaved_seconds,
+    median_seconds,
+    print_header,
+    print_report,
+)
 from fmjax import configs, train
 
 META_RECIPE_STEPS = 175_000
@@ -646,17 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shape = preset_shape(args.preset, args.image_shape)
         presets = [(args.preset, shape, args.batch_per_device)]
-    from experiments.benchmark import markdown_table
-
-    print(f"jax {jax.__version__} on {jax.devices()}; {machine()}", flush=True)
+    print_header()
     if options or model_options:
         compared = options or model_options
         rows = option_rows(*presets[0], args.repeats, compared, dtype, model=bool(model_options))
     else:
         rows = run_presets(presets, args.repeats, dtype)
-    print(markdown_table(rows), flush=True)
-    if args.json:
-        write_json(rows, args.json)
+    print_report(rows, args.json)
     return 0
 
 
