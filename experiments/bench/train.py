@@ -405,8 +405,8 @@ def compare_compiler_options(
             whose step computes a different loss.
     """
     lowered = step.lower(state, batch)
-    labelled = {f"{name}={value}": {name: value} for name, value in options}
-    variants = {"default": {}, CONTROL: {}} | labelled
+    variants = {"default": {}, CONTROL: {}}
+    variants |= {f"{name}={value}": {name: value} for name, value in options}
     compiled = {}
     for label, compiler_options in variants.items():
         try:

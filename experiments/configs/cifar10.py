@@ -116,7 +116,7 @@ def get_config(variant: str | None = None):
     # How the U-Net computes attention: "xla" (every backend) or "cudnn" (cuDNN's fused
     # kernel; NVIDIA GPUs with --config.model.dtype=bfloat16; see fmjax.models.UNet).
     c.model.attention = "xla"
-    # How the U-Net computes GroupNorm: "fmjax" (its own gradient, faster on CPU) or "flax"
+    # How the U-Net computes GroupNorm: "fmjax" (its own gradient, written for CPU) or "flax"
     # (nn.GroupNorm); the same parameters and function (see fmjax.models.UNet).
     c.model.group_norm = "fmjax"
     {"meta": _meta, "torchcfm": _torchcfm}[recipe](c)
