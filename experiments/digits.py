@@ -26,7 +26,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from fmjax import data, likelihood, train
+from fmjax import configs, data, likelihood, rundir, train
+from fmjax.generate import generate, make_velocity
+from fmjax.keys import Stream, stream_key
 from fmjax.metrics.digits import digits_score, histogram_bits_per_dim
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
@@ -42,16 +44,19 @@ def define_flags() -> None:
 
 FINAL_SAMPLES = 1000
 BPD_DRAWS = 1  # dequantisation draws per test digit (the Flow Matching paper uses 50)
-_EVAL_STREAM = 7  # a key stream of its own, apart from the engine's
 
 
-def score_hook(config, model) -> train.EvalHook:
-    """The digits score of ``train.eval_samples`` EMA samples; the best state is kept."""
-    velocity = train.make_velocity(model, config)
-    key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_STREAM)
+def score_hook(config, model, mesh) -> train.EvalHook:
+    """The digits score of ``train.eval_samples`` EMA samples; the best state is kept.
+
+    A hook factory of :func:`fmjax.train.train_and_evaluate` (``mesh`` is unused: the score's
+    few samples run on one device)."""
+    del mesh
+    velocity = make_velocity(model, config)
+    key = stream_key(config.seed, Stream.DIGITS_SCORE)
 
     def score(step, state):
-        result = train.generate(config, velocity, state, config.train.eval_samples, key)
+        result = generate(config, velocity, state, config.train.eval_samples, key)
         return {"digits_fd": digits_score(np.asarray(result.x)).fd}
 
     return train.EvalHook(every=config.train.eval_every, fn=score, keep_best="digits_fd")
@@ -67,9 +72,9 @@ def held_out_bits_per_dim(config, model, state) -> likelihood.BitsPerDim:
     """
     levels = data.digits_levels(data.digits("test").images[: config.eval.bpd_examples])
     velocity = jax.tree_util.Partial(
-        train.make_velocity(model, config), jax.device_get(state.ema_params), None
+        make_velocity(model, config), jax.device_get(state.ema_params), None
     )
-    key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_STREAM + 2)
+    key = stream_key(config.seed, Stream.DIGITS_BPD)
     return likelihood.dequantized_bits_per_dim(
         velocity,
         key,
@@ -85,9 +90,9 @@ def held_out_bits_per_dim(config, model, state) -> likelihood.BitsPerDim:
 
 def final_evaluation(config, model, state, workdir: str) -> dict:
     """Scores ``FINAL_SAMPLES`` EMA samples; writes and returns ``eval/digits.json``."""
-    velocity = train.make_velocity(model, config)
-    key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_STREAM + 1)
-    result = train.generate(config, velocity, state, FINAL_SAMPLES, key)
+    velocity = make_velocity(model, config)
+    key = stream_key(config.seed, Stream.DIGITS_FINAL)
+    result = generate(config, velocity, state, FINAL_SAMPLES, key)
     score = digits_score(np.asarray(result.x))
     logging.info(
         "Bits/dim of %d test digits (an adaptive solve; minutes on a CPU)", config.eval.bpd_examples
@@ -120,18 +125,17 @@ def main(argv):
     common.setup()
     config, workdir = FLAGS.config, FLAGS.workdir
     logging.info("Training on digits into %s", workdir)
-    source = data.build_source(config.data, seed=config.seed)
-    config.data.image_shape = source.image_shape  # the hooks sample images of this shape
-    model = train.build_model(config.model)
-    hooks = [score_hook(config, model)] if config.train.eval_every else []
-    state = train.train_and_evaluate(config, workdir, source=source, hooks=hooks)
+    hooks = [score_hook] if config.train.eval_every else []
+    state = train.train_and_evaluate(config, workdir, hooks=hooks)
+    run = rundir.load_config(workdir)  # the run's config, with the data's image shape
+    model = configs.build_model(run.model)
     samples = os.path.join(workdir, "samples")  # none when stopped before the first grid
     grids = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
     print(
         f"Done at step {int(state.step)}" + (f"; samples: {samples}/{grids[-1]}" if grids else "")
     )
     if int(state.step) == config.train.num_steps:
-        report = final_evaluation(config, model, state, workdir)
+        report = final_evaluation(run, model, state, workdir)
         print(
             f"Digits score (Frechet distance to the test digits, lower is better) of "
             f"{FINAL_SAMPLES} samples, {report['nfe']} NFE: {report['digits_fd']:.3f}; "

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: async, atomic, keep the last K, restore on any mesh.
 
-A checkpoint holds the whole :class:`fmjax.train.TrainState` (step, params, EMA params,
+A checkpoint holds the whole :class:`fmjax.step.TrainState` (step, params, EMA params,
 optimizer state). Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoints usable (the run's writer removes
 such leftovers when it starts); on restore, a newest checkpoint that cannot be read is skipped
@@ -11,17 +11,14 @@ state.
 """
 
 import contextlib
-import json
 import logging
 import os
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointWriteError", "Checkpoints", "RunArtifacts", "load_config", "load_run"]
+__all__ = ["CheckpointWriteError", "Checkpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -159,58 +156,3 @@ class Checkpoints:
             + ("the disk is full. " if full else "is the disk full or not writable? ")
             + f"The complete checkpoints before it are intact: steps {self.steps()}."
         )
-
-
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run saved as ``workdir/config.json``."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: {workdir} is not an fmjax run directory.")
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable run config (JSON): {error}.") from None
-
-
-class RunArtifacts(NamedTuple):
-    """What :func:`load_run` returns.
-
-    Attributes:
-        config: the run's saved config (``config.json``).
-        model: the Flax module it names.
-        ema_params: the EMA parameters of the restored checkpoint.
-        step: that checkpoint's step.
-    """
-
-    config: ml_collections.ConfigDict
-    model: Any
-    ema_params: Any
-    step: int
-
-
-def load_run(workdir: str | os.PathLike, *, best: bool = False) -> RunArtifacts:
-    """The config, the model and the EMA parameters of a run's newest checkpoint (or, with
-    ``best=True``, of its best-scoring one: see :class:`fmjax.train.EvalHook`).
-
-    The optimizer state is not kept. Parameters land on the default device, whatever mesh
-    saved them, ready for :func:`fmjax.sampling.sample` from Python.
-
-    Example::
-
-        run = load_run("runs/digits")
-        f = fmjax.train.make_velocity(run.model, run.config)
-        velocity = jax.tree_util.Partial(f, run.ema_params, None)  # None: no class labels
-        x1 = fmjax.sampling.sample(velocity, x0, solver="heun", steps=25).x
-    """
-    from fmjax import train
-
-    config = load_config(workdir)
-    model = train.build_model(config.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = train.abstract_state(config, model, sharding=device)
-    subdir = "checkpoints_best" if best else "checkpoints"
-    restored = Checkpoints(workdir, async_save=False, subdir=subdir).restore_latest(abstract)
-    if restored is None:
-        raise ValueError(f"{workdir} has no readable checkpoint under {workdir}/{subdir}.")
-    state, step = restored
-    return RunArtifacts(config=config, model=model, ema_params=state.ema_params, step=step)

@@ -1,29 +1,74 @@
-"""The configuration every experiment shares, as an ``ml_collections.ConfigDict``.
+"""The run configuration: every key the engine reads, its validation, and what it builds.
 
 Experiment config files (``experiments/configs/*.py``) start from :func:`base_config` and
 change what they need; every key can then be set from the command line, e.g.
-``--config.train.num_steps=100``. Each key is documented where it is defined below, and
-:func:`validate` checks a config before anything is compiled.
+``--config.train.num_steps=100``. Each key is documented where it is defined below;
+:func:`validate` checks a config before anything is compiled, and :func:`build_model`,
+:func:`build_path` and :func:`make_optimizer` turn its sections into objects. Every named
+choice is looked up in one mapping, the same for checking and for building:
+:data:`fmjax.paths.SCHEDULERS`, :data:`fmjax.couplings.COUPLINGS`,
+:data:`fmjax.timesteps.TIME_SAMPLERS`, :data:`fmjax.sampling.SOLVERS`,
+:data:`fmjax.models.PRESETS`, :data:`OPTIMIZERS` and :data:`LR_SCHEDULES`.
 """
 
 import math
-import os
-import pathlib
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax.numpy as jnp
 import ml_collections
+import optax
+from flax import linen as nn
 
-from fmjax.models import ATTENTION_IMPLEMENTATIONS, GROUP_NORM_IMPLEMENTATIONS
+from fmjax import couplings, models, paths, timesteps
+from fmjax.couplings import COUPLINGS, Coupling
+from fmjax.paths import PREDICTIONS, SCHEDULERS
 from fmjax.sampling import SOLVERS
+from fmjax.timesteps import TIME_SAMPLERS, TimeSampler
 
-__all__ = ["base_config", "prepare_workdir", "validate", "validate_image_shape"]
+__all__ = [
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "base_config",
+    "build_model",
+    "build_path",
+    "make_optimizer",
+    "validate",
+    "validate_image_shape",
+]
 
-SCHEDULERS = ("condot", "cosine", "linear_vp", "vp", "polynomial")
-COUPLINGS = ("independent", "exact_ot", "sinkhorn_ot")
-TIME_SAMPLERS = ("uniform", "logit_normal")
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
+
+def _warmup(o: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+
+
+LR_SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+    "constant": lambda o, num_steps: optax.constant_schedule(o.learning_rate),
+    "warmup_constant": lambda o, num_steps: optax.join_schedules(
+        [_warmup(o), optax.constant_schedule(o.learning_rate)], [max(o.warmup_steps, 1)]
+    ),
+    "warmup_cosine": lambda o, num_steps: optax.warmup_cosine_decay_schedule(
+        0.0,
+        o.learning_rate,
+        max(o.warmup_steps, 1),
+        max(num_steps, o.warmup_steps + 1),
+        o.learning_rate * o.final_lr_fraction,
+    ),
+}
+"""The learning-rate schedules ``config.optim.schedule`` may name, name -> ``(optim_config,
+num_steps) -> schedule``: ``constant``; ``warmup_constant`` (linear from 0 over
+``warmup_steps``, then constant); ``warmup_cosine`` (the same warmup, then cosine decay to
+``final_lr_fraction * learning_rate`` at ``num_steps``)."""
+
+OPTIMIZERS: dict[
+    str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]
+] = {
+    "adam": lambda o, lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
+    "adamw": lambda o, lr: optax.adamw(
+        lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay
+    ),
+}
+"""The optimizers ``config.optim.optimizer`` may name, name -> ``(optim_config, schedule) ->
+optax transformation``."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_samples = 500  # samples per in-training score
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "unet_tiny"  # a preset of fmjax.models.PRESETS; other keys override its fields
+    m.name = "unet_tiny"  # a preset of fmjax.models.PRESETS (a label when a model is passed in)
     m.num_classes = ml_collections.config_dict.placeholder(int)  # set for class conditioning
     m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
 
@@ -152,13 +197,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("path.scheduler", p.scheduler, SCHEDULERS)
     _choice("path.coupling", p.coupling, COUPLINGS)
     _choice("path.time_sampler", p.time_sampler, TIME_SAMPLERS)
-    _choice("path.prediction", p.prediction, ("velocity", "target", "epsilon"))
+    _choice("path.prediction", p.prediction, PREDICTIONS)
     _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
     # U-Net fields that the CIFAR-10 configs add (experiments/configs/cifar10.py).
-    _choice("model.group_norm", config.model.get("group_norm", "fmjax"), GROUP_NORM_IMPLEMENTATIONS)
+    _choice(
+        "model.group_norm",
+        config.model.get("group_norm", "fmjax"),
+        models.GROUP_NORM_IMPLEMENTATIONS,
+    )
     attention = config.model.get("attention", "xla")
-    _choice("model.attention", attention, ATTENTION_IMPLEMENTATIONS)
+    _choice("model.attention", attention, models.ATTENTION_IMPLEMENTATIONS)
     if attention == "cudnn" and config.model.dtype == "float32":
         raise ValueError(
             "config.model.attention='cudnn' computes in bfloat16 or float16; set "
@@ -215,50 +264,74 @@ def validate_image_shape(model, image_shape: Sequence[int]) -> None:
         check(tuple(image_shape))
 
 
-def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-    """Creates the run directory if needed and checks that it can be read and written.
+def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """The Flax module named by ``model_config.name`` (one of :data:`fmjax.models.PRESETS`).
 
-    Raises ``ValueError`` naming the path and the reason (a regular file in the way, no
-    permission, a read-only file system) before anything is compiled, instead of an
-    ``OSError`` at the first checkpoint. Writing is probed by creating and removing a file,
-    which also catches what permission bits do not show (root ignores them; a read-only mount
-    does not).
+    Every other key overrides a field of the preset; ``dtype`` is a name ("bfloat16"). A model
+    that no preset names is passed to :func:`fmjax.train.train_and_evaluate` as an object.
 
     Example:
-        >>> import tempfile, pathlib
-        >>> from fmjax.configs import prepare_workdir
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> prepare_workdir(root / "run").is_dir()
-        True
-        >>> (root / "file").write_text("")
-        0
-        >>> prepare_workdir(root / "file" / "run")
-        Traceback (most recent call last):
-        ...
-        ValueError: workdir '.../file/run' cannot be created: .../file is not a directory.
+        >>> import ml_collections
+        >>> from fmjax.configs import build_model
+        >>> build_model(ml_collections.ConfigDict({"name": "unet_tiny", "num_classes": None})).ch
+        16
     """
-    path = pathlib.Path(workdir)
-    if path.exists() and not path.is_dir():
+    fields = dict(model_config)
+    name = fields.pop("name")
+    if name not in models.PRESETS:
         raise ValueError(
-            f"workdir {str(path)!r} is not valid: it exists and is not a directory; expected a "
-            "directory (or a path where one can be created)."
+            f"config.model.name={name!r} is not a known model; expected one of "
+            f"{sorted(models.PRESETS)}, or pass the model object to train_and_evaluate(model=...)."
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
-        raise ValueError(
-            f"workdir {str(path)!r} cannot be created: {blocker} is not a directory."
-        ) from None
-    except OSError as error:
-        raise ValueError(f"workdir {str(path)!r} cannot be created: {error.strerror}.") from None
-    try:
-        os.listdir(path)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"workdir {str(path)!r} is not readable and writable ({error.strerror}); expected a "
-            "directory this process can read and write."
-        ) from None
-    return path
+    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+    return models.PRESETS[name](**fields)
+
+
+def build_path(
+    path_config: ml_collections.ConfigDict,
+) -> tuple[paths.AffinePath, Coupling, TimeSampler]:
+    """``(path, coupling, time_sampler)`` from the ``config.path`` section.
+
+    Each is built by its mapping's constructor with the options the section holds for it
+    (``sigma_min`` for ``condot``, ``polynomial_n`` for ``polynomial``, ``sinkhorn_epsilon``
+    for ``sinkhorn_ot``, ``logit_mean``/``logit_std`` for ``logit_normal``, ``t_min`` for both
+    time samplers; ``logit_normal`` keeps at least ``1e-4`` from the ends, where a float32
+    sigmoid rounds to 0 or 1).
+    """
+    p = path_config
+    scheduler_options = {
+        "condot": {"sigma_min": p.sigma_min},
+        "polynomial": {"n": p.polynomial_n},
+    }
+    coupling_options = {"sinkhorn_ot": {"epsilon": p.sinkhorn_epsilon}}
+    sampler_options = {
+        "uniform": {"t_min": p.t_min},
+        "logit_normal": {"mean": p.logit_mean, "std": p.logit_std, "t_min": max(p.t_min, 1e-4)},
+    }
+    scheduler = paths.SCHEDULERS[p.scheduler](**scheduler_options.get(p.scheduler, {}))
+    coupling = couplings.COUPLINGS[p.coupling](**coupling_options.get(p.coupling, {}))
+    time_sampler = timesteps.TIME_SAMPLERS[p.time_sampler](**sampler_options[p.time_sampler])
+    return paths.AffinePath(scheduler), coupling, time_sampler
+
+
+def make_optimizer(
+    optim_config: ml_collections.ConfigDict, num_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The Optax optimizer and its learning-rate schedule from ``config.optim``.
+
+    The schedule is ``LR_SCHEDULES[optim.schedule]``, the optimizer
+    ``OPTIMIZERS[optim.optimizer]`` driven by it; gradient clipping by global norm comes
+    first when ``grad_clip > 0``.
+
+    Example:
+        >>> from fmjax.configs import base_config, make_optimizer
+        >>> tx, schedule = make_optimizer(base_config().optim, num_steps=100)
+        >>> float(schedule(0))
+        0.0001
+    """
+    o = optim_config
+    schedule = LR_SCHEDULES[o.schedule](o, num_steps)
+    opt = OPTIMIZERS[o.optimizer](o, schedule)
+    if o.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt, schedule

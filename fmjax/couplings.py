@@ -13,6 +13,7 @@ that is the per-device batch.
 import concurrent.futures
 import itertools
 import os
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import jax
@@ -24,6 +25,7 @@ from fmjax._checks import check_batched, check_choice, check_float, check_same_s
 
 __all__ = [
     "ASSIGNMENT_SOLVERS",
+    "COUPLINGS",
     "Coupled",
     "Coupling",
     "exact_ot",
@@ -154,8 +156,8 @@ def min_cost_assignment(cost: Float[Array, "n n"], *, solver: str = "auto") -> I
     :math:`\varepsilon = 0.1\,\mathrm{std}(C)` give :math:`f, g` with
     :math:`f_i + g_j \approx C_{ij}` on the optimal pairs. Subtracting any row and column
     potentials shifts every assignment's total by the same constant, so exactness never depends
-    on them; they make the augmenting paths few and short (2-5x faster than from cold). The
-    solvers:
+    on them; they make the augmenting paths few and short, so the solvers finish much sooner
+    than from zero potentials. The solvers:
 
     - ``"host"``: SciPy's ``linear_sum_assignment`` (a C++ shortest-augmenting-path solver;
       SciPy is a dependency of JAX itself) on :math:`C - f - g` in float64, called from the
@@ -173,9 +175,9 @@ def min_cost_assignment(cost: Float[Array, "n n"], *, solver: str = "auto") -> I
       ``O(n^3)`` worst case.
     - ``"auto"`` (default): ``"host"`` when the program is compiled for CPU or an NVIDIA/AMD
       GPU, ``"jax"`` elsewhere (TPU), chosen per platform at lowering time
-      (``jax.lax.platform_dependent``). On CPU the host solver measured up to 1.5x faster at
-      n = 512 (``python -m experiments.benchmark --only ot``); on a GPU every ``while_loop``
-      step of the in-graph solver is a kernel launch and a predicate copy to the host.
+      (``jax.lax.platform_dependent``). On CPU the host solver is the faster of the two; on a
+      GPU every ``while_loop`` step of the in-graph solver is a kernel launch and a predicate
+      copy to the host (figures: docs/benchmarks.md).
 
     Non-finite costs give an unspecified permutation rather than a hang or an error.
 
@@ -264,7 +266,7 @@ def _assignment_on_host_stack(axis_size: int, in_batched: list[bool], cost):
 
     def per_core(cost):
         # XLA's CPU runtime runs independent loops at once, and one Sinkhorn sweep uses one
-        # thread: the stack's warm starts in one part per core take ~2/3 of the time.
+        # thread: splitting the stack's warm starts into one part per core runs them in parallel.
         groups = min(axis_size, os.cpu_count() or 1)
         bounds = np.linspace(0, axis_size, groups + 1).round().astype(int)
         parts = [jax.vmap(_warm_potentials)(cost[a:b]) for a, b in itertools.pairwise(bounds)]
@@ -421,3 +423,12 @@ def _sinkhorn_potentials(cost, epsilon, num_iters: int, g):
 
     # Initial values shaped like the cost keep its type under shard_map, as fori_loop needs.
     return jax.lax.fori_loop(0, num_iters, sweep, (jnp.zeros_like(cost[:, 0]), g))
+
+
+COUPLINGS: dict[str, Callable[..., Coupling]] = {
+    "independent": lambda: independent,
+    "exact_ot": lambda: exact_ot,
+    "sinkhorn_ot": sinkhorn_ot,
+}
+"""The named couplings, name -> constructor of the coupling (called with its keyword options,
+e.g. ``COUPLINGS["sinkhorn_ot"](epsilon=0.1)``); what ``config.path.coupling`` may name."""

@@ -33,7 +33,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from fmjax._checks import check_batched, check_choice, check_float, check_same_shape
 from fmjax.couplings import Coupling, independent
-from fmjax.paths import AffinePath, CondOT
+from fmjax.keys import example_keys
+from fmjax.paths import PREDICTIONS, AffinePath, CondOT
 from fmjax.timesteps import TimeSampler, uniform
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
     "draw_pairs",
     "example_keys",
 ]
-
-PREDICTIONS = ("velocity", "target", "epsilon")
-"""The model parameterisations :func:`cfm_loss` accepts."""
 
 _LOSS_SPACES = ("prediction", "velocity")
 
@@ -80,33 +78,6 @@ class LossAux(NamedTuple):
 
     per_example: Float[Array, " batch"]
     t: Float[Array, " batch"]
-
-
-def example_keys(key: PRNGKeyArray, batch_size: int) -> PRNGKeyArray:
-    """One typed PRNG key per example, from one key or from ``batch_size`` keys.
-
-    Accepts typed keys (``jax.random.key``) and raw ``uint32`` keys (``jax.random.PRNGKey``).
-    One key is split into ``batch_size``; a batch of keys is checked and returned (typed).
-
-    Raises:
-        ValueError: if a batch of keys does not have ``batch_size`` entries.
-    """
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.dtype != jnp.uint32 or key.ndim not in (1, 2):
-            raise ValueError(
-                "key must be a PRNG key (jax.random.key or jax.random.PRNGKey) or a batch of them; "
-                f"got dtype {key.dtype} and shape {key.shape}."
-            )
-        key = jax.random.wrap_key_data(key)
-    if key.ndim == 0:
-        return jax.random.split(key, batch_size)
-    if key.shape != (batch_size,):
-        raise ValueError(
-            f"Per-example keys must have shape [batch]=({batch_size},) to match x1; "
-            f"got {key.shape[0] if key.ndim else '?'} keys (shape {key.shape})."
-        )
-    return key
 
 
 def draw_pairs(
@@ -292,12 +263,8 @@ def cfm_loss_on_pairs(
         )
 
     if loss_space == "velocity" or prediction == "velocity":
-        to_velocity = {
-            "velocity": lambda u: u,
-            "target": lambda u: path.target_to_velocity(u, sample.x_t, t),
-            "epsilon": lambda u: path.epsilon_to_velocity(u, sample.x_t, t),
-        }[prediction]
-        output, regression_target = to_velocity(output), sample.dx_t
+        output = path.to_velocity(prediction, output, sample.x_t, t)
+        regression_target = sample.dx_t
     else:
         regression_target = {"target": x1, "epsilon": x0}[prediction]
 

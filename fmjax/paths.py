@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from fmjax._checks import broadcast_time, check_float, check_same_shape
+from fmjax._checks import broadcast_time, check_choice, check_float, check_same_shape
 
 __all__ = [
+    "PREDICTIONS",
+    "SCHEDULERS",
     "VP",
     "AffinePath",
     "CondOT",
@@ -45,6 +47,10 @@ __all__ = [
     "Scheduler",
     "SchedulerOutput",
 ]
+
+PREDICTIONS = ("velocity", "target", "epsilon")
+"""What a network may predict: the velocity :math:`\\dot x_t`, the data :math:`x_1` ("target") or
+the noise :math:`x_0` ("epsilon"); :meth:`AffinePath.to_velocity` converts each to a velocity."""
 
 Time = Float[ArrayLike, " *t"]
 Batch = Float[Array, " batch *dims"]
@@ -354,6 +360,34 @@ class AffinePath:
         check_same_shape("prediction", u, "x_t", x_t)
         return (a * x_t + b * u).astype(jnp.result_type(u, x_t))
 
+    def to_velocity(
+        self, prediction: str, output: Batch, x_t: Batch, t: Float[ArrayLike, " *batch"]
+    ) -> Batch:
+        """The velocity a network's ``output`` stands for, whatever it predicts.
+
+        Args:
+            prediction: one of :data:`PREDICTIONS`: ``"velocity"`` (returned as is),
+                ``"target"`` (a data prediction, through :meth:`target_to_velocity`) or
+                ``"epsilon"`` (a noise prediction, through :meth:`epsilon_to_velocity`).
+            output: the network's output, shaped like ``x_t``.
+            x_t: the point on the path.
+            t: a scalar or shape ``[batch]``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from fmjax.paths import AffinePath, CondOT
+            >>> path = AffinePath(CondOT())
+            >>> x_t = jnp.full((1, 2), 0.5)
+            >>> path.to_velocity("target", jnp.ones((1, 2)), x_t, jnp.array([0.5]))
+            Array([[1., 1.]], dtype=float32)
+        """
+        check_choice("prediction", prediction, PREDICTIONS)
+        if prediction == "target":
+            return self.target_to_velocity(output, x_t, t)
+        if prediction == "epsilon":
+            return self.epsilon_to_velocity(output, x_t, t)
+        return output
+
     def target_to_velocity(
         self, x1_pred: Batch, x_t: Batch, t: Float[ArrayLike, " *batch"]
     ) -> Batch:
@@ -399,3 +433,14 @@ class AffinePath:
         r"""Noise prediction from a data prediction: :math:`(x_t - \alpha \hat x_1) / \sigma`."""
         c = self._coefficients(t, x_t)
         return self._linear(1.0 / c.sigma_t, -c.alpha_t / c.sigma_t, x1_pred, x_t)
+
+
+SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
+    "condot": CondOT,
+    "cosine": Cosine,
+    "linear_vp": LinearVP,
+    "vp": VP,
+    "polynomial": Polynomial,
+}
+"""The named schedulers, name -> constructor (called with the scheduler's own keyword fields,
+e.g. ``SCHEDULERS["polynomial"](n=2)``); what ``config.path.scheduler`` may name."""

@@ -11,13 +11,14 @@ nothing); :func:`logit_normal` defaults to ``1e-4``, the clip of Meta's recipes,
 float32 sigmoid rounds to exactly ``0`` or ``1`` in its tails.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["TimeSampler", "logit_normal", "uniform"]
+__all__ = ["TIME_SAMPLERS", "TimeSampler", "logit_normal", "uniform", "uniform_sampler"]
 
 TimeSampler = Callable[[PRNGKeyArray, Sequence[int]], Float[Array, "..."]]
 """The type of a time sampler: ``(key, shape) -> t`` with ``t`` of that shape in ``[0, 1]``."""
@@ -79,3 +80,27 @@ def logit_normal(mean: float = 0.0, std: float = 1.0, *, t_min: float = 1e-4) ->
         return jnp.clip(jax.nn.sigmoid(mean + std * z), t_min, 1.0 - t_min)
 
     return sample
+
+
+def uniform_sampler(*, t_min: float = 0.0) -> TimeSampler:
+    """:func:`uniform` with its ``t_min`` bound, as a time sampler (the constructor that
+    :data:`TIME_SAMPLERS` names ``"uniform"``).
+
+    Example:
+        >>> import jax
+        >>> from fmjax.timesteps import uniform_sampler
+        >>> t = uniform_sampler(t_min=0.25)(jax.random.key(0), (1000,))
+        >>> bool((t >= 0.25).all() and (t <= 0.75).all())
+        True
+    """
+    _check_t_min(t_min)
+    return functools.partial(uniform, t_min=t_min)
+
+
+TIME_SAMPLERS: dict[str, Callable[..., TimeSampler]] = {
+    "uniform": uniform_sampler,
+    "logit_normal": logit_normal,
+}
+"""The named time samplers, name -> constructor (called with its keyword options, e.g.
+``TIME_SAMPLERS["logit_normal"](mean=1.2, std=1.2)``); what ``config.path.time_sampler`` may
+name."""

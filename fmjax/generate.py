@@ -1,0 +1,326 @@
+"""Generating from a model: the velocity of a trained network, sample grids, and sample files.
+
+:func:`make_velocity` turns a network (whatever it predicts) into the ``velocity_fn(x, t)`` of
+:func:`fmjax.sampling.sample`; :func:`generate` samples from a state's EMA parameters with the
+config's grid solver (what training's grids and in-training scores use); :func:`sample_run`
+samples a saved run into a PNG grid and an ``.npz`` (``experiments.cifar10 --mode=sample``),
+with the solver, guidance and noise of :class:`SamplingOptions`.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jaxtyping import Array, Float
+
+from fmjax import images, sampling
+from fmjax.configs import build_path
+from fmjax.keys import Stream, stream_key
+from fmjax.rundir import load_config, load_run
+from fmjax.step import TrainState
+
+__all__ = [
+    "SampleOutput",
+    "SamplingOptions",
+    "class_labels",
+    "generate",
+    "initial_noise",
+    "make_velocity",
+    "sample_run",
+    "solve_options",
+    "velocity_binder",
+    "write_grid",
+]
+
+log = logging.getLogger(__name__)
+
+
+def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
+    """``f(params, labels, x, t) -> velocity`` for sampling, whatever the prediction type.
+
+    Bind the arrays with ``jax.tree_util.Partial(f, params, labels)`` to get the
+    ``velocity_fn(x, t)`` of :func:`fmjax.sampling.sample`; reusing one ``f`` means new
+    parameters do not recompile the sampler. ``labels`` is None for an unconditional model.
+    """
+    path, _, _ = build_path(config.path)
+    prediction = config.path.prediction
+
+    def velocity(params, labels, x, t):
+        t_batch = jnp.broadcast_to(t, (x.shape[0],))
+        kwargs = {} if labels is None else {"y": labels}
+        out = model.apply({"params": params}, x, t_batch, **kwargs)
+        return path.to_velocity(prediction, out, x, t_batch)
+
+    return velocity
+
+
+def generate(
+    config: ml_collections.ConfigDict,
+    velocity: Callable,
+    state: TrainState,
+    num_samples: int,
+    key: jax.Array,
+    *,
+    labels: jax.Array | None = None,
+) -> sampling.SampleResult:
+    """Samples from the EMA parameters with the config's grid solver (``train.sample_solver``,
+    ``train.sample_steps``); ``velocity`` comes from :func:`make_velocity`.
+
+    A conditional model gets ``labels`` (default: cycling through the classes).
+    """
+    t = config.train
+    x0 = jax.random.normal(key, (num_samples, *config.data.image_shape))
+    if config.model.num_classes is not None and labels is None:
+        labels = jnp.arange(num_samples, dtype=jnp.int32) % config.model.num_classes
+    params = jax.device_get(state.ema_params)  # replicated: the host copy is complete
+    fn = jax.tree_util.Partial(velocity, params, labels)
+    return sampling.sample(fn, x0, solver=t.sample_solver, steps=t.sample_steps)
+
+
+def write_grid(
+    config: ml_collections.ConfigDict, velocity: Callable, state: TrainState, path: pathlib.Path
+) -> None:
+    """A grid of samples from the EMA parameters (same noise every time, so grids compare)."""
+    key = stream_key(config.seed, Stream.GRID)
+    result = generate(config, velocity, state, config.train.num_grid_samples, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images.save_grid(np.asarray(result.x), path, scale=max(1, 64 // config.data.image_shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How ``--mode=sample`` generates.
+
+    Attributes:
+        num_samples: how many samples.
+        solver: one of ``fmjax.sampling.SOLVERS``.
+        steps: steps of a fixed-step solver (``euler``, ``midpoint``, ``heun``, ``rk4``).
+        time_grid: ``"edm"`` (:func:`fmjax.sampling.edm_time_grid`, Meta's choice: starts at
+            t = 0.0123) or ``"uniform"`` (from t = 0), for a fixed-step solver.
+        rtol, atol: tolerances of an adaptive solver (``tsit5``, ``dopri5``, ``dopri8``).
+        labels: classes of a conditional run, cycled over the samples; None: 0, 1, ..., 9, 0...
+        guidance_scale: classifier-free guidance weight :math:`w` (1: the conditional field,
+            0: the unconditional one, > 1: guided). Conditional runs only.
+        seed: the noise of sample ``i`` is drawn from ``fold_in(key(seed), i)``, so samples do
+            not depend on ``batch_size``.
+        batch_size: samples per ODE solve (bounds memory; each solve reports its own NFE).
+    """
+
+    num_samples: int = 64
+    solver: str = "heun"
+    steps: int = 50
+    time_grid: str = "edm"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    labels: Sequence[int] | None = None
+    guidance_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 500
+
+    def __post_init__(self):
+        for name in ("num_samples", "steps", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"--{name}={value!r} must be a positive integer.")
+        if self.solver not in sampling.SOLVERS:
+            raise ValueError(f"--solver={self.solver!r}; expected one of {list(sampling.SOLVERS)}.")
+        if self.time_grid not in ("edm", "uniform"):
+            raise ValueError(f"--time_grid={self.time_grid!r}; expected 'edm' or 'uniform'.")
+        if not (np.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(
+                f"--guidance_scale={self.guidance_scale!r}; expected a finite number >= 0 "
+                "(0: unconditional, 1: conditional, > 1: guided)."
+            )
+
+    @property
+    def method(self) -> str:
+        """A short name of the solver and its settings, for file names: ``heun-edm50``."""
+        if self.solver in sampling.FIXED_STEP_SOLVERS:
+            return f"{self.solver}-{self.time_grid}{self.steps}"
+        return f"{self.solver}-rtol{self.rtol:g}-atol{self.atol:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """What :func:`sample` wrote.
+
+    Attributes:
+        png: the grid of samples.
+        npz: the arrays (see :func:`sample`).
+        nfe: velocity evaluations of each ODE solve (one per batch of samples).
+    """
+
+    png: pathlib.Path
+    npz: pathlib.Path
+    nfe: list[int]
+
+
+def class_labels(
+    options: SamplingOptions, num_classes: int | None, num_samples: int
+) -> np.ndarray | None:
+    """``[num_samples]`` int32 labels cycling through ``options.labels``; None if unconditional.
+
+    Raises:
+        ValueError: labels or a guidance scale for an unconditional run, or labels outside
+            ``[0, num_classes - 1]``.
+    """
+    if num_classes is None:
+        if options.labels is not None or options.guidance_scale != 1.0:
+            raise ValueError(
+                "This run is unconditional (config.model.num_classes is None); --labels and "
+                "--guidance_scale are for class-conditional runs (the 'conditional' variant)."
+            )
+        return None
+    classes = np.arange(num_classes) if options.labels is None else np.asarray(options.labels)
+    if classes.size == 0 or np.any(classes < 0) or np.any(classes >= num_classes):
+        raise ValueError(
+            f"--labels={classes.tolist()} must name classes in [0, {num_classes - 1}] "
+            f"(the null label {num_classes} is --guidance_scale=0)."
+        )
+    return np.resize(classes, num_samples).astype(np.int32)
+
+
+def velocity_binder(
+    model, config: ml_collections.ConfigDict, guidance_scale: float
+) -> Callable[..., Callable]:
+    """``bind(params, labels) -> velocity_fn(x, t)`` for :func:`fmjax.sampling.sample`.
+
+    The function inside every bound ``Partial`` is the same object, so each batch of samples
+    reuses one compiled solver; only the arrays (parameters, labels) change.
+    """
+    velocity = make_velocity(model, config)
+    num_classes = config.model.num_classes
+    if num_classes is None or guidance_scale == 1.0:
+        # w = 1 is the conditional field exactly; skip the doubled batch of guidance.
+        return lambda params, labels: jax.tree_util.Partial(velocity, params, labels)
+
+    def guided(params, labels, x, t):
+        field = sampling.classifier_free_guidance(
+            lambda p, x, t, y: velocity(p, y, x, t),
+            params,
+            labels,
+            null_label=num_classes,
+            scale=guidance_scale,
+        )
+        return field(x, t)
+
+    return lambda params, labels: jax.tree_util.Partial(guided, params, labels)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def initial_noise(
+    key: jax.Array, start: int, stop: int, image_shape: tuple[int, ...]
+) -> Float[Array, "n h w c"]:
+    """The noise ``x0`` of samples ``start, ..., stop - 1``, shape ``[stop - start, *image_shape]``.
+
+    Sample ``i`` is drawn from ``fold_in(key, i)`` alone, so sample ``i`` is the same however
+    the samples are split into batches.
+    """
+    indices = np.arange(start, stop)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape))(indices)
+
+
+def _write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    # Through a temporary name, as the grids are, so a crash never leaves half a file.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def sample_run(
+    workdir: str | os.PathLike,
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    model: nn.Module | None = None,
+) -> SampleOutput:
+    """Samples from the EMA parameters of the run in ``workdir`` (its newest checkpoint).
+
+    Writes ``workdir/samples/sample_step{STEP}_{METHOD}_n{N}_seed{SEED}[_w{SCALE}].png`` (a
+    grid; one column per class for a conditional run with the default labels) and ``.npz``
+    with ``images`` (float32 ``[N, 32, 32, 3]``, clipped to [-1, 1]), ``images_uint8``,
+    ``labels`` (int32 ``[N]``, conditional runs), ``nfe`` (int32, one entry per ODE solve of
+    ``options.batch_size`` samples), ``success`` (per solve), ``step`` (of the checkpoint),
+    ``method``, ``guidance_scale`` and ``seed``. With guidance, one velocity evaluation runs
+    the network on twice the batch (the conditional and the unconditional half).
+
+    The run's saved config decides the model (unless ``model`` is given, as for
+    :func:`fmjax.rundir.load_run`) and the data shape; run it on one process.
+
+    Raises:
+        ValueError: in a multi-process launch, for a workdir without a checkpoint, or for
+            ``labels`` / ``guidance_scale`` that the run cannot use.
+    """
+    if jax.process_count() > 1:
+        raise ValueError("--mode=sample runs on one process; launch it without --distributed.")
+    # The options are checked against the saved config before the parameters are loaded.
+    num_classes = load_config(workdir).model.num_classes
+    labels = class_labels(options, num_classes, options.num_samples)
+    run = load_run(workdir, model=model)
+    config = run.config
+    image_shape = tuple(config.data.image_shape)
+    bind = velocity_binder(run.model, config, options.guidance_scale)
+    options_for_solve = solve_options(options)
+
+    key = jax.random.key(options.seed)
+    parts, nfe, success = [], [], []
+    for start in range(0, options.num_samples, options.batch_size):
+        stop = min(start + options.batch_size, options.num_samples)
+        batch_labels = None if labels is None else jnp.asarray(labels[start:stop])
+        result = sampling.sample(
+            bind(run.ema_params, batch_labels),
+            initial_noise(key, start, stop, image_shape),
+            solver=options.solver,
+            **options_for_solve,
+        )
+        parts.append(np.asarray(result.x))
+        nfe.append(int(result.nfe))
+        success.append(bool(result.success))
+    if not all(success):
+        log.warning("%d of %d ODE solves did not succeed.", success.count(False), len(success))
+    x = np.clip(np.concatenate(parts), -1.0, 1.0)
+
+    stem = f"sample_step{run.step:08d}_{options.method}_n{options.num_samples}_seed{options.seed}"
+    arrays = {
+        "images": x.astype(np.float32),
+        "images_uint8": images.to_uint8(x),
+        "nfe": np.asarray(nfe, np.int32),
+        "success": np.asarray(success),
+        "step": np.asarray(run.step),
+        "method": np.asarray(options.method),
+        "seed": np.asarray(options.seed),
+    }
+    ncols = None
+    if labels is not None:
+        stem += f"_w{options.guidance_scale:g}"
+        arrays["labels"] = labels
+        arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
+        ncols = config.model.num_classes if options.labels is None else None
+    out_dir = pathlib.Path(workdir) / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, npz = out_dir / f"{stem}.png", out_dir / f"{stem}.npz"
+    images.save_grid(x, png, ncols=ncols, scale=max(1, 64 // image_shape[0]))
+    _write_npz(npz, arrays)
+    guidance = "" if labels is None else f", guidance scale {options.guidance_scale:g}"
+    print(
+        f"{options.num_samples} samples from step {run.step} ({options.method}{guidance}): "
+        f"NFE {nfe[0] if len(set(nfe)) == 1 else nfe} per solve of up to {options.batch_size}; "
+        f"wrote {png} and {npz}"
+    )
+    return SampleOutput(png=png, npz=npz, nfe=nfe)
+
+
+def solve_options(options: SamplingOptions) -> dict:
+    """The time grid of a fixed-step solver or the tolerances of an adaptive one."""
+    if options.solver in sampling.FIXED_STEP_SOLVERS:
+        grid = {"edm": sampling.edm_time_grid, "uniform": sampling.uniform_time_grid}
+        return {"time_grid": grid[options.time_grid](options.steps)}
+    return {"rtol": options.rtol, "atol": options.atol}
