@@ -43,12 +43,15 @@ ROOT = pathlib.Path(__file__).resolve().parent
 CORE_MODULES = {
     "__init__",
     "_checks",
+    "_integrate",
     "paths",
     "couplings",
     "timesteps",
     "loss",
     "sampling",
     "likelihood",
+    "keys",
+    "mesh",
 }
 CORE_TESTS = {f"test_{name}" for name in CORE_MODULES} | {"test_readme"}
 

@@ -1,15 +1,19 @@
 """fmjax: flow matching for image generation in JAX.
 
-The core re-exported here (paths, couplings, time samplers, the loss, sampling, likelihoods)
-needs only jax, optax, diffrax, numpy and jaxtyping. The layers above it are imported on their
-own, as they need the ``train`` extra: ``fmjax.models`` (Flax U-Net), ``fmjax.data``,
-``fmjax.train``, ``fmjax.checkpoint``, ``fmjax.images``, ``fmjax.configs``.
+The core re-exported here (paths, couplings, time samplers, the loss, sampling, likelihoods,
+per-example keys, the device mesh) needs only jax, optax, diffrax, numpy and jaxtyping. The
+layers above it are imported on their own, as they need the ``train`` extra, each importing
+only from the layers below it: ``fmjax.models`` (Flax networks); ``fmjax.data``,
+``fmjax.images``, ``fmjax.toy2d``; ``fmjax.metrics``; ``fmjax.checkpoint``; and the engine:
+``fmjax.configs``, ``fmjax.step``, ``fmjax.rundir``, ``fmjax.generate``, ``fmjax.train``,
+``fmjax.evaluate``.
 
 Convention: noise x0 ~ N(0, I) at t = 0, data x1 at t = 1.
 """
 
-from fmjax import couplings, likelihood, loss, paths, sampling, timesteps
-from fmjax.couplings import Coupled, exact_ot, independent, sinkhorn_ot
+from fmjax import couplings, keys, likelihood, loss, mesh, paths, sampling, timesteps
+from fmjax.couplings import COUPLINGS, Coupled, exact_ot, independent, sinkhorn_ot
+from fmjax.keys import Stream, example_keys
 from fmjax.likelihood import (
     BitsPerDim,
     LikelihoodResult,
@@ -19,7 +23,10 @@ from fmjax.likelihood import (
     log_likelihood,
 )
 from fmjax.loss import LossAux, Pairs, cfm_loss, cfm_loss_on_pairs, draw_pairs
+from fmjax.mesh import make_mesh
 from fmjax.paths import (
+    PREDICTIONS,
+    SCHEDULERS,
     VP,
     AffinePath,
     CondOT,
@@ -39,12 +46,16 @@ from fmjax.sampling import (
     sample,
     uniform_time_grid,
 )
-from fmjax.timesteps import logit_normal, uniform
+from fmjax.timesteps import TIME_SAMPLERS, logit_normal, uniform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COUPLINGS",
+    "PREDICTIONS",
+    "SCHEDULERS",
     "SOLVERS",
+    "TIME_SAMPLERS",
     "VP",
     "AffinePath",
     "BitsPerDim",
@@ -61,6 +72,7 @@ __all__ = [
     "SampleResult",
     "Scheduler",
     "SchedulerOutput",
+    "Stream",
     "bits_per_dim",
     "cfm_loss",
     "cfm_loss_on_pairs",
@@ -71,11 +83,15 @@ __all__ = [
     "draw_pairs",
     "edm_time_grid",
     "exact_ot",
+    "example_keys",
     "independent",
+    "keys",
     "likelihood",
     "log_likelihood",
     "logit_normal",
     "loss",
+    "make_mesh",
+    "mesh",
     "paths",
     "sample",
     "sampling",

@@ -273,8 +273,9 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     Example:
         >>> import ml_collections
         >>> from fmjax.configs import build_model
-        >>> build_model(ml_collections.ConfigDict({"name": "unet_tiny", "num_classes": None})).ch
-        16
+        >>> model = build_model(ml_collections.ConfigDict({"name": "unet_tiny", "dtype": "bfloat16"}))
+        >>> model.model_channels, model.dtype
+        (8, dtype(bfloat16))
     """
     fields = dict(model_config)
     name = fields.pop("name")

@@ -173,3 +173,31 @@ def test_bad_input_messages():
         Polynomial(0)
     with pytest.raises(ValueError, match="beta_min < beta_max"):
         VP(beta_min=2.0, beta_max=1.0)
+
+
+@pytest.mark.parametrize("scheduler", [s for s, _ in CLOSED_FORMS])
+def test_to_velocity_recovers_dx_t_from_each_prediction(x64, scheduler):
+    path = AffinePath(scheduler)
+    k0, k1 = jax.random.split(jax.random.key(3))
+    x0 = jax.random.normal(k0, (4, 3), jnp.float64)
+    x1 = jax.random.normal(k1, (4, 3), jnp.float64)
+    s = path.sample(x0, x1, jnp.array([0.2, 0.4, 0.6, 0.8]))
+    for prediction, output in (("velocity", s.dx_t), ("target", x1), ("epsilon", x0)):
+        velocity = path.to_velocity(prediction, output, s.x_t, s.t)
+        np.testing.assert_allclose(velocity, s.dx_t, rtol=1e-9, atol=1e-9, err_msg=prediction)
+    with pytest.raises(ValueError, match=r"Unknown prediction 'score'.*'velocity'"):
+        path.to_velocity("score", x1, s.x_t, s.t)
+
+
+def test_schedulers_mapping_builds_each_named_scheduler():
+    from fmjax.paths import PREDICTIONS, SCHEDULERS
+
+    assert PREDICTIONS == ("velocity", "target", "epsilon")
+    options = {"condot": {"sigma_min": 0.1}, "polynomial": {"n": 3.0}}
+    for name, build in SCHEDULERS.items():
+        scheduler = build(**options.get(name, {}))
+        out = scheduler(jnp.array([0.0, 1.0]))
+        # Every named scheduler runs from (nearly) pure noise at t = 0 to data at t = 1 (VP's
+        # alpha_0 is exp(-5), not 0).
+        assert float(out.alpha_t[0]) < 0.01 and abs(float(out.alpha_t[1]) - 1.0) < 1e-6, name
+    assert SCHEDULERS["polynomial"](n=3.0) == Polynomial(3.0)
