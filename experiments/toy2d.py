@@ -31,9 +31,9 @@ from matplotlib.figure import Figure
 
 from experiments import common
 from fmjax import cfm_loss, exact_ot, independent, log_likelihood, sample
-from fmjax.configs import prepare_workdir
 from fmjax.couplings import Coupling
-from fmjax.data import TOY_2D, Toy2D
+from fmjax.rundir import prepare_workdir
+from fmjax.toy2d import TOY_2D, Toy2D
 
 FLAGS = flags.FLAGS
 

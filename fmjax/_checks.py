@@ -1,10 +1,19 @@
 """Input checks shared by the core modules. Private: every message names the offending value."""
 
-from collections.abc import Sequence
+from collections.abc import Collection
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def concrete(x: Any) -> np.ndarray | None:
+    """The value of `x` when it is known at trace time, else None (a tracer)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def check_float(name: str, x: jax.Array) -> None:
@@ -33,8 +42,8 @@ def check_batched(name: str, x: jax.Array) -> None:
         )
 
 
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raises `ValueError` unless `value` is one of `choices`."""
+def check_choice(name: str, value: str, choices: Collection[str]) -> None:
+    """Raises `ValueError` unless `value` is one of `choices` (names, or a mapping's keys)."""
     if value not in choices:
         raise ValueError(
             f"Unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}."

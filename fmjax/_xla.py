@@ -1,18 +1,16 @@
 """The XLA compiler options fmjax compiles its ODE solves and train steps with. Private.
 
-On CPU, XLA (from JAX 0.8 or so) hands convolutions, matrix products and the element-wise work
-around them to YNNPACK as fused library calls. For the programs of small U-Nets (sampling solves,
-the exact-divergence likelihood, the digits train step), restricting those fusions to matrix
-products alone
-(``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: convolutions and
-element-wise work go back to XLA's own kernels) ran 1.8-2x faster on the digits U-Net's
-solves and 1.5x on its train step, and 1.1-1.2x on the CIFAR-10 U-Net's forward pass, each
-against the default program compiled twice in one process (the README's Performance section
-has the figures). The CIFAR-10 U-Net's train step is 1.2x slower with it (its large reductions
-leave YNNPACK), so ``fmjax.train`` asks for it only on small images. It is a per-program
-compile option, so it touches no other program of the process, and it changes results only by
-summation order (relative 2e-6 on the CIFAR U-Net). A user who sets the same option in
-``XLA_FLAGS`` keeps their own choice, and an XLA that does not know it (JAX 0.7) gets none.
+On CPU, XLA (from about JAX 0.8) hands convolutions, matrix products and the element-wise work
+around them to YNNPACK as fused library calls. Restricting those fusions to matrix products
+alone (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``:
+convolutions and element-wise work go back to XLA's own kernels) makes the programs of small
+U-Nets faster: the sampling solves, the exact-divergence likelihood and the train step on
+small images. The train step of the CIFAR-10 U-Net is slower with it (its large reductions
+leave YNNPACK), so the train step asks for it only on small images (figures:
+docs/benchmarks.md). It is a per-program compile option, so it touches no other program of
+the process, and it changes results only by float rounding (the order of summation). A user
+who sets the same option in ``XLA_FLAGS`` keeps their own choice, and an XLA that does not
+know it (JAX 0.7) gets none.
 """
 
 import functools

@@ -31,16 +31,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from fmjax._checks import check_batched, check_choice, check_float, check_positive_int
-from fmjax._xla import solve_jit
-from fmjax.sampling import (
+from fmjax._integrate import (
     VelocityFn,
-    _check_solver_args,
-    _merge_arrays,
-    _split_arrays,
+    check_solver_args,
     check_velocity_output,
     integrate,
+    merge_arrays,
+    split_arrays,
     time_dtype,
 )
+from fmjax._xla import solve_jit
 
 __all__ = [
     "DIVERGENCES",
@@ -141,8 +141,8 @@ def log_likelihood(
         raise ValueError(
             'divergence="hutchinson" draws random probes: pass key=jax.random.key(...).'
         )
-    _check_solver_args(solver, steps, None, 1.0, 0.0, max_steps)
-    arrays, rest = _split_arrays(velocity_fn)
+    check_solver_args(solver, steps, None, 1.0, 0.0, max_steps)
+    arrays, rest = split_arrays(velocity_fn)
     if divergence == "exact":
         key = None
     static = (rest, divergence, num_probes, probe, solver, steps, max_steps)
@@ -152,7 +152,7 @@ def log_likelihood(
 @functools.partial(solve_jit, static_argnames=("static",))
 def _log_likelihood_jit(arrays, x1, key, rtol, atol, *, static):
     rest, divergence, num_probes, probe, solver, steps, max_steps = static
-    velocity_fn = _merge_arrays(arrays, rest)
+    velocity_fn = merge_arrays(arrays, rest)
     t_dtype = time_dtype(x1)
     check_velocity_output(velocity_fn, x1, jnp.ones((), t_dtype))
     if divergence == "exact":

@@ -16,18 +16,30 @@ Nothing here is device-parallel: a caller that shards the batch calls :func:`sam
 shard (under ``jit`` or inside ``shard_map``); each shard then chooses its own adaptive steps.
 """
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
-import diffrax
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
-from fmjax._checks import check_batched, check_choice, check_float, check_positive_int
+from fmjax._checks import check_batched, check_float, check_positive_int, concrete
+from fmjax._integrate import (
+    ADAPTIVE_SOLVERS,
+    FIXED_STEP_SOLVERS,
+    SOLVERS,
+    VelocityFn,
+    check_distinct_ends,
+    check_save_at,
+    check_solver_args,
+    check_times,
+    check_velocity_output,
+    integrate,
+    merge_arrays,
+    split_arrays,
+    time_dtype,
+)
 from fmjax._xla import solve_jit
 
 __all__ = [
@@ -40,52 +52,6 @@ __all__ = [
     "sample",
     "uniform_time_grid",
 ]
-
-VelocityFn = Callable[
-    [Float[Array, " batch *dims"], Float[Array, ""]], Float[Array, " batch *dims"]
-]
-
-
-class RK4(diffrax.AbstractERK):
-    """The classical fourth-order Runge–Kutta method (diffrax ships none), four stages."""
-
-    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
-        c=np.array([0.5, 0.5, 1.0]),
-        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-        # Diffrax needs an error estimate in every tableau; fixed-step solves never read it.
-        # This one is RK4 minus the embedded midpoint rule (whose stages RK4 shares).
-        b_error=np.array([1 / 6, -2 / 3, 1 / 3, 1 / 6]),
-        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-    )
-    interpolation_cls: ClassVar[Callable[..., diffrax.AbstractLocalInterpolation]] = (
-        diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
-    )
-
-    def order(self, terms):
-        return 4
-
-
-_SOLVER_CLASSES = {
-    "euler": diffrax.Euler,
-    "midpoint": diffrax.Midpoint,
-    "heun": diffrax.Heun,
-    "rk4": RK4,
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-}
-FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun", "rk4")
-ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "dopri8")
-SOLVERS = FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS
-
-
-def _evals_per_step(solver: diffrax.AbstractSolver) -> int:
-    # An explicit RK step evaluates every stage, except that a first-same-as-last tableau
-    # reuses its last stage as the next step's first. Euler is not written as a tableau.
-    tableau = getattr(solver, "tableau", None)
-    if tableau is None:
-        return 1
-    return tableau.num_stages - int(tableau.fsal)
 
 
 class SampleResult(NamedTuple):
@@ -120,7 +86,7 @@ def uniform_time_grid(
         Array([0.  , 0.25, 0.5 , 0.75, 1.  ], dtype=float32)
     """
     check_positive_int("steps", steps)
-    _check_distinct_ends(t0, t1)
+    check_distinct_ends(t0, t1)
     return jnp.asarray(np.linspace(t0, t1, steps + 1), dtype=jnp.result_type(float))
 
 
@@ -265,7 +231,7 @@ def _check_guidance_args(labels: Any, null_label: Any, scale: Any) -> None:
         raise ValueError(f"null_label must be an integer >= 0; got null_label={null_label!r}.")
     if null_label < 0:
         raise ValueError(f"null_label must be an integer >= 0; got null_label={null_label}.")
-    label_values = _concrete(labels)  # None when traced
+    label_values = concrete(labels)  # None when traced
     dtype = labels.dtype if label_values is None else label_values.dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"labels must be integer class labels; got dtype {dtype}.")
@@ -273,7 +239,7 @@ def _check_guidance_args(labels: Any, null_label: Any, scale: Any) -> None:
         raise ValueError(
             f"labels must be class indices >= 0; got {np.unique(label_values[label_values < 0])}."
         )
-    scale_value = _concrete(scale)
+    scale_value = concrete(scale)
     if scale_value is not None and not (
         np.all(np.isfinite(scale_value)) and np.all(scale_value >= 0)
     ):
@@ -333,9 +299,9 @@ def sample(
     varying-manual-axes types (diffrax issue #735). On CPU a top-level solve is compiled with
     XLA's YNNPACK fusions restricted to matrix products
     (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``, for this
-    program only): digits U-Net sampling ran 1.8x faster so, the CIFAR-10 U-Net's forward pass
-    1.1-1.2x. Set that option in ``XLA_FLAGS`` to choose otherwise; under a caller's ``jit``,
-    ``grad`` or ``vmap`` the caller's program keeps its own options.
+    program only; ``fmjax._xla`` says why). Set that option in ``XLA_FLAGS`` to choose
+    otherwise; under a caller's ``jit``, ``grad`` or ``vmap`` the caller's program keeps its
+    own options.
 
     Args:
         velocity_fn: ``velocity_fn(x, t)`` with ``x`` shaped like ``x0`` and ``t`` a scalar
@@ -377,13 +343,13 @@ def sample(
     check_float("x0", x0)
     if jnp.shape(x0)[0] < 1:
         raise ValueError(f"x0 must hold at least one sample; got x0.shape={jnp.shape(x0)}.")
-    _check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
+    check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
     if time_grid is not None:
         time_grid = jnp.asarray(time_grid)
     if save_at is not None:
-        save_at = _check_times("save_at", save_at, min_length=1)
-        _check_save_at(save_at, time_grid, t0, t1)
-    arrays, rest = _split_arrays(velocity_fn)
+        save_at = check_times("save_at", save_at, min_length=1)
+        check_save_at(save_at, time_grid, t0, t1)
+    arrays, rest = split_arrays(velocity_fn)
     return _sample_jit(
         arrays,
         x0,
@@ -400,7 +366,7 @@ def sample(
 @functools.partial(solve_jit, static_argnames=("static",))
 def _sample_jit(arrays, x0, time_grid, save_at, t0, t1, rtol, atol, *, static):
     rest, solver, steps, max_steps = static
-    velocity_fn = _merge_arrays(arrays, rest)
+    velocity_fn = merge_arrays(arrays, rest)
     t_dtype = time_dtype(x0)
     check_velocity_output(velocity_fn, x0, jnp.zeros((), t_dtype))
     solved = integrate(
@@ -429,280 +395,3 @@ def _sample_jit(arrays, x0, time_grid, save_at, t0, t1, rtol, atol, *, static):
 def _velocity_vector_field(t, x, velocity_fn):
     # Module-level (not a closure) so that Diffrax's ODETerm is the same object on every call.
     return velocity_fn(x, t)
-
-
-# --- shared with fmjax.likelihood -----------------------------------------------------------
-
-
-class Solved(NamedTuple):
-    """What :func:`integrate` returns (private to the core)."""
-
-    y1: PyTree[Array]
-    trajectory: PyTree[Array] | None
-    nfe: Int[Array, ""]
-    success: Bool[Array, ""]
-
-
-def time_dtype(x: jax.Array) -> jnp.dtype:
-    """Times are at least float32, and float64 with float64 states."""
-    return jnp.promote_types(jnp.result_type(x), jnp.float32)
-
-
-def check_velocity_output(velocity_fn: VelocityFn, x: jax.Array, t: jax.Array) -> None:
-    """Raises `ValueError` at trace time unless ``velocity_fn(x, t)`` is shaped and typed like x."""
-    out = jax.eval_shape(velocity_fn, x, t)
-    if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (x.shape, x.dtype):
-        got = (
-            f"shape {out.shape} and dtype {out.dtype}"
-            if isinstance(out, jax.ShapeDtypeStruct)
-            else f"{type(out).__name__} {out}"
-        )
-        raise ValueError(
-            f"velocity_fn(x, t) must return an array of the shape {x.shape} and dtype {x.dtype} "
-            f"of x; got {got}."
-        )
-
-
-def integrate(
-    vector_field: Callable[[Array, PyTree[Array], Any], PyTree[Array]],
-    args: Any,
-    y0: PyTree[Array],
-    *,
-    solver: str,
-    steps: int | None,
-    time_grid: ArrayLike | None,
-    t0: ArrayLike,
-    t1: ArrayLike,
-    rtol: ArrayLike,
-    atol: ArrayLike,
-    save_at: ArrayLike | None,
-    max_steps: int,
-) -> Solved:
-    """Solves ``dy/dt = vector_field(t, y, args)`` with the arguments checked by `sample`."""
-    diffrax_solver = _SOLVER_CLASSES[solver]()
-    t_dtype = time_dtype(jax.tree.leaves(y0)[0])
-    per_step = _evals_per_step(diffrax_solver)
-    if solver in FIXED_STEP_SOLVERS:
-        if time_grid is None:
-            time_grid = jnp.linspace(t0, t1, steps + 1)
-        time_grid = jnp.asarray(time_grid, t_dtype)
-        t0, t1 = time_grid[0], time_grid[-1]
-        controller = _GridSteps(ts=time_grid)
-        increments = jnp.diff(time_grid)
-        grid_ok = jnp.all(increments > 0) | jnp.all(increments < 0)
-        dt0, solver_state, nfe = None, None, 0
-        max_steps = time_grid.shape[0] - 1
-    else:
-        t0, t1 = jnp.asarray(t0, t_dtype), jnp.asarray(t1, t_dtype)
-        # We evaluate the first stage ourselves and hand it to the solver as its
-        # first-same-as-last value. Otherwise a rejected first step would evaluate it again,
-        # by an amount Diffrax does not report, and nfe could not be exact.
-        f0 = vector_field(t0, y0, args)
-        first_step = _initial_step_size(
-            vector_field, args, t0, t1, y0, f0, diffrax_solver.order(None) + 1, rtol, atol
-        )
-        controller = _FirstStepGiven(diffrax.PIDController(rtol=rtol, atol=atol), first_step)
-        dt0, solver_state = None, (jnp.array(False), f0)
-        grid_ok, nfe = jnp.array(True), 2
-    saveat = diffrax.SaveAt(t1=True, ts=None if save_at is None else jnp.asarray(save_at, t_dtype))
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field),
-        diffrax_solver,
-        t0,
-        t1,
-        dt0,
-        y0,
-        args,
-        saveat=saveat,
-        stepsize_controller=controller,
-        max_steps=max_steps,
-        solver_state=solver_state,
-        # Failure is reported in `success`: raising needs host callbacks, which not every
-        # backend or mapped context supports.
-        throw=False,
-    )
-    y1 = jax.tree.map(lambda ys: ys[-1], solution.ys)
-    trajectory = None if save_at is None else jax.tree.map(lambda ys: ys[:-1], solution.ys)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y1)]))
-    return Solved(
-        y1=y1,
-        trajectory=trajectory,
-        nfe=(nfe + per_step * solution.stats["num_steps"]).astype(jnp.int32),
-        success=(solution.result == diffrax.RESULTS.successful) & finite & grid_ok,
-    )
-
-
-def _rms(tree: PyTree[Array]) -> Array:
-    leaves = jax.tree.leaves(tree)
-    size = sum(leaf.size for leaf in leaves)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves) / size)
-
-
-class _GridSteps(diffrax.StepTo):
-    """Diffrax's ``StepTo`` (steps to the times of a grid) without its run-time checks of
-    the grid, which are host callbacks when the grid is traced (see :class:`_FirstStepGiven`
-    for why those must go). The grid's ends are ``t0`` and ``t1`` by construction; `sample`
-    checks a concrete grid when it is called, and :func:`integrate` reports a traced grid
-    that is not strictly monotonic as ``success=False``. Being a ``StepTo``, it keeps
-    Diffrax's step-counting loop condition."""
-
-    def wrap(self, direction):
-        return _GridSteps(ts=self.ts * direction)
-
-    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        del terms, t0, t1, y0, dt0, args, func, error_order
-        return self.ts[1], 2
-
-
-class _FirstStepGiven(diffrax.AbstractAdaptiveStepSizeController):
-    """``controller`` (a PID controller) starting with a step of ``first_step``.
-
-    The same solve as ``diffeqsolve(..., dt0=first_step)``, without Diffrax's check of the
-    sign of a given ``dt0``: that check is an ``eqx.error_if``, a host callback whenever
-    ``dt0`` is traced (ours depends on the data), and XLA keeps no program with a host
-    callback in JAX's persistent compilation cache, so every solve would compile afresh in
-    every process. ``first_step`` has the sign of ``t1 - t0`` by construction.
-    """
-
-    controller: diffrax.PIDController
-    first_step: Array
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):
-        return self.controller.norm
-
-    def wrap(self, direction):
-        # Diffrax solves in the direction of increasing time, and flips a given dt0 so.
-        return _FirstStepGiven(self.controller.wrap(direction), self.first_step * direction)
-
-    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        del dt0  # None: the first step is ours
-        return self.controller.init(terms, t0, t1, y0, self.first_step, args, func, error_order)
-
-    def adapt_step_size(self, *args, **kwargs):
-        return self.controller.adapt_step_size(*args, **kwargs)
-
-
-def _initial_step_size(vector_field, args, t0, t1, y0, f0, error_order, rtol, atol):
-    # Hairer, Nørsett & Wanner (1993), II.4 — the rule Diffrax, scipy and torchdiffeq use —
-    # written here so that it can reuse our f0 (one evaluation instead of two).
-    direction = jnp.where(t1 > t0, 1.0, -1.0).astype(t0.dtype)
-    scale = jax.tree.map(lambda y: atol + rtol * jnp.abs(y), y0)
-    divide = functools.partial(jax.tree.map, lambda a, b: a / b)
-    d0 = _rms(divide(y0, scale))
-    d1 = _rms(divide(f0, scale))
-    tiny = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1.0, d1)).astype(t0.dtype)
-    y_probe = jax.tree.map(lambda y, f: (y + direction * h0 * f).astype(y.dtype), y0, f0)
-    f_probe = vector_field(t0 + direction * h0, y_probe, args)
-    d2 = _rms(divide(jax.tree.map(jnp.subtract, f_probe, f0), scale)) / h0
-    d_max = jnp.maximum(d1, d2)
-    h1 = jnp.where(
-        d_max <= 1e-15,
-        jnp.maximum(1e-6, h0 * 1e-3),
-        (0.01 / jnp.where(d_max <= 1e-15, 1.0, d_max)) ** (1.0 / error_order),
-    )
-    return direction * jnp.minimum(100 * h0, h1).astype(t0.dtype)
-
-
-# --- argument checks ------------------------------------------------------------------------
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """The value of `x` when known at trace time, else None."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def _check_distinct_ends(t0: ArrayLike, t1: ArrayLike) -> None:
-    t0_value, t1_value = _concrete(t0), _concrete(t1)
-    if t0_value is not None and t1_value is not None and t0_value == t1_value:
-        raise ValueError(f"The solve needs t0 != t1; got t0 = t1 = {t0_value}.")
-
-
-def _check_times(name: str, times: ArrayLike, min_length: int) -> Array:
-    times = jnp.asarray(times)
-    check_float(name, times)
-    if times.ndim != 1 or times.shape[0] < min_length:
-        raise ValueError(
-            f"{name} must be a 1-D array of at least {min_length} times; got shape {times.shape}."
-        )
-    return times
-
-
-def _check_solver_args(solver, steps, time_grid, t0, t1, max_steps) -> None:
-    check_choice("solver", solver, SOLVERS)
-    check_positive_int("max_steps", max_steps)
-    if solver in ADAPTIVE_SOLVERS:
-        if steps is not None or time_grid is not None:
-            raise ValueError(
-                f"solver {solver!r} chooses its own steps; steps and time_grid are for the "
-                f"fixed-step solvers {FIXED_STEP_SOLVERS} (got steps={steps!r}, time_grid "
-                f"{'given' if time_grid is not None else 'None'}). Use save_at to record states."
-            )
-        _check_distinct_ends(t0, t1)
-        return
-    if (steps is None) == (time_grid is None):
-        raise ValueError(
-            f"Fixed-step solver {solver!r} needs exactly one of steps (an int) or time_grid "
-            f"(an array of times); got steps={steps!r} and time_grid "
-            f"{'given' if time_grid is not None else 'None'}."
-        )
-    if steps is not None:
-        check_positive_int("steps", steps)
-        _check_distinct_ends(t0, t1)
-        return
-    grid = _concrete(_check_times("time_grid", time_grid, min_length=2))
-    if grid is not None:
-        increments = np.diff(grid)
-        if not (np.all(increments > 0) or np.all(increments < 0)):
-            raise ValueError(f"time_grid must be strictly increasing or decreasing; got {grid}.")
-
-
-def _check_save_at(save_at, time_grid, t0, t1) -> None:
-    ends = (t0, t1) if time_grid is None else (time_grid[0], time_grid[-1])
-    values, start, end = _concrete(save_at), _concrete(ends[0]), _concrete(ends[1])
-    if values is None or start is None or end is None:
-        return
-    low, high = min(start, end), max(start, end)
-    if np.any(values < low) or np.any(values > high):
-        raise ValueError(
-            f"save_at must lie within the solve, between {start} and {end}; got {values}."
-        )
-
-
-# --- jit over callables that hold arrays ----------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rest:
-    """The hashable, non-array part of a callable pytree: its structure and other leaves."""
-
-    treedef: Any
-    leaves: tuple
-
-
-def _split_arrays(fn: Any) -> tuple[list[Array], _Rest]:
-    # A plain function is one (static) leaf; an Equinox module or a jax.tree_util.Partial
-    # holds arrays that jit must trace rather than hash.
-    leaves, treedef = jax.tree.flatten(fn)
-    is_array = [isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves]
-    arrays = [leaf for leaf, array in zip(leaves, is_array, strict=True) if array]
-    rest = tuple(None if array else leaf for leaf, array in zip(leaves, is_array, strict=True))
-    return arrays, _Rest(treedef, rest)
-
-
-def _merge_arrays(arrays: list[Array], rest: _Rest) -> Any:
-    arrays = iter(arrays)
-    leaves = [next(arrays) if leaf is None else leaf for leaf in rest.leaves]
-    return jax.tree.unflatten(rest.treedef, leaves)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fmjax import data
+from fmjax import data, toy2d
 from fmjax.configs import base_config
 
 NUM_MOCK = 48  # examples per mocked split: small, so a batch of 16 crosses epochs quickly
@@ -163,17 +163,17 @@ def jitted(fn, **kwargs):
 
 def sample_toy(name, seed, num=4096):
     """Samples as NumPy: the checks below run eagerly, where every jnp op would compile."""
-    sample = jitted(data.TOY_2D[name].sample, static_argnums=1)
+    sample = jitted(toy2d.TOY_2D[name].sample, static_argnums=1)
     return np.asarray(sample(jax.random.key(seed), num))
 
 
 def log_prob_toy(name, x):
-    return np.asarray(jitted(data.TOY_2D[name].log_prob)(jnp.asarray(x)))
+    return np.asarray(jitted(toy2d.TOY_2D[name].log_prob)(jnp.asarray(x)))
 
 
-@pytest.mark.parametrize("name", sorted(data.TOY_2D))
+@pytest.mark.parametrize("name", sorted(toy2d.TOY_2D))
 def test_toy_2d_sampling(name):
-    toy = data.TOY_2D[name]
+    toy = toy2d.TOY_2D[name]
     x = sample_toy(name, 0)
     assert x.shape == (4096, 2) and x.dtype == np.float32
     assert np.all(np.isfinite(x)) and np.abs(x).max() < 8.0
@@ -206,7 +206,7 @@ def test_toy_2d_density_integrates_to_one(name):
 
 
 def test_eight_gaussians_log_prob_at_a_centre():
-    toy = data.eight_gaussians(radius=5.0, std=0.5)
+    toy = toy2d.eight_gaussians(radius=5.0, std=0.5)
     # At a centre the nearest other component is 3.8 / 0.5 > 7 standard deviations away.
     expected = -np.log(8 * 2 * np.pi * 0.25)
     log_prob = jax.jit(toy.log_prob)(jnp.array([[5.0, 0.0]]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.bench import peers
-from fmjax.data import eight_gaussians
+from fmjax.toy2d import eight_gaussians
 
 SHORT = peers.Recipe(steps=150, batch_size=64, log_every=150, num_heldout=128)
 

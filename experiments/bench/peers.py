@@ -5,7 +5,7 @@ r"""Side by side with torchcfm: the same 2-D OT-CFM recipe trained by each, time
     python -m experiments.benchmark --only peers [--quick]
 
 The task: noise :math:`x_0 \sim \mathcal N(0, I)` to the 8-Gaussians mixture of
-:func:`fmjax.data.eight_gaussians` (torchcfm's own ``sample_8gaussians``: radius 5, variance
+:func:`fmjax.toy2d.eight_gaussians` (torchcfm's own ``sample_8gaussians``: radius 5, variance
 :math:`\sqrt{0.1}`), whose exact density gives the true held-out NLL. The recipe, identical on
 both sides:
 
@@ -57,9 +57,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from experiments.bench import markdown_table
 from fmjax.couplings import exact_ot
-from fmjax.data import eight_gaussians
 from fmjax.likelihood import log_likelihood
 from fmjax.loss import Pairs, cfm_loss_on_pairs, draw_pairs
+from fmjax.toy2d import eight_gaussians
 
 WIDTH = 64
 """Hidden units per layer (torchcfm's 2-D examples: ``MLP(dim=2, w=64, time_varying=True)``)."""
@@ -318,7 +318,7 @@ def torch_to_params(model) -> list[tuple[np.ndarray, np.ndarray]]:
 def train_torchcfm(recipe: Recipe, seed: int) -> TorchcfmRun:
     """Trains the PyTorch MLP the way torchcfm's README does, with its exact-OT matcher.
 
-    The data are drawn in PyTorch from the same mixture as :func:`fmjax.data.eight_gaussians`.
+    The data are drawn in PyTorch from the same mixture as :func:`fmjax.toy2d.eight_gaussians`.
     Seeds PyTorch and NumPy (torchcfm draws the pairs from the plan with ``np.random``).
     """
     import torch
