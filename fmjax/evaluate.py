@@ -31,7 +31,6 @@ from fmjax.generate import (
 from fmjax.keys import Stream, stream_key
 from fmjax.mesh import make_mesh
 from fmjax.metrics import fid
-from fmjax.metrics.inception import load_inception
 from fmjax.rundir import load_run
 from fmjax.step import TrainState
 from fmjax.train import EvalHook
@@ -110,7 +109,7 @@ def evaluate(
                 f"--sample_batch_size={options.batch_size} must be divisible by the "
                 f"{mesh.size} devices for --mode=eval."
             )
-        inception = load_inception(eval_options.inception, mesh=mesh)
+        inception = fid.load_inception(eval_options.inception, mesh=mesh)
         reference = fid.load_statistics(eval_options.fid_stats)
         key = jax.random.key(options.seed)
         batch_sharding = NamedSharding(mesh, P("data"))
@@ -208,7 +207,7 @@ def fid_hook(
             f"config.fid.batch_size={batch_size!r} must be a positive multiple of the "
             f"{mesh.size} devices."
         )
-    inception = load_inception(config.fid.inception, mesh=mesh)
+    inception = fid.load_inception(config.fid.inception, mesh=mesh)
     reference = fid.load_statistics(config.fid.stats)
     velocity = make_velocity(model, config)
     key = stream_key(config.seed, Stream.FID)

@@ -1,5 +1,6 @@
-"""fmjax.metrics.fid and fmjax.metrics.frechet: closed forms, the resize, the converter, the
-Inception port against a PyTorch reference, reference statistics and FID of a sampler.
+"""fmjax.metrics.fid, .inception and .frechet, and experiments.fid: closed forms, the resize, the
+converter, the Inception port against a PyTorch reference, reference statistics and FID of a
+sampler.
 
 Inception at 299 x 299 costs ~6 GFLOP an image on CPU, so every test that runs it feeds the same
 8 small images (one per CPU device) through one compiled program, shared by a module-scoped
@@ -14,9 +15,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import fid as fid_command
+from fmjax.data import TfdsSource
+from fmjax.mesh import make_mesh
 from fmjax.metrics import fid
+from fmjax.metrics import inception as fid_inception
 from fmjax.metrics.frechet import frechet_distance, gaussian_statistics
-from fmjax.train import make_mesh
 
 N_IMAGES = 8  # one per CPU device of conftest
 
@@ -166,7 +170,7 @@ def to_state_dict(variables):
 
 
 def test_converter_round_trip_and_names():
-    variables = fid.inception_variables(seed=1)
+    variables = fid_inception.inception_variables(seed=1)
     state_dict = to_state_dict(variables)
     # pytorch-fid's names and (OIHW) shapes: 94 BasicConv2d, 5 tensors + a counter each, a head.
     assert len(state_dict) == 94 * 6 + 2
@@ -174,37 +178,41 @@ def test_converter_round_trip_and_names():
     assert state_dict["Mixed_6b.branch7x7_2.conv.weight"].shape == (128, 128, 1, 7)
     assert state_dict["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
     assert state_dict["Mixed_7a.branch7x7x3_4.bn.running_var"].shape == (192,)
-    converted = fid.convert_state_dict(state_dict)
+    converted = fid_inception.convert_state_dict(state_dict)
     jax.tree.map(np.testing.assert_array_equal, converted, variables)
     params = converted["params"]
     assert sum(v.size for v in jax.tree.leaves(params)) == 21_785_568
 
 
 def test_converter_errors():
-    state_dict = to_state_dict(fid.inception_variables())
+    state_dict = to_state_dict(fid_inception.inception_variables())
     missing = dict(state_dict)
     del missing["Mixed_5b.branch1x1.bn.bias"]
     with pytest.raises(ValueError, match=r"missing \['params/Mixed_5b/branch1x1/bn/bias'\]"):
-        fid.convert_state_dict(missing)
+        fid_inception.convert_state_dict(missing)
     with pytest.raises(ValueError, match=r"unexpected entries \['AuxLogits.conv0.conv.weight'\]"):
-        fid.convert_state_dict({**state_dict, "AuxLogits.conv0.conv.weight": np.zeros((1,))})
+        fid_inception.convert_state_dict(
+            {**state_dict, "AuxLogits.conv0.conv.weight": np.zeros((1,))}
+        )
     wrong = {**state_dict, "Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 5, 5))}
     with pytest.raises(ValueError, match=r"Conv2d_1a_3x3.conv.weight has shape \(5, 5, 3, 32\)"):
-        fid.convert_state_dict(wrong)
+        fid_inception.convert_state_dict(wrong)
 
 
 def test_variables_file_round_trip(tmp_path):
-    variables = fid.inception_variables(seed=2)
-    fid.save_variables(tmp_path / "w.npz", variables)
-    jax.tree.map(np.testing.assert_array_equal, fid.load_variables(tmp_path / "w.npz"), variables)
+    variables = fid_inception.inception_variables(seed=2)
+    fid_inception.save_variables(tmp_path / "w.npz", variables)
+    jax.tree.map(
+        np.testing.assert_array_equal, fid_inception.load_variables(tmp_path / "w.npz"), variables
+    )
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="does not hold FID Inception variables"):
-        fid.load_variables(tmp_path / "other.npz")
+        fid_inception.load_variables(tmp_path / "other.npz")
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_CACHE", str(tmp_path))
-    assert fid.default_weights_path() == tmp_path / "pt_inception-2015-12-05-6726825d.npz"
+    assert fid_inception.default_weights_path() == tmp_path / "pt_inception-2015-12-05-6726825d.npz"
     with pytest.raises(ValueError, match=r"No Inception weights.*fid convert.*fid download"):
         fid.load_inception()
 
@@ -224,7 +232,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def inception(mesh):
-    return fid.make_inception(fid.inception_variables(seed=0), mesh=mesh)
+    return fid.make_inception(fid_inception.inception_variables(seed=0), mesh=mesh)
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +426,9 @@ def test_inception_matches_pytorch_reference(tmp_path, mesh, images):
         expected = model(torch.from_numpy(images)).numpy()
     torch.save(model.state_dict(), tmp_path / "inception.pth")
 
-    fid.main(["convert", f"--in={tmp_path / 'inception.pth'}", f"--out={tmp_path / 'w.npz'}"])
+    fid_command.main(
+        ["convert", f"--in={tmp_path / 'inception.pth'}", f"--out={tmp_path / 'w.npz'}"]
+    )
     inception = fid.load_inception(tmp_path / "w.npz", mesh=mesh)
     got = inception(images)
     assert np.abs(expected).max() > 0.1  # a meaningful comparison, not of zeros
@@ -443,12 +453,10 @@ def test_statistics_file_round_trip(tmp_path):
 
 def test_stats_command_on_mock_cifar10(tmp_path, mesh, inception):
     # Mock CIFAR-10 (8 random 32x32 images): same program as the fixture's images.
-    fid.save_variables(tmp_path / "w.npz", inception.variables)
+    fid_inception.save_variables(tmp_path / "w.npz", inception.variables)
     with tfds.testing.mock_data(num_examples=N_IMAGES):
-        from fmjax.data import TfdsSource
-
         stored = TfdsSource("cifar10", "train").read(np.arange(N_IMAGES))[0]
-        fid.main(
+        fid_command.main(
             [
                 "stats",
                 "--dataset=cifar10",

@@ -9,7 +9,21 @@ import sys
 import pytest
 
 FMJAX = pathlib.Path(__file__).resolve().parent.parent / "fmjax"
-CORE = ("paths", "couplings", "timesteps", "loss", "sampling", "likelihood", "_checks", "_xla")
+CORE = (
+    "paths",
+    "couplings",
+    "timesteps",
+    "loss",
+    "sampling",
+    "likelihood",
+    "keys",
+    "mesh",
+    "_checks",
+    "_integrate",
+    "_xla",
+)
+# What the models and the metrics may import from fmjax: the layers below them.
+BELOW = {"models": set(CORE), "metrics": {*CORE, "models", "data", "images"}}
 THIRD_PARTY = {"jax", "optax", "diffrax", "numpy", "jaxtyping", "scipy"}
 
 
@@ -41,3 +55,32 @@ def test_the_check_sees_nested_imports(tmp_path):
     path = tmp_path / "example.py"
     path.write_text("import jax\n\ndef f():\n    from flax import linen\n")
     assert imported_modules(path) == {"jax", "flax"}
+
+
+def top_level_fmjax_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
+    """The fmjax modules a file imports at its top level, and those imported anywhere else."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    names: tuple[set[str], set[str]] = (set(), set())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found = {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        else:
+            continue
+        fmjax = {n for n in found if n.split(".")[0] == "fmjax" and n != "fmjax"}
+        names[id(node) not in top].update(fmjax)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(BELOW))
+def test_models_and_metrics_import_only_lower_layers_and_only_at_the_top(package):
+    for path in sorted((FMJAX / package).glob("*.py")):
+        top, nested = top_level_fmjax_imports(path)
+        assert not nested, f"{package}/{path.name} imports {sorted(nested)} inside a function"
+        for name in top:
+            part = name.split(".")[1]
+            assert (
+                part in BELOW[package] or part == package or name.startswith(f"fmjax.{package}")
+            ), f"{package}/{path.name} imports {name}"

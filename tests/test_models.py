@@ -317,25 +317,25 @@ def test_tiny_model_overfits_one_batch_with_fresh_noise():
 def test_dropout_masks_are_jax_random_bernoulli_bit_for_bit(shape, p):
     # The written-out hash gives the very masks jax.random.bernoulli draws, so dropout is the
     # same stream as before it (runs reproduce); its compiled form has no loop left.
-    from fmjax.models.unet import _bernoulli
+    from fmjax.models.dropout import bernoulli
 
     keys = jax.random.split(jax.random.key(17), 4)
     want = jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys)
-    ours = jax.jit(lambda keys: _bernoulli(keys, p, shape))
+    ours = jax.jit(lambda keys: bernoulli(keys, p, shape))
     np.testing.assert_array_equal(ours(keys), want)
     assert 0 < want.mean() < 1
     assert "while" not in ours.lower(keys).compile().as_text()
 
 
-def test_dropout_masks_of_other_keys_and_x64_are_jax_random_bernoulli(x64):
-    from fmjax.models.unet import _bernoulli
+def test_dropout_masks_of_other_keys_and_x64_are_jax_randombernoulli(x64):
+    from fmjax.models.dropout import bernoulli
 
     for keys in (
         jax.random.split(jax.random.key(3), 2),  # float64 draws under x64
         jax.random.split(jax.random.key(3, impl="rbg"), 2),
     ):
         want = jax.vmap(lambda k: jax.random.bernoulli(k, 0.7, (4, 5)))(keys)
-        np.testing.assert_array_equal(jax.jit(lambda k: _bernoulli(k, 0.7, (4, 5)))(keys), want)
+        np.testing.assert_array_equal(jax.jit(lambda k: bernoulli(k, 0.7, (4, 5)))(keys), want)
 
 
 def _softmax_attention(q, k, v):
@@ -345,7 +345,7 @@ def _softmax_attention(q, k, v):
 
 
 def test_attention_normalised_after_the_product_is_softmax_attention(x64):
-    from fmjax.models.unet import _attend
+    from fmjax.models.attention import attend
 
     # Logits up to ~±40: the max shift matters, and the weights are far from uniform.
     q, k, v, g = (
@@ -353,7 +353,7 @@ def test_attention_normalised_after_the_product_is_softmax_attention(x64):
     )
 
     def ours(q, k, v):
-        return _attend(q, k, v, jnp.float64)
+        return attend(q, k, v, jnp.float64)
 
     np.testing.assert_allclose(ours(q, k, v), _softmax_attention(q, k, v), rtol=1e-12, atol=1e-13)
 
@@ -380,18 +380,20 @@ def test_attention_projection_initialises_as_the_dense_layer_it_replaced():
     # heads-major projection start from the same weights.
     import flax.linen as nn
 
-    from fmjax.models.unet import _KERNEL_INIT, _Attention, _group_norm
+    from fmjax.models.attention import Attention
+    from fmjax.models.group_norm import group_norm
+    from fmjax.models.initializers import torch_kernel_init
 
     class DenseQKV(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = _group_norm(x, 2, jnp.float32, "norm")
-            nn.Dense(3 * x.shape[-1], kernel_init=_KERNEL_INIT, name="qkv")(h)
+            h = group_norm(x, 2, jnp.float32, "norm")
+            nn.Dense(3 * x.shape[-1], kernel_init=torch_kernel_init, name="qkv")(h)
             return nn.Dense(x.shape[-1], name="proj_out")(h)
 
     x = jnp.ones((1, 2, 2, 8))
     want = DenseQKV().init(jax.random.key(3), x)["params"]
-    got = _Attention(num_heads=2, num_groups=2, dtype=jnp.float32).init(jax.random.key(3), x)
+    got = Attention(num_heads=2, num_groups=2, dtype=jnp.float32).init(jax.random.key(3), x)
     for name in ("kernel", "bias"):
         np.testing.assert_array_equal(got["params"]["qkv"][name], want["qkv"][name])
     assert float(jnp.abs(want["qkv"]["kernel"]).max()) > 0
@@ -406,13 +408,13 @@ def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_
     # block's own part (position-major projections, the output's layout) is checked here
     # with jax.nn.dot_product_attention's XLA implementation standing in for cuDNN's kernel
     # (which needs a GPU and bfloat16; a test below compares the two there).
-    from fmjax.models import unet
-    from fmjax.models.unet import _Attention
+    from fmjax.models import attention
+    from fmjax.models.attention import Attention
 
-    fused = unet._attend_fused
-    monkeypatch.setattr(unet, "_attend_fused", lambda q, k, v, _: fused(q, k, v, "xla"))
+    fused = attention.attend_fused
+    monkeypatch.setattr(attention, "attend_fused", lambda q, k, v, _: fused(q, k, v, "xla"))
     heads, groups, (b, side, c) = 2, 2, (2, 3, 8)
-    block = _Attention(heads, groups, jnp.float64, implementation)
+    block = Attention(heads, groups, jnp.float64, implementation)
     x = jax.random.normal(jax.random.key(0), (b, side, side, c))
     params = jax.tree.map(
         lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
@@ -438,7 +440,7 @@ def test_attention_block_splits_its_projection_into_queries_keys_values_head_by_
 
 
 def test_fused_attention_takes_position_major_arrays_and_scales_by_the_head_width(x64):
-    from fmjax.models.unet import _attend, _attend_fused
+    from fmjax.models.attention import attend, attend_fused
 
     q, k, v = (
         3 * jax.random.normal(key, (2, 10, 3, 8)) for key in jax.random.split(jax.random.key(0), 3)
@@ -446,9 +448,9 @@ def test_fused_attention_takes_position_major_arrays_and_scales_by_the_head_widt
     heads_major = [jnp.moveaxis(a, 2, 1) for a in (q, k, v)]
     want = jnp.moveaxis(_softmax_attention(*heads_major), 1, 2)
     # JAX's XLA implementation takes its softmax in float32 whatever the inputs: 1e-5.
-    np.testing.assert_allclose(_attend_fused(q, k, v, "xla"), want, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(attend_fused(q, k, v, "xla"), want, rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(
-        jnp.moveaxis(_attend(*heads_major, jnp.float64), 1, 2), want, rtol=1e-12, atol=1e-13
+        jnp.moveaxis(attend(*heads_major, jnp.float64), 1, 2), want, rtol=1e-12, atol=1e-13
     )
 
 
@@ -531,11 +533,11 @@ def test_attention_output_projection_is_the_dense_layer_in_value_gradient_and_jv
     # JVP only changes the form in which the kernel gradient is computed on CPU.
     import flax.linen as nn
 
-    from fmjax.models.unet import _OutProjection
+    from fmjax.models.attention import OutProjection
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 6), jnp.float64)
     dense = nn.Dense(5, kernel_init=nn.initializers.zeros, dtype=jnp.float64)
-    ours = _OutProjection(5, jnp.float64)
+    ours = OutProjection(5, jnp.float64)
     params, dense_params = ours.init(jax.random.key(1), x), dense.init(jax.random.key(1), x)
     assert jax.tree.structure(params) == jax.tree.structure(dense_params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(dense_params), strict=True):
@@ -581,11 +583,11 @@ def test_group_norm_is_flax_group_norm_in_value_gradient_and_jvp(x64, shape):
     # parameters) and forward-mode tangent as nn.GroupNorm: the custom JVP's algebra is exact.
     import flax.linen as nn
 
-    from fmjax.models.unet import _GROUP_NORM_EPSILON, _GroupNorm
+    from fmjax.models.group_norm import GROUP_NORM_EPSILON, GroupNorm
 
     x = 2 * jax.random.normal(jax.random.key(0), shape, jnp.float64) + 0.7
-    flax_norm = nn.GroupNorm(4, epsilon=_GROUP_NORM_EPSILON, dtype=jnp.float64)
-    ours = _GroupNorm(4, _GROUP_NORM_EPSILON, jnp.float64)
+    flax_norm = nn.GroupNorm(4, epsilon=GROUP_NORM_EPSILON, dtype=jnp.float64)
+    ours = GroupNorm(4, GROUP_NORM_EPSILON, jnp.float64)
     params = ours.init(jax.random.key(1), x)
     flax_params = flax_norm.init(jax.random.key(1), x)
     assert jax.tree.structure(params) == jax.tree.structure(flax_params)
@@ -593,7 +595,7 @@ def test_group_norm_is_flax_group_norm_in_value_gradient_and_jvp(x64, shape):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="num_groups=5 divides"):
-        _GroupNorm(5, _GROUP_NORM_EPSILON, jnp.float64).init(jax.random.key(1), x)
+        GroupNorm(5, GROUP_NORM_EPSILON, jnp.float64).init(jax.random.key(1), x)
     params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
     cotangent = jax.random.normal(jax.random.key(3), shape, jnp.float64)
     tangents = (jax.tree.map(lambda a: a - 0.5, params), cotangent)

@@ -107,10 +107,10 @@ def get_config(variant: str | None = None):
         num_grid_samples=64, sample_solver="heun", sample_steps=50,
         eval_every=0, eval_samples=5000,
     )  # fmt: skip
-    # In-training FID (experiments.cifar10.fid_hook), on when train.eval_every > 0: e.g.
+    # In-training FID (fmjax.evaluate.fid_hook), on when train.eval_every > 0: e.g.
     # --config.train.eval_every=10000 --config.fid.stats=cifar10_train.npz
     c.fid = ml_collections.ConfigDict()
-    c.fid.stats = ml_collections.config_dict.placeholder(str)  # `fmjax.metrics.fid stats`
+    c.fid.stats = ml_collections.config_dict.placeholder(str)  # `python -m experiments.fid stats`
     c.fid.inception = ml_collections.config_dict.placeholder(str)  # None: the cache
     c.fid.batch_size = 500  # samples per ODE solve; a multiple of the device count
     # How the U-Net computes attention: "xla" (every backend) or "cudnn" (cuDNN's fused

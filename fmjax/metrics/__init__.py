@@ -1,10 +1,11 @@
-"""Sample-quality metrics, each a submodule imported on its own (as ``python -m`` runs them):
+"""Sample-quality metrics, each a submodule imported on its own:
 
 - ``fmjax.metrics.frechet``: the Fréchet distance between Gaussians (NumPy/SciPy, float64),
   re-exported here.
-- ``fmjax.metrics.fid``: FID by the standard protocol (Flax Inception-v3, pickle-free weights,
-  reference statistics, ``fid_of_samples``); needs the ``train`` extra, and PyTorch only to
-  convert pytorch-fid's weights once.
+- ``fmjax.metrics.fid``: FID by the standard protocol (Inception features over a mesh,
+  reference statistics, ``fid_of_samples``); needs the ``train`` extra.
+- ``fmjax.metrics.inception``: the FID Inception-v3 network and its pickle-free weights
+  (PyTorch only to convert pytorch-fid's weights once).
 - ``fmjax.metrics.digits``: the offline analogue of FID for the 8x8 digits.
 """
 

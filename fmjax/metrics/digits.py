@@ -1,5 +1,4 @@
-r"""An offline sample-quality score for the 8x8 digits: a Fréchet distance in a classifier's
-feature space, the digits' own small analogue of FID.
+r"""The digits score: an offline analogue of FID for the 8x8 digits, in a classifier's features.
 
 The feature space is the 64 ReLU units of a one-hidden-layer classifier fitted (seeded,
 deterministic) on the digits training split; it reaches 99% accuracy on the 300 test digits,
@@ -23,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Float
 
+from fmjax import data
 from fmjax.metrics.frechet import frechet_distance, gaussian_statistics
 
 __all__ = ["DigitsScore", "digits_features", "digits_score", "histogram_bits_per_dim"]
@@ -31,8 +31,6 @@ __all__ = ["DigitsScore", "digits_features", "digits_score", "histogram_bits_per
 @functools.lru_cache(maxsize=1)
 def _classifier():
     from sklearn.neural_network import MLPClassifier
-
-    from fmjax import data
 
     train = data.digits("train")
     x = train.images.reshape(train.num_examples, -1).astype(np.float64)
@@ -52,8 +50,6 @@ def digits_features(images: Float[np.ndarray, " n 8 8 1"]) -> Float[np.ndarray, 
 
 @functools.lru_cache(maxsize=1)
 def _test_statistics():
-    from fmjax import data
-
     return gaussian_statistics(digits_features(data.digits("test").images))
 
 
@@ -91,8 +87,6 @@ def digits_score(samples: Float[np.ndarray, " n 8 8 1"]) -> DigitsScore:
 
 @functools.lru_cache(maxsize=1)
 def _floor() -> float:
-    from fmjax import data
-
     return frechet_distance(
         *gaussian_statistics(digits_features(data.digits("train").images)), *_test_statistics()
     )
@@ -121,8 +115,6 @@ def histogram_bits_per_dim() -> float:
         >>> round(histogram_bits_per_dim(), 3) < 4.087
         True
     """
-    from fmjax import data
-
     levels = data.DIGITS_LEVELS
     train = data.digits_levels(data.digits("train").images).reshape(-1, 64)
     test = data.digits_levels(data.digits("test").images).reshape(-1, 64)

@@ -1,5 +1,4 @@
-r"""FID by the standard protocol: the 2015 TensorFlow Inception-v3 in Flax, pickle-free weights,
-reference statistics and a sharded evaluation of a sampler.
+r"""FID by the standard protocol: Inception features, their Gaussian statistics, the distance.
 
 The Fréchet Inception Distance of a set of samples to a reference set is the Fréchet distance
 (:func:`fmjax.metrics.frechet.frechet_distance`) between Gaussian fits of their Inception
@@ -10,12 +9,8 @@ features:
     \mathrm{FID} = \lVert \mu_s - \mu_r \rVert^2
         + \operatorname{tr}\big(\Sigma_s + \Sigma_r - 2 (\Sigma_s \Sigma_r)^{1/2}\big)
 
-where the features are the 2048-d ``pool3`` activations of the Inception-v3 graph that
-TensorFlow published as ``inception-2015-12-05`` (the network of the original FID code, so of
-every published CIFAR-10 number). :class:`FIDInceptionV3` is that graph as pytorch-fid ports it,
-which differs from torchvision's Inception-v3 in three places: the average pools of the mixed
-blocks ignore padding (``count_include_pad=False``, as TF's ``AVG`` pooling does), the pool branch
-of the last block takes a *max* pool, and the weights are TF's (its 1008-class head is unused).
+where the features are the 2048-d ``pool3`` activations of the 2015 TensorFlow Inception-v3
+(:class:`fmjax.metrics.inception.FIDInceptionV3`, with its weights).
 
 Preprocessing is pytorch-fid's, in its order: uint8 images ``[n, h, w, 3]`` are divided by 255,
 resized to 299 x 299 by :func:`resize_bilinear` (half-pixel centres, clamped edges, no
@@ -29,39 +24,31 @@ coordinate ``i * in / out``. That grid is anchored at the top-left corner instea
 so the image is shifted by up to half an input pixel (about 0.45 pixels when upsampling 32 to
 299) and the right/bottom edge pixels are under-weighted. pytorch-fid's authors checked that
 their port gives the TF features on identical 299 x 299 inputs; the resize is what remains
-(clean-fid studies how much such resize choices move FID). Numbers from this module are therefore "pytorch-fid protocol" FIDs, the convention of most
-PyTorch flow-matching papers (torchcfm, Meta's ``flow_matching`` example).
+(clean-fid studies how much such resize choices move FID). Numbers from this module are
+therefore "pytorch-fid protocol" FIDs, the convention of most PyTorch flow-matching papers
+(torchcfm, Meta's ``flow_matching`` example).
 
-Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` is converted once (PyTorch is
-needed for that step only, and reads the file with the restricted ``weights_only=True`` loader)
-into an ``.npz`` that is read back with ``allow_pickle=False``::
+:func:`load_inception` gives the feature function of converted weights
+(:mod:`fmjax.metrics.inception` makes them), :func:`dataset_statistics` the reference
+statistics of a tfds split and :func:`fid_of_samples` the FID of a sampler. Reference
+statistics are ``.npz`` files with pytorch-fid's keys ``mu`` and ``sigma``, so pytorch-fid's
+own statistics files load too. From a checkout::
 
-    python -m fmjax.metrics.fid convert --in=pt_inception-2015-12-05-6726825d.pth --out=inception.npz
-    python -m fmjax.metrics.fid stats --dataset=cifar10 --split=train --weights=inception.npz \
+    python -m experiments.fid convert --in=pt_inception-2015-12-05-6726825d.pth --out=inception.npz
+    python -m experiments.fid stats --dataset=cifar10 --split=train --weights=inception.npz \
         --out=cifar10_train.npz
-
-or ``python -m fmjax.metrics.fid download`` does the download (checked against the sha256
-prefix in the file name) and the conversion into the cache directory. Reference statistics are
-``.npz`` files with pytorch-fid's keys ``mu`` and ``sigma``, so pytorch-fid's own statistics
-files load too.
 """
 
-import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
-import logging
-import math
 import os
 import pathlib
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,45 +56,35 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Float, PyTree, UInt8
 
+from fmjax.data import TfdsSource
+from fmjax.mesh import make_mesh
 from fmjax.metrics.frechet import frechet_distance, gaussian_statistics
+from fmjax.metrics.inception import (
+    FEATURE_DIM,
+    INCEPTION_SIZE,
+    FIDInceptionV3,
+    default_weights_path,
+    load_variables,
+    plain_arrays,
+)
 
 __all__ = [
-    "FEATURE_DIM",
-    "INCEPTION_SIZE",
-    "WEIGHTS_URL",
-    "FIDInceptionV3",
+    "DEFAULT_BATCH_SIZE",
     "FIDResult",
     "GaussianStats",
     "InceptionFeatures",
-    "convert_state_dict",
     "dataset_statistics",
-    "default_weights_path",
-    "download_weights",
     "fid_of_samples",
-    "inception_variables",
     "load_inception",
     "load_statistics",
-    "load_variables",
     "make_inception",
     "resize_bilinear",
     "save_statistics",
-    "save_variables",
     "to_uint8",
 ]
 
-log = logging.getLogger(__name__)
-
-FEATURE_DIM = 2048
-INCEPTION_SIZE = 299
-WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-# The file name carries the first hex digits of the file's sha256 (torch.hub's convention).
-_WEIGHTS_SHA256_PREFIX = "6726825d"
-_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.npz"
-_BATCH_NORM_EPSILON = 1e-3  # TF's Inception-v3 value, kept by the port
-_DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = 256
+"""Images per chunk of the Inception feature function, by default."""
 
 # --- preprocessing ----------------------------------------------------------------------------
 
@@ -186,380 +163,6 @@ def to_uint8(images: Float[ArrayLike, " *shape"]) -> UInt8[Array, " *shape"]:
     return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
 
-# --- the network ------------------------------------------------------------------------------
-
-
-class _ConvBN(nn.Module):
-    """Convolution without bias, batch norm with stored statistics, ReLU (``BasicConv2d``)."""
-
-    features: int
-    kernel_size: tuple[int, int]
-    strides: int = 1
-    padding: tuple[int, int] = (0, 0)
-    precision: Any = jax.lax.Precision.HIGHEST
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        pad_h, pad_w = self.padding
-        x = nn.Conv(
-            self.features,
-            self.kernel_size,
-            strides=self.strides,
-            padding=((pad_h, pad_h), (pad_w, pad_w)),
-            use_bias=False,
-            precision=self.precision,
-            name="conv",
-        )(x)
-        x = nn.BatchNorm(use_running_average=True, epsilon=_BATCH_NORM_EPSILON, name="bn")(x)
-        return nn.relu(x)
-
-
-def _avg_pool_same(x: jax.Array) -> jax.Array:
-    # TF's AVG pooling divides by the number of real (unpadded) inputs in each window.
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
-
-
-def _max_pool_valid(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, (3, 3), strides=(2, 2))
-
-
-class _InceptionA(nn.Module):
-    pool_features: int
-    precision: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_ConvBN, precision=self.precision)
-        b1 = conv(64, (1, 1), name="branch1x1")(x)
-        b5 = conv(48, (1, 1), name="branch5x5_1")(x)
-        b5 = conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
-        b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
-        b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_same(x))
-        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
-
-
-class _InceptionB(nn.Module):
-    precision: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_ConvBN, precision=self.precision)
-        b3 = conv(384, (3, 3), strides=2, name="branch3x3")(x)
-        bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = conv(96, (3, 3), strides=2, name="branch3x3dbl_3")(bd)
-        return jnp.concatenate([b3, bd, _max_pool_valid(x)], axis=-1)
-
-
-class _InceptionC(nn.Module):
-    channels_7x7: int
-    precision: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_ConvBN, precision=self.precision)
-        c7 = self.channels_7x7
-        row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of the factorised 7x7
-        b1 = conv(192, (1, 1), name="branch1x1")(x)
-        b7 = conv(c7, (1, 1), name="branch7x7_1")(x)
-        b7 = conv(c7, row[0], padding=row[1], name="branch7x7_2")(b7)
-        b7 = conv(192, col[0], padding=col[1], name="branch7x7_3")(b7)
-        bd = conv(c7, (1, 1), name="branch7x7dbl_1")(x)
-        bd = conv(c7, col[0], padding=col[1], name="branch7x7dbl_2")(bd)
-        bd = conv(c7, row[0], padding=row[1], name="branch7x7dbl_3")(bd)
-        bd = conv(c7, col[0], padding=col[1], name="branch7x7dbl_4")(bd)
-        bd = conv(192, row[0], padding=row[1], name="branch7x7dbl_5")(bd)
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_same(x))
-        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
-
-
-class _InceptionD(nn.Module):
-    precision: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_ConvBN, precision=self.precision)
-        b3 = conv(192, (1, 1), name="branch3x3_1")(x)
-        b3 = conv(320, (3, 3), strides=2, name="branch3x3_2")(b3)
-        b7 = conv(192, (1, 1), name="branch7x7x3_1")(x)
-        b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-        b7 = conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-        b7 = conv(192, (3, 3), strides=2, name="branch7x7x3_4")(b7)
-        return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
-
-
-class _InceptionE(nn.Module):
-    max_pool: bool
-    precision: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_ConvBN, precision=self.precision)
-        b1 = conv(320, (1, 1), name="branch1x1")(x)
-        b3 = conv(384, (1, 1), name="branch3x3_1")(x)
-        b3 = jnp.concatenate(
-            [
-                conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-            ],
-            axis=-1,
-        )
-        bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate(
-            [
-                conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-            ],
-            axis=-1,
-        )
-        # The 2015 graph's last block max-pools here (likely a slip in that graph, but it is
-        # the network every FID was computed with); padding is -inf, as in TF and PyTorch.
-        pooled = (
-            nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
-            if self.max_pool
-            else _avg_pool_same(x)
-        )
-        bp = conv(192, (1, 1), name="branch_pool")(pooled)
-        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
-
-
-class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3 up to ``pool3``: ``[n, h, w, 3]`` in ``[-1, 1]`` to ``[n, 2048]``.
-
-    Layer names are those of pytorch-fid's ``fid_inception_v3`` (``Conv2d_1a_3x3``,
-    ``Mixed_5b/branch1x1``...), each ``BasicConv2d`` being ``conv`` + ``bn``: parameters
-    ``conv/kernel`` (HWIO), ``bn/scale``, ``bn/bias`` and batch statistics ``bn/mean``,
-    ``bn/var`` (batch norm epsilon 1e-3). The network is fully convolutional; FID feeds it
-    299 x 299 images (spatial sizes 149, 147, 73, 71, 35, 17, 8 on the way, then the mean over
-    the final 8 x 8). Inputs smaller than 75 x 75 leave no pixel for the last blocks.
-
-    Attributes:
-        precision: of the convolutions; full float32 by default, since accelerators otherwise
-            use reduced-precision products (TF32, bf16) that move features by ~1e-3.
-    """
-
-    precision: Any = jax.lax.Precision.HIGHEST
-
-    @nn.compact
-    def __call__(self, x: Float[Array, " n h w 3"]) -> Float[Array, " n 2048"]:
-        p = self.precision
-        conv = functools.partial(_ConvBN, precision=p)
-        x = conv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
-        x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)
-        x = conv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
-        x = _max_pool_valid(x)
-        x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
-        x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x)
-        x = _max_pool_valid(x)
-        x = _InceptionA(32, p, name="Mixed_5b")(x)
-        x = _InceptionA(64, p, name="Mixed_5c")(x)
-        x = _InceptionA(64, p, name="Mixed_5d")(x)
-        x = _InceptionB(p, name="Mixed_6a")(x)
-        for name, channels in [("6b", 128), ("6c", 160), ("6d", 160), ("6e", 192)]:
-            x = _InceptionC(channels, p, name=f"Mixed_{name}")(x)
-        x = _InceptionD(p, name="Mixed_7a")(x)
-        x = _InceptionE(max_pool=False, precision=p, name="Mixed_7b")(x)
-        x = _InceptionE(max_pool=True, precision=p, name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2))
-
-
-@functools.cache
-def _abstract_variables() -> dict[str, Any]:
-    shape = jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3), jnp.float32)
-    return jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), shape)
-
-
-def _flat_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(_abstract_variables())[0]
-    return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
-
-
-def inception_variables(seed: int = 0) -> PyTree:
-    """Random variables of :class:`FIDInceptionV3` (from NumPy, nothing compiled), for tests.
-
-    Kernels are He-scaled and batch-norm statistics near the identity, so activations keep
-    their scale through the 94 layers and features are neither zero nor huge.
-    """
-    rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {}
-    for path, shape in _flat_shapes().items():
-        kind = path[-1]
-        if kind == "kernel":
-            value = rng.standard_normal(shape) * math.sqrt(2.0 / math.prod(shape[:-1]))
-        elif kind in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        else:  # bias, mean
-            value = 0.1 * rng.standard_normal(shape)
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[kind] = value.astype(np.float32)
-    return out
-
-
-# --- weights ----------------------------------------------------------------------------------
-
-_TORCH_TO_FLAX = {
-    ("conv", "weight"): ("params", "conv", "kernel"),
-    ("bn", "weight"): ("params", "bn", "scale"),
-    ("bn", "bias"): ("params", "bn", "bias"),
-    ("bn", "running_mean"): ("batch_stats", "bn", "mean"),
-    ("bn", "running_var"): ("batch_stats", "bn", "var"),
-}
-
-
-def convert_state_dict(state_dict: Mapping[str, ArrayLike]) -> PyTree:
-    """pytorch-fid's Inception state dict (names to arrays) as :class:`FIDInceptionV3` variables.
-
-    ``Mixed_5b.branch1x1.conv.weight`` (OIHW) becomes ``params/Mixed_5b/branch1x1/conv/kernel``
-    (HWIO); ``bn.weight``/``bn.bias`` the batch norm's ``scale``/``bias``; ``bn.running_mean``/
-    ``bn.running_var`` its ``batch_stats`` ``mean``/``var``. The unused 1008-class head
-    (``fc.*``) and ``num_batches_tracked`` counters are dropped.
-
-    Raises:
-        ValueError: naming the missing, unexpected or misshapen entries.
-    """
-    expected = _flat_shapes()
-    out: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for name, value in state_dict.items():
-        parts = tuple(name.split("."))
-        if parts[0] == "fc" or parts[-1] == "num_batches_tracked":
-            continue
-        role = _TORCH_TO_FLAX.get(parts[-2:])
-        if role is None:
-            unexpected.append(name)
-            continue
-        path = (role[0], *parts[:-2], *role[1:])
-        if path not in expected:
-            unexpected.append(name)
-            continue
-        value = np.asarray(value, np.float32)
-        if role[-1] == "kernel" and value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.shape != expected[path]:
-            raise ValueError(
-                f"{name} has shape {value.shape} after conversion; the FID Inception expects "
-                f"{expected[path]}. Is this pytorch-fid's pt_inception-2015-12-05 state dict?"
-            )
-        out[path] = value
-    missing = sorted("/".join(p) for p in set(expected) - set(out))
-    if unexpected or missing:
-        raise ValueError(
-            "The state dict is not pytorch-fid's FID Inception: "
-            f"unexpected entries {sorted(unexpected)[:10]}, missing {missing[:10]} "
-            f"({len(unexpected)} unexpected, {len(missing)} missing in all)."
-        )
-    return _unflatten(out)
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> PyTree:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def save_variables(path: str | os.PathLike, variables: PyTree) -> None:
-    """Writes Inception variables to an ``.npz`` (keys like ``params/Mixed_5b/.../kernel``)."""
-    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-    arrays = {"/".join(k.key for k in p): np.asarray(v, np.float32) for p, v in flat}
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target then renamed, so a crash never leaves a truncated file.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-        np.savez(f, **arrays)
-    os.replace(f.name, path)
-
-
-@contextlib.contextmanager
-def _plain_arrays(path: str | os.PathLike):
-    """Names the file when NumPy refuses a member that only unpickling could read."""
-    try:
-        yield
-    except ValueError as error:
-        raise ValueError(
-            f"{path} cannot be read as plain arrays ({error}); fmjax never unpickles a file."
-        ) from None
-
-
-def load_variables(path: str | os.PathLike) -> PyTree:
-    """Reads variables written by :func:`save_variables` (no pickle), checking names and shapes.
-
-    Raises:
-        ValueError: for a missing file (saying how to make one) or a file of other variables.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"No Inception weights at {path}. Convert pytorch-fid's weights once: download "
-            f"{WEIGHTS_URL} and run `python -m fmjax.metrics.fid convert "
-            f"--in=pt_inception-2015-12-05-6726825d.pth --out={path}` (needs PyTorch), or run "
-            "`python -m fmjax.metrics.fid download` on a machine with network access to fill "
-            f"the cache ({default_weights_path()})."
-        )
-    with np.load(path, allow_pickle=False) as npz, _plain_arrays(path):
-        flat = {tuple(k.split("/")): npz[k] for k in npz.files}
-    expected = _flat_shapes()
-    wrong = sorted(
-        "/".join(k)
-        for k in set(expected) | set(flat)
-        if flat.get(k, np.empty(0)).shape != expected.get(k)
-    )
-    if wrong:
-        raise ValueError(
-            f"{path} does not hold FID Inception variables; wrong or missing: {wrong[:10]}."
-        )
-    return _unflatten(flat)
-
-
-def default_weights_path() -> pathlib.Path:
-    """``$FMJAX_CACHE`` (default ``~/.cache/fmjax``) ``/pt_inception-2015-12-05-6726825d.npz``."""
-    cache = os.environ.get("FMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fmjax"))
-    return pathlib.Path(cache) / _WEIGHTS_FILE
-
-
-def _convert_file(pth: str | os.PathLike, out: str | os.PathLike) -> None:
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(
-            "Converting the .pth weights needs PyTorch (`pip install torch`, the CPU build is "
-            "enough); nothing else in fmjax does."
-        ) from None
-    # weights_only=True: the restricted unpickler, which loads tensors and refuses code.
-    state_dict = torch.load(pth, map_location="cpu", weights_only=True)
-    save_variables(out, convert_state_dict({k: v.numpy() for k, v in state_dict.items()}))
-
-
-def download_weights(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Downloads pytorch-fid's weights, checks their sha256 prefix and converts them (needs
-    network access and PyTorch). Returns the ``.npz`` path; a present file is reused."""
-    import urllib.request
-
-    out = default_weights_path() if cache_dir is None else pathlib.Path(cache_dir) / _WEIGHTS_FILE
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        pth = pathlib.Path(tmp) / "weights.pth"
-        urllib.request.urlretrieve(WEIGHTS_URL, pth)
-        digest = hashlib.sha256(pth.read_bytes()).hexdigest()
-        if not digest.startswith(_WEIGHTS_SHA256_PREFIX):
-            raise ValueError(
-                f"{WEIGHTS_URL} downloaded with sha256 {digest}, expected a digest starting "
-                f"with {_WEIGHTS_SHA256_PREFIX}; the file is corrupt or not the FID weights."
-            )
-        _convert_file(pth, out)
-    return out
-
-
 # --- features over a mesh ---------------------------------------------------------------------
 
 
@@ -597,12 +200,13 @@ class InceptionFeatures:
     the last one padded, each chunk sharded over the ``("data",)`` axis of ``mesh``. A global
     ``jax.Array`` whose size divides by the device count and is at most ``batch_size`` (e.g. a
     batch of samples) goes straight to the devices without a trip through the host; on several
-    hosts, that is the only way to pass an array that no single host holds whole. Every process of a multi-host run passes
-    the same images and gets all features. Build it with :func:`load_inception` or
-    :func:`make_inception`.
+    hosts, that is the only way to pass an array that no single host holds whole. Every
+    process of a multi-host run passes the same images and gets all features. Build it with
+    :func:`load_inception` or :func:`make_inception`.
 
     Attributes:
-        variables: the :class:`FIDInceptionV3` variables, replicated over ``mesh``.
+        variables: the :class:`~fmjax.metrics.inception.FIDInceptionV3` variables, replicated
+            over ``mesh``.
         mesh: a 1-D ``("data",)`` mesh.
         batch_size: images per chunk, a multiple of the device count.
         fingerprint: identifies the weights (sha256 prefix of the weights file; None for
@@ -665,22 +269,22 @@ def make_inception(
     variables: PyTree,
     *,
     mesh: Mesh | None = None,
-    batch_size: int = _DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     fingerprint: str | None = None,
     precision: Any = jax.lax.Precision.HIGHEST,
 ) -> InceptionFeatures:
-    """:class:`InceptionFeatures` for given variables (e.g. :func:`inception_variables` in tests).
+    """:class:`InceptionFeatures` for given variables (e.g.
+    :func:`fmjax.metrics.inception.inception_variables` in tests).
 
     Args:
-        variables: :class:`FIDInceptionV3` variables (``params`` and ``batch_stats``).
-        mesh: a ``("data",)`` mesh; default :func:`fmjax.train.make_mesh` (every device).
+        variables: :class:`~fmjax.metrics.inception.FIDInceptionV3` variables (``params`` and
+            ``batch_stats``).
+        mesh: a ``("data",)`` mesh; default :func:`fmjax.mesh.make_mesh` (every device).
         batch_size: images per chunk, rounded up to a multiple of the device count.
         fingerprint: see :class:`InceptionFeatures`.
         precision: of the convolutions and the resize.
     """
     if mesh is None:
-        from fmjax.train import make_mesh
-
         mesh = make_mesh()
     if mesh.axis_names != ("data",):
         raise ValueError(f"FID runs on a 1-D ('data',) mesh; got axes {mesh.axis_names}.")
@@ -697,9 +301,10 @@ def load_inception(
     path: str | os.PathLike | None = None,
     *,
     mesh: Mesh | None = None,
-    batch_size: int = _DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> InceptionFeatures:
-    """The FID feature function of converted weights (default :func:`default_weights_path`).
+    """The FID feature function of converted weights (default: the cache,
+    :func:`fmjax.metrics.inception.default_weights_path`).
 
     Example::
 
@@ -766,7 +371,7 @@ def load_statistics(path: str | os.PathLike) -> GaussianStats:
     with np.load(path, allow_pickle=False) as npz:
         if "mu" not in npz.files or "sigma" not in npz.files:
             raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {npz.files}).")
-        with _plain_arrays(path):
+        with plain_arrays(path):
             stats = GaussianStats(
                 np.asarray(npz["mu"], np.float64),
                 np.asarray(npz["sigma"], np.float64),
@@ -802,8 +407,6 @@ def dataset_statistics(
 ) -> GaussianStats:
     """Inception statistics of every image of a tfds split, read by :class:`fmjax.data.TfdsSource`
     at their stored size and mapped back to the stored uint8 exactly (:func:`to_uint8`)."""
-    from fmjax.data import TfdsSource
-
     source = TfdsSource(name, split, data_dir=data_dir)
     n, step = source.num_examples, inception.batch_size
     starts = range(0, n, step)
@@ -882,58 +485,3 @@ def fid_of_samples(
 
 
 _to_uint8_jit = jax.jit(to_uint8)
-
-
-# --- command line -----------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m fmjax.metrics.fid convert|download|stats ...``; ``--help`` for the flags.
-
-    Bad input (a ``ValueError`` or ``OSError``) exits with status 2 and ``error: <message>``.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m fmjax.metrics.fid", description=__doc__.split("\n\n")[0]
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="pytorch-fid .pth weights to a pickle-free .npz")
-    convert.add_argument(
-        "--in", dest="pth", required=True, help="pt_inception-2015-12-05-6726825d.pth"
-    )
-    convert.add_argument("--out", required=True, help="the .npz to write")
-    download = commands.add_parser("download", help="download and convert into the cache")
-    download.add_argument(
-        "--cache_dir", default=None, help=f"default: {default_weights_path().parent}"
-    )
-    stats = commands.add_parser("stats", help="reference statistics of a tfds split")
-    stats.add_argument("--dataset", required=True, help="a tfds name, e.g. cifar10")
-    stats.add_argument("--split", default="train")
-    stats.add_argument("--data_dir", default=None, help="tfds data directory")
-    stats.add_argument("--weights", default=None, help="converted .npz (default: the cache)")
-    stats.add_argument("--out", required=True, help="the .npz statistics to write")
-    stats.add_argument("--batch_size", type=int, default=_DEFAULT_BATCH_SIZE)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        _run_command(args)
-    except (ValueError, OSError) as error:
-        # Bad input (a missing or wrong file, a bad name): its message, not a traceback.
-        parser.exit(2, f"error: {error}\n")
-
-
-def _run_command(args: argparse.Namespace) -> None:
-    if args.command == "convert":
-        _convert_file(args.pth, args.out)
-        log.info("wrote %s", args.out)
-    elif args.command == "download":
-        log.info("weights at %s", download_weights(args.cache_dir))
-    else:
-        inception = load_inception(args.weights, batch_size=args.batch_size)
-        result = dataset_statistics(args.dataset, args.split, inception, data_dir=args.data_dir)
-        if jax.process_index() == 0:
-            save_statistics(args.out, result, dataset=args.dataset, split=args.split)
-        log.info("wrote %s (%d images)", args.out, result.num_examples)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

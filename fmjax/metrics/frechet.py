@@ -11,9 +11,10 @@ The trace of the square root is computed as
 eigendecompositions. :math:`\Sigma_1\Sigma_2` has the same eigenvalues, so this equals
 pytorch-fid's ``trace(sqrtm(sigma1 @ sigma2))`` wherever that is defined (to ~1e-9 on full-rank
 2048-d covariances), and stays exact and real for singular covariances (fewer samples than
-features), where ``sqrtm`` needs pytorch-fid's ``1e-6`` diagonal offset. It is also ~6x faster
-than ``sqrtm`` at 2048-d (2.7 s against 17 s on the development machine), which matters for
-an FID computed every few thousand training steps.
+features), where ``sqrtm`` needs pytorch-fid's ``1e-6`` diagonal offset. Symmetric
+eigendecompositions are also much cheaper than the Schur decomposition behind ``sqrtm`` at
+2048-d, which matters for an FID computed every few thousand training steps.
+(figures: docs/benchmarks.md)
 """
 
 import numpy as np

@@ -3,24 +3,27 @@
 :class:`UNet` is a guided-diffusion U-Net whose ``apply`` is directly an ``apply_fn`` of
 :func:`fmjax.loss.cfm_loss`; the presets reproduce the CIFAR-10 networks of Meta's
 ``flow_matching`` example and of torchcfm, plus small models for digits and tests.
+
+Modules: ``unet`` (the architecture and its presets), and the layers it is built from:
+``conv`` (convolutions), ``group_norm``, ``attention``, ``dropout`` (feature and label
+dropout) and ``initializers``.
 """
 
+from fmjax.models.attention import ATTENTION_IMPLEMENTATIONS, check_attention
 from fmjax.models.conv import (
     conv_general_dilated,
     upsample_nearest,
     upsampled_conv_general_dilated,
 )
+from fmjax.models.dropout import drop_labels
+from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS
 from fmjax.models.unet import (
-    ATTENTION_IMPLEMENTATIONS,
-    GROUP_NORM_IMPLEMENTATIONS,
     UNet,
     UNetCIFAR10Meta,
     UNetCIFAR10TorchCFM,
     UNetDigits,
     UNetTiny,
     UNetTinyConditional,
-    check_attention,
-    drop_labels,
     param_count,
     sinusoidal_embedding,
 )

@@ -1,10 +1,9 @@
 r"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is fast on XLA:CPU.
 
 XLA:CPU computes the kernel gradient of a convolution, :math:`\partial L / \partial W`, with a
-"backward filter" convolution that falls to 10-12 GFLOP/s on CIFAR-sized layers (32x32,
-32-384 channels), a tenth of its own forward pass and of PyTorch's
-(``experiments/bench/conv.py``).
-Per kernel tap :math:`(i, j)` it is one matrix product,
+"backward filter" convolution that is far slower on CIFAR-sized layers (32x32, 32-384
+channels) than its own forward pass (``experiments/bench/conv.py``; figures:
+docs/benchmarks.md). Per kernel tap :math:`(i, j)` it is one matrix product,
 
 .. math::
 
@@ -12,11 +11,9 @@ Per kernel tap :math:`(i, j)` it is one matrix product,
     (X_{ij})_{(n,h,w),\,c} = x^{\mathrm{pad}}_{n,\,s h + i,\,s w + j,\,c}
     \quad ([N H' W', C_{\mathrm{in}}]),
 
-with :math:`G` the output cotangent as ``[N H' W', C_out]``: GEMMs that XLA:CPU runs at
-120-160 GFLOP/s on 16x16 and 32x32 layers of 128-384 channels (faster than PyTorch's oneDNN
-kernel there) and 45-60 GFLOP/s at 32-64 channels, when the loop takes two images at a time.
-So :func:`conv_general_dilated` is
-``lax.conv_general_dilated`` (the same forward pass and input gradient) with a custom JVP
+with :math:`G` the output cotangent as ``[N H' W', C_out]``: GEMMs, which XLA:CPU runs near its
+matrix-product peak when the loop takes a few images at a time. So :func:`conv_general_dilated`
+is ``lax.conv_general_dilated`` (the same forward pass and input gradient) with a custom JVP
 whose kernel term, on CPU only, is :math:`\sum_{ij} X_{ij} \dot W_{ij}`, so that its transpose
 (the kernel gradient of reverse mode) is those products. Elsewhere (GPU, TPU) the kernel term
 is the convolution itself and gradients are XLA's own. Forward mode (``jax.jvp``,
@@ -25,13 +22,13 @@ is the convolution itself and gradients are XLA's own. Forward mode (``jax.jvp``
 The tap form applies to NHWC inputs with HWIO kernels (Flax's layout), explicit padding or
 ``"VALID"``, any strides, no dilation or grouping, from :data:`MIN_PIXELS` output pixels per
 image on; anything else goes to ``lax.conv_general_dilated`` unchanged. Below that size (8x8
-and 4x4 maps) XLA's own kernel gradient was as fast or faster. Reverse mode stores the padded
+and 4x4 maps) XLA's own kernel gradient is as fast. Reverse mode stores the padded
 input, as lax's stores the input: the shifted copies are rebuilt in the backward pass.
 
 A 1x1 kernel of unit stride without padding (the U-Nets' skip projections) is a matrix
 product over channels, and is computed as one on every platform: its forward pass and input
-gradient are dots (twice as fast as XLA:CPU's convolution), its kernel gradient the tap form
-(one tap) on CPU from :data:`MIN_PIXELS` on and a dot below.
+gradient are dots (which XLA:CPU runs faster than a convolution), its kernel gradient the tap
+form (one tap) on CPU from :data:`MIN_PIXELS` on and a dot below.
 
 :func:`upsampled_conv_general_dilated` is the U-Nets' "nearest 2x upsampling, then a 3x3
 convolution" without the upsampled image: each of the four output phases is a 2x2 convolution
@@ -62,7 +59,8 @@ MIN_PIXELS = 16 * 16
 """Output pixels per image from which the kernel gradient is the tap form on CPU."""
 
 BATCH_CHUNK = 2
-"""Images per step of the kernel-gradient loop on CPU (of 1-64, the fastest at 8x8-32x32)."""
+"""Images per step of the kernel-gradient loop on CPU: few enough that each tap's shifted copy
+stays in cache."""
 
 TAPS_SCOPE = "tap_kernel_gradient"
 """The name scope of the tap form's ops: their HLO ``op_name`` contains it."""
@@ -169,10 +167,10 @@ def _pointwise(strides, pads, kernel_shape) -> bool:
 def _lax_nhwc(strides, pads, precision):
     """The NHWC convolution ``(lhs, rhs) -> out``: lax's, or a dot for 1x1 kernels.
 
-    A 1x1 convolution of unit stride is a matrix product over channels: XLA:CPU ran it as a
-    convolution at 57-62 GFLOP/s and as a dot at 125-130, forward and input gradient alike
-    (16x32x32x256 -> 128), with equal results; lax's own kernel gradient of it ran at 4-44
-    GFLOP/s against 48-101 for the one-tap form (16x16 and 32x32) or the dot (8x8, 4x4).
+    A 1x1 convolution of unit stride is a matrix product over channels, with equal results:
+    XLA:CPU runs the dot faster than the convolution, forward and input gradient alike, and
+    the one-tap form (16x16 and larger) or the dot (smaller maps) faster than lax's kernel
+    gradient.
     """
 
     def conv(lhs, rhs):
@@ -220,11 +218,10 @@ def _taps(strides, pads, precision, lhs, rhs_dot):
       at once spends as long copying as multiplying);
     - ``jax.checkpoint`` makes reverse mode rebuild those copies from ``lhs`` instead of
       storing them (nine times the input); each chunk is padded inside the loop too, so the
-      forward pass stores ``lhs`` itself rather than writing a padded copy of it (on CPU,
-      65 ms of a 6.6 s CIFAR-10 step at batch 16);
+      forward pass stores ``lhs`` itself rather than writing a padded copy of it;
     - the loop sees the kernel as ``[kh, kw, out, in]``, so the gradient it accumulates is
       ``G^T X_ij`` (``[out, in]``, both operands in the row-major form XLA:CPU multiplies
-      fastest), transposed once after the loop; accumulating ``X_ij^T G`` ran at half the speed.
+      fastest), transposed once after the loop; accumulating ``X_ij^T G`` would be slower.
     """
     chunk = min(BATCH_CHUNK, lhs.shape[0])
     kh, kw = rhs_dot.shape[:2]
@@ -337,9 +334,7 @@ def upsampled_conv_general_dilated(
     and the columns the same way. That is 16 multiply-adds per input pixel and channel pair
     instead of the 36 of the convolution of the upsampled image, and no upsampled image to
     store or to differentiate through. The result equals that convolution up to summation
-    order. In the CIFAR-10 U-Nets' last upsampling (16x16 -> 32x32, 256 channels, batch 16, on
-    CPU), the forward pass and both gradients took 308 ms instead of 884.
-    Any other kernel, stride, padding or layout computes the convolution of the upsampled
+    order. Any other kernel, stride, padding or layout computes the convolution of the upsampled
     image by :func:`conv_general_dilated`. Same signature as ``jax.lax.conv_general_dilated``:
     pass it to Flax as ``nn.Conv(..., conv_general_dilated=upsampled_conv_general_dilated)``
     to upsample and convolve with an unchanged parameter tree.

@@ -33,15 +33,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int
 
-from fmjax.loss import example_keys
+from fmjax.models.attention import Attention, check_attention
 from fmjax.models.conv import (
     conv_general_dilated,
     upsample_nearest,
     upsampled_conv_general_dilated,
 )
+from fmjax.models.dropout import dropout
+from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS, group_norm
+from fmjax.models.initializers import torch_kernel_init
 
 __all__ = [
     "UNet",
@@ -50,15 +52,9 @@ __all__ = [
     "UNetDigits",
     "UNetTiny",
     "UNetTinyConditional",
-    "drop_labels",
     "param_count",
     "sinusoidal_embedding",
 ]
-
-_GROUP_NORM_EPSILON = 1e-5  # PyTorch's GroupNorm default, which the peers' models use
-# PyTorch's default weight init for convolutions and linear layers (the peers' init):
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
-_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def sinusoidal_embedding(
@@ -107,171 +103,6 @@ def sinusoidal_embedding(
     return emb
 
 
-def drop_labels(
-    key: PRNGKeyArray,
-    labels: Int[ArrayLike, " batch"],
-    prob: float | Float[ArrayLike, ""],
-    null_label: int,
-) -> Int[Array, " batch"]:
-    r"""Replaces each class label by ``null_label`` with probability ``prob``.
-
-    The label dropout of classifier-free guidance training: the model learns the conditional
-    field :math:`v(x_t, t \mid y)` and, on the dropped examples, the unconditional field
-    :math:`v(x_t, t \mid \varnothing)`; at sampling time guidance combines the two. For a
-    :class:`UNet` the null label is its ``num_classes``.
-
-    Pure and jittable. Example ``i``'s draw comes from its own key (``key`` is split into
-    ``batch`` keys, or is already ``[batch]`` keys), so the result for an example does not depend
-    on how the batch is split across devices.
-
-    Args:
-        key: a PRNG key or ``[batch]`` keys.
-        labels: integer labels, shape ``[batch]``.
-        prob: the drop probability in ``[0, 1]``.
-        null_label: the label that means "no class".
-
-    Returns:
-        The labels, shape ``[batch]``, with the dtype of ``labels``.
-
-    Raises:
-        ValueError: for non-integer or non-``[batch]`` labels, or a concrete ``prob`` outside
-            ``[0, 1]``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from fmjax.models import drop_labels
-        >>> drop_labels(jax.random.key(0), jnp.arange(4), 1.0, null_label=10)
-        Array([10, 10, 10, 10], dtype=int32)
-        >>> drop_labels(jax.random.key(0), jnp.arange(4), 0.0, null_label=10)
-        Array([0, 1, 2, 3], dtype=int32)
-    """
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.ndim != 1:
-        raise ValueError(
-            f"labels must be integers of shape [batch]; got dtype {labels.dtype} and shape "
-            f"{labels.shape}."
-        )
-    if not isinstance(prob, jax.core.Tracer) and not 0.0 <= float(prob) <= 1.0:
-        raise ValueError(f"Label drop probability must be in [0, 1]; got prob={prob}.")
-    keys = example_keys(key, labels.shape[0])
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, prob))(keys)
-    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
-
-
-def _group_mean(sums: jax.Array, groups: int, count: int) -> jax.Array:
-    """Per-channel sums ``[n, c]`` -> each channel's group mean (sum over the group's channels
-    divided by ``count``), ``[n, c]``."""
-    n, c = sums.shape
-    grouped = sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True) / count
-    return jnp.broadcast_to(grouped, (n, groups, c // groups)).reshape(n, c)
-
-
-def _positions(x: jax.Array, groups: int) -> tuple[tuple[int, ...], int]:
-    """The position axes of a channels-last ``x`` ``[n, ..., c]``, and how many values each
-    image's group holds (positions times the group's channels)."""
-    return tuple(range(1, x.ndim - 1)), math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
-
-
-def _normalized(x: jax.Array, groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
-    """``(xhat, r)``: ``x`` normalised per image and group, and ``r = 1 / sqrt(var + eps)``
-    per image and channel ``[n, c]`` (Flax's statistics: the mean and the mean of squares)."""
-    axes, count = _positions(x, groups)
-    mean = _group_mean(x.sum(axes), groups, count)
-    var = jnp.maximum(_group_mean(jnp.square(x).sum(axes), groups, count) - mean**2, 0)
-    r = jax.lax.rsqrt(var + epsilon)
-    expand = functools.partial(jnp.expand_dims, axis=axes)
-    return (x - expand(mean)) * expand(r), r
-
-
-def _scale_shift(xhat: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """``xhat * scale + bias`` with per-channel ``scale`` and ``bias`` ``[c]`` broadcast over
-    a channels-last ``xhat`` ``[n, ..., c]`` (reshaped explicitly: no rank promotion)."""
-    channels = (1,) * (xhat.ndim - 1) + scale.shape
-    return xhat * scale.reshape(channels) + bias.reshape(channels)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _group_norm_apply(x, scale, bias, groups: int, epsilon: float):
-    r"""``nn.GroupNorm``'s map, :math:`\hat x \cdot \mathrm{scale} + \mathrm{bias}`, for
-    channels-last ``x`` of shape ``[n, ..., c]``, with its statistics from per-channel sums.
-
-    The JVP is written so that its transpose (the gradient) reduces over the image only twice:
-    with :math:`m_1, m_2` the group means of :math:`\dot x` and :math:`\dot x \hat x`,
-
-    .. math::
-
-        \dot y = s r\, \dot x + (\dot b - s r m_1) + \hat x\, (\dot s - s r m_2),
-
-    where the bracketed terms are ``[n, c]``, so the cotangent's sums over positions of
-    :math:`g` and :math:`g \hat x` give every reduction of the gradient. Autodiff of Flax's
-    GroupNorm reduced the cotangent 4-5 times per norm. Forward mode is the rule itself.
-    """
-    xhat, _ = _normalized(x, groups, epsilon)
-    return _scale_shift(xhat, scale, bias)
-
-
-@_group_norm_apply.defjvp
-def _group_norm_jvp(groups, epsilon, primals, tangents):
-    x, scale, bias = primals
-    x_dot, scale_dot, bias_dot = tangents
-    axes, count = _positions(x, groups)
-    xhat, r = _normalized(x, groups, epsilon)
-    sr = scale[None] * r  # [n, c]
-    m1 = _group_mean(x_dot.sum(axes), groups, count)
-    m2 = _group_mean((x_dot * xhat).sum(axes), groups, count)
-    expand = functools.partial(jnp.expand_dims, axis=axes)
-    out_dot = (
-        expand(sr) * x_dot
-        + expand(bias_dot[None] - sr * m1)
-        + xhat * expand(scale_dot[None] - sr * m2)
-    )
-    return _scale_shift(xhat, scale, bias), out_dot
-
-
-class _GroupNorm(nn.Module):
-    """``nn.GroupNorm`` (same parameters ``scale`` and ``bias``, same result up to rounding)
-    computed by :func:`_group_norm_apply`, in ``dtype``.
-
-    On CPU, at batch 16, 32x32x128, a GroupNorm and SiLU with their gradient ran in 8.4 ms
-    against Flax's 14.2 (best of 15): Flax reduces over each group's positions and channels
-    at once, XLA:CPU faster over positions into per-channel sums (then a tiny sum over each
-    group's channels), and the gradient has two reductions instead of 4-5."""
-
-    num_groups: int
-    epsilon: float
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        if x.ndim < 2 or c % self.num_groups:
-            raise ValueError(
-                f"GroupNorm needs channels-last inputs [n, ..., c] whose channels "
-                f"num_groups={self.num_groups} divides; got shape {x.shape}."
-            )
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
-        return _group_norm_apply(x, scale, bias, self.num_groups, self.epsilon)
-
-
-GROUP_NORM_IMPLEMENTATIONS = ("fmjax", "flax")
-"""The values of :attr:`UNet.group_norm`."""
-
-
-def _group_norm(
-    h: jax.Array, num_groups: int, dtype: Any, name: str, implementation: str = "fmjax"
-) -> jax.Array:
-    """GroupNorm computed in float32 (float64 for a float64 ``dtype``), then cast to ``dtype``,
-    by ``implementation`` (one of :data:`GROUP_NORM_IMPLEMENTATIONS`, see
-    :attr:`UNet.group_norm`); the parameters are the same either way."""
-    wide = jnp.promote_types(dtype, jnp.float32)
-    norm = {"fmjax": _GroupNorm, "flax": nn.GroupNorm}[implementation]
-    return norm(num_groups=num_groups, epsilon=_GROUP_NORM_EPSILON, dtype=wide, name=name)(
-        h.astype(wide)
-    ).astype(dtype)
-
-
 def _conv(
     features: int,
     kernel: int,
@@ -294,8 +125,8 @@ def _conv(
         padding=((pad, pad), (pad, pad)),
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.initializers.zeros if zero else _KERNEL_INIT,
-        # lax's forward pass; on CPU a 5-8x faster kernel gradient for CIFAR-sized layers.
+        kernel_init=nn.initializers.zeros if zero else torch_kernel_init,
+        # lax's forward pass and input gradient; on CPU a kernel gradient by per-tap GEMMs.
         conv_general_dilated=upsampled_conv_general_dilated if upsample else conv_general_dilated,
         name=name,
     )
@@ -306,72 +137,9 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
         features,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=_KERNEL_INIT,
+        kernel_init=torch_kernel_init,
         name=name,
     )
-
-
-def _threefry2x32(k1, k2, x1, x2):
-    """The Threefry-2x32 block cipher, 20 rounds (Salmon et al., 2011), as ``jax.random``
-    computes it, written out round by round: JAX's own CPU lowering loops over the five groups
-    of four rounds, and that loop reads and writes its whole state each time around (XLA
-    cannot fuse across it). Written out, the hash of a whole array is one fused loop."""
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
-        x1 = x1 + ks[(i + 1) % 3]
-        x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
-    return x1, x2
-
-
-def _bernoulli(keys: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys)``: a ``[len(keys),
-    *shape]`` boolean mask, the same bits, computed on CPU by :func:`_threefry2x32`.
-
-    There, for a CIFAR-sized dropout mask (16x32x32x128) it ran 8x faster than
-    ``jax.random.bernoulli``, whose rolled hash loop is memory-bound. It repeats
-    ``jax.random``'s steps for threefry keys (``jax_threefry_partitionable``, JAX's default:
-    the counters are the flat indices of ``shape``, the bits the xor of the hash's two words,
-    the uniform draw ``(bits >> 9) / 2**23``) and a float32 ``p`` (no x64); any other key,
-    setting or platform takes ``jax.random.bernoulli`` itself.
-    """
-
-    def reference(keys):
-        return jax.vmap(lambda key: jax.random.bernoulli(key, p, shape))(keys)
-
-    if (
-        str(jax.random.key_impl(keys)) != "threefry2x32"
-        or not jax.config.jax_threefry_partitionable
-        or jnp.asarray(p).dtype != jnp.float32
-        or not shape
-        or math.prod(shape) >= 2**32
-    ):
-        return reference(keys)
-
-    def unrolled(keys):
-        data = jax.random.key_data(keys)
-        k1, k2 = (data[:, i].reshape(-1, *(1,) * len(shape)) for i in range(2))
-        flat = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(1, *shape)
-        x1, x2 = _threefry2x32(k1, k2, jnp.zeros_like(flat), flat)
-        mantissa = ((x1 ^ x2) >> np.uint32(9)) | np.uint32(0x3F800000)
-        uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
-        return uniform < np.float32(p)
-
-    return jax.lax.platform_dependent(keys, cpu=unrolled, default=reference)
-
-
-def _dropout(module: nn.Module, h: jax.Array, rate: float, train: bool) -> jax.Array:
-    """Inverted dropout with one key per image (so that an image's mask does not depend on
-    the batch it is in)."""
-    if not train or rate == 0:
-        return h
-    keep = 1.0 - rate
-    keys = example_keys(module.make_rng("dropout"), h.shape[0])
-    return jnp.where(_bernoulli(keys, keep, h.shape[1:]), h / keep, 0).astype(h.dtype)
 
 
 def _avg_pool(h: jax.Array) -> jax.Array:
@@ -390,7 +158,7 @@ class _ResBlock(nn.Module):
     group_norm: str = "fmjax"
 
     def _norm(self, h: jax.Array, name: str) -> jax.Array:
-        return _group_norm(h, self.num_groups, self.dtype, name, self.group_norm)
+        return group_norm(h, self.num_groups, self.dtype, name, self.group_norm)
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -409,211 +177,12 @@ class _ResBlock(nn.Module):
             h = self._norm(h, "norm_out") * (1 + scale) + shift
         else:
             h = self._norm(h + e, "norm_out")
-        h = _dropout(self, nn.silu(h), self.dropout, train)
+        h = dropout(self, nn.silu(h), self.dropout, train)
         h = _conv(self.out_channels, 3, self.dtype, "conv_out", zero=True)(h)
 
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, self.dtype, "skip")(x)
         return x + h
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
-    r"""Softmax attention of ``[batch, heads, positions, head_dim]`` queries, keys and values:
-    :math:`\mathrm{softmax}(q k^\top / \sqrt{d})\, v`, normalised after the product.
-
-    The weights are left unnormalised, :math:`e = \exp((s - \max s) / \sqrt{d})`, and the
-    output :math:`e v` is divided by the row sums of :math:`e`: the division touches
-    ``positions x head_dim`` values instead of ``positions x positions``, and the backward pass
-    has no softmax of its own to differentiate. On CPU, with the heads-major layout, that made a
-    whole 16x16x256 attention block (4 heads, batch 16) 36% faster forward and 18% faster
-    differentiated than ``jax.nn.softmax`` of the weights looped over chunks of images, as it
-    was; a chunked loop no longer helped at any batch tried (16-64). Logits, weights, their sums
-    and the products' accumulators are float32 (float64 for a float64 ``dtype``); the products'
-    operands are ``dtype``. The max is a constant shift (the softmax does not depend on it),
-    hence ``stop_gradient``: gradients and forward-mode tangents are exact.
-    """
-    wide = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 for a float64 model
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=wide)
-    shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    weights = jnp.exp((logits - shift) / math.sqrt(q.shape[-1]))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), v, preferred_element_type=wide)
-    return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype)
-
-
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-"""The values of :attr:`UNet.attention`."""
-
-
-def _attend_fused(
-    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn"
-) -> jax.Array:
-    """Softmax attention of position-major ``[batch, positions, heads, head_dim]`` queries,
-    keys and values by ``jax.nn.dot_product_attention`` (scale ``1/sqrt(head_dim)``), the
-    output position-major too: with ``"cudnn"``, cuDNN's fused flash-attention kernel, which
-    never writes the ``positions x positions`` weights to memory.
-
-    cuDNN's own errors (no cuDNN in this JAX, a GPU or shape it does not support) become a
-    ``ValueError`` that names the setting to change."""
-    try:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    except (RuntimeError, NotImplementedError) as err:
-        raise ValueError(
-            f"attention={implementation!r} cannot run here ({err}); it needs an NVIDIA GPU "
-            f"with cuDNN and a CUDA build of JAX. Use attention='xla' (every backend)."
-        ) from err
-
-
-def check_attention(attention: str, dtype: Any) -> None:
-    """Raises ``ValueError`` unless ``attention`` (see :attr:`UNet.attention`) can run in the
-    compute ``dtype``: cuDNN's fused kernel takes bfloat16 and float16 only.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> check_attention("cudnn", jnp.bfloat16)
-        >>> check_attention("cudnn", jnp.float32)
-        Traceback (most recent call last):
-        ...
-        ValueError: attention='cudnn' computes in bfloat16 or float16; got dtype float32. ...
-    """
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention={attention!r} is not valid; expected one of "
-            f"{list(ATTENTION_IMPLEMENTATIONS)}."
-        )
-    if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
-            f"attention='cudnn' computes in bfloat16 or float16; got dtype "
-            f"{jnp.dtype(dtype)}. Set dtype to bfloat16, or attention='xla'."
-        )
-
-
-class _HeadsProjection(nn.Module):
-    """The attention block's query, key and value projection, straight into heads-major
-    ``[batch, heads, positions, head_dim]`` arrays (position-major ``[batch, positions,
-    heads, head_dim]`` with ``heads_major=False``, the layout of ``jax.nn.dot_product_attention``).
-
-    Its parameters are those of ``nn.Dense(3 * channels)`` named ``qkv`` (same names, shapes,
-    initialisation and meaning: outputs ``[queries | keys | values]``, each split into heads
-    of ``head_dim`` consecutive channels), so checkpoints are unchanged. It computes them as
-    three products with slices of the kernel instead of one product and a split of its
-    output: the split's gradient is a sum of three zero-padded ``[3, batch, heads, positions,
-    head_dim]`` arrays, which XLA:CPU rebuilt for each of the gradient's three consumers (at
-    16x16x256, 4 heads, batch 16: a 42 ms transposing copy and two more). With the slices
-    the block's gradient ran 25-30% faster there and its forward pass 5-10% faster.
-    """
-
-    num_heads: int
-    dtype: Any
-    heads_major: bool = True
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        c = h.shape[-1]
-        kernel = self.param("kernel", _KERNEL_INIT, (c, 3 * c), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
-        h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
-        kernel = kernel.reshape(c, 3, self.num_heads, c // self.num_heads)
-        bias = bias.reshape(3, 1, 1, self.num_heads, c // self.num_heads)
-        # Each product's output is position-major, as a plain GEMM writes it; moved to heads-
-        # major by one copy (with the bias). Asked for heads-major outputs directly, XLA:CPU
-        # transposed the input instead and the forward pass got slower.
-        q, k, v = (jnp.einsum("bpc,chd->bphd", h, kernel[:, i]) + bias[i] for i in range(3))
-        if self.heads_major:
-            q, k, v = (jnp.moveaxis(a, 2, 1) for a in (q, k, v))
-        return q, k, v
-
-
-@jax.custom_jvp
-def _positions_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` over the last axis of ``x``: ``[..., c] x [c, d] -> [..., d]``."""
-    return jnp.einsum("...c,cd->...d", x, kernel)
-
-
-def _positions_product_jvp(primals, tangents):
-    x, kernel = primals
-    x_dot, kernel_dot = tangents
-    out = _positions_product(x, kernel)
-    terms = []
-    if not isinstance(x_dot, SymbolicZero):
-        terms.append(jnp.einsum("...c,cd->...d", x_dot, kernel))
-    if not isinstance(kernel_dot, SymbolicZero):
-
-        def transposed(kernel_dot):
-            # x^T, written out on its own: the transpose of this term, the kernel gradient, is
-            # then (x^T) G, both operands row-major. The barrier keeps XLA from folding the
-            # transpose back into the product's dimension numbers.
-            x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-            return jnp.einsum("cp,cd->pd", x_t, kernel_dot).reshape(out.shape)
-
-        terms.append(
-            jax.lax.platform_dependent(
-                kernel_dot,
-                cpu=transposed,
-                default=lambda kernel_dot: jnp.einsum("...c,cd->...d", x, kernel_dot),
-            )
-        )
-    return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
-
-
-_positions_product.defjvp(_positions_product_jvp, symbolic_zeros=True)
-
-
-class _OutProjection(nn.Module):
-    """The attention block's output projection: ``nn.Dense(features)`` with a zero kernel
-    (same parameter names, shapes, initialisation and map, so checkpoints are unchanged),
-    whose kernel gradient on CPU is computed as ``(x^T) G`` from a transposed copy of its input.
-
-    Autodiff of ``nn.Dense`` leaves the kernel gradient ``x^T G`` to XLA, which on CPU chose to
-    transpose ``G``, the cotangent; XLA:CPU then fused that transpose into the loop fusion
-    producing ``G`` (three GroupNorm backward passes, the skip connections' sums and the up
-    path's split, chained), which ran at 17-55 ns per value for a ``16x16x256`` map at batch 16:
-    110 ms of a 6.5 s CIFAR-10 train step for the U-Net's six blocks. Transposing the input
-    instead, a light fusion (the attention output), takes ~4 ms per block. Train step, batch
-    16, alternating processes (3 x 3 steps each): median wall 7.19 -> 6.53 s, CPU time 11.8 ->
-    11.2 s. Other backends keep the plain form (their matrix products take transposed
-    operands as they are).
-    """
-
-    features: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.zeros, (h.shape[-1], self.features), jnp.float32
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
-        return _positions_product(h, kernel) + bias.reshape((1,) * (h.ndim - 1) + (-1,))
-
-
-class _Attention(nn.Module):
-    """Multi-head self-attention over all positions of a feature map, with a residual;
-    ``implementation`` is one of :data:`ATTENTION_IMPLEMENTATIONS` (see :attr:`UNet.attention`)."""
-
-    num_heads: int
-    num_groups: int
-    dtype: Any
-    implementation: str = "xla"
-    group_norm: str = "fmjax"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, height, width, c = x.shape
-        h = _group_norm(x, self.num_groups, self.dtype, "norm", self.group_norm)
-        # Heads-major [batch, heads, positions, head_dim] for our own formula: every product
-        # is then a plain batched matrix product over (image, head), at the cost of one copy
-        # back after it. The fused kernel takes position-major arrays as they are.
-        fused = self.implementation != "xla"
-        q, k, v = _HeadsProjection(self.num_heads, self.dtype, not fused, name="qkv")(
-            h.reshape(b, height * width, c)
-        )
-        if fused:
-            out = _attend_fused(q, k, v, self.implementation)
-        else:
-            out = jnp.moveaxis(_attend(q, k, v, self.dtype), 1, 2)
-        out = _OutProjection(c, self.dtype, name="proj_out")(out.reshape(b, height, width, c))
-        return x + out
 
 
 class UNet(nn.Module):
@@ -672,11 +241,11 @@ class UNet(nn.Module):
             either can be applied with the other.
         group_norm: how GroupNorm is computed, one of :data:`GROUP_NORM_IMPLEMENTATIONS`
             (the parameters and the function are the same, in float32 either way):
-            ``"fmjax"``, statistics from per-channel sums and a custom JVP whose gradient
-            reduces the cotangent twice per norm (written for XLA:CPU: there alone 1.7x as
-            fast as Flax's, and in the whole CIFAR-10 step equal to 5% faster);
-            ``"flax"``, ``flax.linen.GroupNorm`` differentiated by JAX, which XLA:GPU and
-            TPU may fuse better with its neighbours.
+            ``"fmjax"``, :class:`fmjax.models.group_norm.GroupNorm`: statistics from
+            per-channel sums and a custom JVP whose gradient reduces the cotangent twice per
+            norm (written for XLA:CPU, the faster form there); ``"flax"``,
+            ``flax.linen.GroupNorm`` differentiated by JAX, which XLA:GPU and TPU may fuse
+            better with its neighbours.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -844,7 +413,7 @@ class UNet(nn.Module):
             group_norm=self.group_norm,
         )
         attention = functools.partial(
-            _Attention,
+            Attention,
             num_groups=groups,
             dtype=dtype,
             implementation=self.attention,
@@ -914,7 +483,7 @@ class UNet(nn.Module):
                     h = upsample_nearest(h)
                 ds //= 2
 
-        h = nn.silu(_group_norm(h, groups, dtype, "norm_out", self.group_norm))
+        h = nn.silu(group_norm(h, groups, dtype, "norm_out", self.group_norm))
         out_channels = x_t.shape[-1] if self.out_channels is None else self.out_channels
         h = _conv(out_channels, 3, dtype, "conv_out", zero=True)(h)
         return h.astype(x_t.dtype)
