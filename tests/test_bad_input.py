@@ -15,18 +15,17 @@ lowering events and fails a row whose error comes after one.
 import contextlib
 import hashlib
 import math
-import subprocess
-import sys
 import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_module, tiny_config
 
-from experiments import cifar10
-from fmjax import configs, data, sampling, train
-from fmjax.metrics import fid
+from experiments import fid as fid_command
+from fmjax import data, generate, sampling, train
+from fmjax.metrics import fid, inception
 
 # Lowering a jaxpr to MLIR is the first step of every compilation, eager ops included (a
 # cache hit skips the backend compile but still lowers).
@@ -57,9 +56,10 @@ def test_the_compilation_detector_detects_compilation():
 
 
 def small_config():
-    c = configs.base_config()
+    """The tests' tiny config on the tiny U-Net (the model is built from the config: some rows
+    are the U-Net's own fields)."""
+    c = tiny_config(num_steps=2)
     c.model.name = "unet_tiny"
-    c.train.update(num_steps=2, batch_size=16, sample_every=0, num_grid_samples=4)
     return c
 
 
@@ -173,7 +173,7 @@ def test_resuming_checkpoints_without_config_json(tmp_path):
 def test_sampling_a_workdir_that_holds_no_run(tmp_path):
     with pytest.raises(ValueError, match=r"config.json does not exist: .* not an fmjax run"):
         with no_compilation():
-            cifar10.sample(tmp_path, cifar10.SamplingOptions(num_samples=2, steps=2))
+            generate.sample_run(tmp_path, generate.SamplingOptions(num_samples=2, steps=2))
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_guidance_of_traced_values_is_not_checked_but_traces():
 @pytest.mark.parametrize("scale", [-0.5, math.nan])
 def test_cifar10_sampler_guidance_scale(scale):
     with pytest.raises(ValueError, match=rf"--guidance_scale={scale}; expected a finite number"):
-        cifar10.SamplingOptions(guidance_scale=scale)
+        generate.SamplingOptions(guidance_scale=scale)
 
 
 # --- weights and statistics -------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_downloaded_weights_with_the_wrong_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", fake_download)
     digest = hashlib.sha256(b"an HTML error page, not the weights").hexdigest()
     with pytest.raises(ValueError, match=rf"sha256 {digest}, expected a digest starting with"):
-        fid.download_weights(tmp_path)
+        inception.download_weights(tmp_path)
     assert not list(tmp_path.iterdir())  # nothing left behind, nothing converted
 
 
@@ -283,12 +283,7 @@ def test_reference_statistics_of_the_wrong_shape(tmp_path, mu, sigma, match):
 def test_entry_points_print_one_error_line_and_exit_2(tmp_path, module, args, message):
     file = tmp_path / "file"
     file.write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", module, *(a.format(file=file) for a in args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module(module, *(a.format(file=file) for a in args), timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message.format(file=file))
@@ -298,6 +293,6 @@ def test_fid_command_prints_one_error_line_and_exits_2(tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     args = ["stats", "--dataset=cifar10", f"--weights={missing}", f"--out={tmp_path / 's.npz'}"]
     with pytest.raises(SystemExit) as exit_info, no_compilation():
-        fid.main(args)
+        fid_command.main(args)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: No Inception weights at {missing}.")

@@ -8,10 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import TinyVelocity
 
 from experiments.bench import cpu_model, interleaved_seconds, machine, profile
 from experiments.bench import train as bench_train
-from fmjax import models
 from fmjax._xla import solve_compiler_options
 from fmjax.models.conv import conv_general_dilated, map_in_chunks
 
@@ -217,37 +217,22 @@ def test_compare_compiler_options_refuses_unknown_and_result_changing_options():
         )
 
 
-class _FormsMLP(nn.Module):
-    """A velocity MLP computed in one of three forms: ``"plain"``, ``"transposed"`` (the
-    same function through transposed products) or ``"doubled"`` (another function). Its
-    output layer starts at zero, as the U-Nets' attention projections do."""
-
-    form: str = "plain"
-    tanh: str = "tanh"  # or "sigmoid": tanh(h) = 2 sigmoid(2h) - 1, the same function
-    num_classes: int | None = None  # the engine's build_model passes these two
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, t, y=None, *, train=False):
-        if self.form not in ("plain", "transposed", "doubled"):
-            raise ValueError(f"form={self.form!r} is not valid")
-        flat = x.reshape(x.shape[0], -1) * (1 + jnp.broadcast_to(t, x.shape[:1]))[:, None]
-        w = self.param("w", nn.initializers.normal(0.3), (flat.shape[1], 16))
-        hidden = (w.T @ flat.T).T if self.form == "transposed" else flat @ w
-        hidden = jnp.tanh(hidden) if self.tanh == "tanh" else 2 * nn.sigmoid(2 * hidden) - 1
-        out = nn.Dense(flat.shape[1], kernel_init=nn.initializers.zeros)(hidden)
-        return (2 * out if self.form == "doubled" else out).reshape(x.shape)
-
-
-models.PRESETS.setdefault("bench_forms_mlp", _FormsMLP)
+# The tests' MLP, whose fields compute it in other forms: "transposed" (the same function
+# through transposed products), activation="silu_by_tanh" (the same function), "doubled"
+# (another function). Its output layer starts at zero, as the U-Nets' attention projections do.
+_FORMS = TinyVelocity(hidden=16, zero_output=True)
 
 
 def _forms_step():
-    return bench_train.build_step("bench_forms_mlp", (4, 4, 1), 8)
+    return bench_train.build_step("tiny_velocity", (4, 4, 1), 8, module=_FORMS)
+
+
+def _compare_forms(variants, repeats):
+    return bench_train.compare_model_options(*_forms_step(), variants, repeats, module=_FORMS)
 
 
 def test_compare_model_options_times_a_model_computed_another_way_from_the_same_state():
-    results = bench_train.compare_model_options(*_forms_step(), [{"form": "transposed"}], repeats=2)
+    results = _compare_forms([{"form": "transposed"}], repeats=2)
     assert list(results) == ["default", bench_train.CONTROL, "form=transposed"]
     reference = results["default"]
     assert reference.loss > 0 and reference.grad_norm > 0
@@ -258,32 +243,35 @@ def test_compare_model_options_times_a_model_computed_another_way_from_the_same_
 
 
 def test_a_model_variant_sets_several_fields_at_once_and_is_checked_as_one():
-    variant = bench_train.parse_model_variant(" form=transposed  tanh=sigmoid ")
-    assert variant == {"form": "transposed", "tanh": "sigmoid"}
-    results = bench_train.compare_model_options(*_forms_step(), [variant], 1)
-    assert list(results)[-1] == "form=transposed tanh=sigmoid"
-    assert results["form=transposed tanh=sigmoid"].loss == pytest.approx(
+    variant = bench_train.parse_model_variant(" form=transposed  activation=silu_by_tanh ")
+    assert variant == {"form": "transposed", "activation": "silu_by_tanh"}
+    results = _compare_forms([variant], 1)
+    assert list(results)[-1] == "form=transposed activation=silu_by_tanh"
+    assert results["form=transposed activation=silu_by_tanh"].loss == pytest.approx(
         results["default"].loss, rel=1e-4
     )
-    doubled = {"form": "doubled", "tanh": "sigmoid"}
-    with pytest.raises(ValueError, match="with 'form=doubled tanh=sigmoid' the step's loss is"):
-        bench_train.compare_model_options(*_forms_step(), [doubled], 1)
+    doubled = {"form": "doubled", "activation": "silu_by_tanh"}
+    with pytest.raises(
+        ValueError, match="with 'form=doubled activation=silu_by_tanh' the step's loss is"
+    ):
+        _compare_forms([doubled], 1)
     for text in ("", "form=plain form=doubled"):
         with pytest.raises(
             ValueError, match=r"NAME=VALUE \[NAME=VALUE \.\.\.\] with each NAME once"
         ):
             bench_train.parse_model_variant(text)
     with pytest.raises(ValueError, match="a model option must read NAME=VALUE; got 'form'"):
-        bench_train.parse_model_variant("tanh=sigmoid form")
+        bench_train.parse_model_variant("activation=silu_by_tanh form")
 
 
 def test_option_rows_of_a_model_option_name_each_variant_with_its_checked_values_and_times():
     rows = bench_train.option_rows(
-        "bench_forms_mlp", (4, 4, 1), 8, 2, [{"form": "transposed"}], "float32", model=True
-    )
+        "tiny_velocity", (4, 4, 1), 8, 2, [{"form": "transposed"}], "float32", model=True,
+        module=_FORMS,
+    )  # fmt: skip
     assert [row["option"] for row in rows] == ["default", bench_train.CONTROL, "form=transposed"]
     for row in rows:
-        assert row["preset"] == "bench_forms_mlp" and row["batch_per_device"] == 8
+        assert row["preset"] == "tiny_velocity" and row["batch_per_device"] == 8
         assert row["loss"] > 0 and row["grad_norm"] > 0 and "seconds" not in row
         assert 0 < row["best_ms"] <= row["median_ms"]
     assert rows[0]["median_vs_default"] == 1.0
@@ -293,11 +281,11 @@ def test_compare_model_options_refuses_another_function_and_unknown_fields():
     # At the fresh state the zero output layer hides "doubled" (both outputs are 0); the
     # check runs from perturbed parameters, where it cannot hide.
     with pytest.raises(ValueError, match="with 'form=doubled' the step's loss is"):
-        bench_train.compare_model_options(*_forms_step(), [{"form": "doubled"}], 1)
+        _compare_forms([{"form": "doubled"}], 1)
     with pytest.raises(ValueError, match="'width=3' is not a field of the model"):
-        bench_train.compare_model_options(*_forms_step(), [{"width": 3}], 1)
+        _compare_forms([{"width": 3}], 1)
     with pytest.raises(ValueError, match="form='squared' is not valid"):
-        bench_train.compare_model_options(*_forms_step(), [{"form": "squared"}], 1)
+        _compare_forms([{"form": "squared"}], 1)
 
 
 def test_sampling_option_rows_time_the_control_and_fmjaxs_options():

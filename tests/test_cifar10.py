@@ -8,13 +8,16 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import metrics_lines, training_steps
 from PIL import Image
 
 from experiments import cifar10
 from experiments.configs.cifar10 import get_config
-from fmjax.configs import validate
+from fmjax.configs import build_model, validate
+from fmjax.evaluate import EvalOptions
+from fmjax.generate import SamplingOptions, initial_noise, sample_run
+from fmjax.metrics import fid, inception
 from fmjax.models import param_count
-from fmjax.train import build_model
 
 NUM_MOCK = 32  # mock CIFAR-10 examples; 8x8 crops of them train the smoke model
 
@@ -24,11 +27,6 @@ def train(variant: str, workdir, **train_options) -> None:
     config.train.update(train_options)
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
         cifar10.run(config, workdir, "train")
-
-
-def steps_logged(workdir) -> list[int]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
 
 
 def run_main(monkeypatch, *argv: str) -> None:
@@ -55,7 +53,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, caplog, capsys):
     workdir = smoke_run
-    assert steps_logged(workdir) == [2, 4]
+    assert training_steps(workdir) == [2, 4]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
     grid = Image.open(workdir / "samples" / "step_00000004.png")
     assert grid.size == (4 * 8 * 8 + 5 * 8,) * 2  # 16 samples of 8x8, 4 per row, enlarged 8x
@@ -63,7 +61,7 @@ def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="fmjax.train"):
         train("smoke", workdir, num_steps=6)
     assert "Resuming" in caplog.text and "from step 4" in caplog.text
-    assert steps_logged(workdir) == [2, 4, 6]
+    assert training_steps(workdir) == [2, 4, 6]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
 
     run_main(
@@ -82,14 +80,12 @@ def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, ca
     assert Image.open(stem.with_suffix(".png")).size == (4 * 8 * 8 + 5 * 8, 3 * 8 * 8 + 4 * 8)
 
     with pytest.raises(ValueError, match="unconditional"):
-        cifar10.sample(workdir, cifar10.SamplingOptions(guidance_scale=2.0))
+        sample_run(workdir, SamplingOptions(guidance_scale=2.0))
 
 
 def test_conditional_smoke_samples_with_guidance(tmp_path):
     train("conditional,smoke", tmp_path, num_steps=2)
-    out = cifar10.sample(
-        tmp_path, cifar10.SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0)
-    )
+    out = sample_run(tmp_path, SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0))
     assert out.npz.name == "sample_step00000002_heun-edm2_n12_seed0_w2.npz"
     with np.load(out.npz) as npz:
         assert npz["labels"].tolist() == [*range(10), 0, 1]  # cycles through the classes
@@ -97,14 +93,14 @@ def test_conditional_smoke_samples_with_guidance(tmp_path):
         assert npz["images"].shape == (12, 8, 8, 3) and np.isfinite(npz["images"]).all()
     assert Image.open(out.png).size == (10 * 8 * 8 + 11 * 8, 2 * 8 * 8 + 3 * 8)  # a column a class
 
-    chosen = cifar10.sample(
+    chosen = sample_run(
         tmp_path,
-        cifar10.SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0, labels=(3, 5)),
+        SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0, labels=(3, 5)),
     )
     with np.load(chosen.npz) as npz:
         assert npz["labels"].tolist() == [3, 5] * 6
     with pytest.raises(ValueError, match=r"classes in \[0, 9\]"):
-        cifar10.sample(tmp_path, cifar10.SamplingOptions(labels=(10,)))
+        sample_run(tmp_path, SamplingOptions(labels=(10,)))
 
 
 @pytest.mark.parametrize(
@@ -157,10 +153,10 @@ def test_unknown_variants_raise(variant):
 
 def test_initial_noise_of_a_sample_does_not_depend_on_the_batches():
     key = jax.random.key(3)
-    whole = cifar10.initial_noise(key, 0, 10, (8, 8, 3))
+    whole = initial_noise(key, 0, 10, (8, 8, 3))
     parts = [
-        cifar10.initial_noise(key, 0, 6, (8, 8, 3)),
-        cifar10.initial_noise(key, 6, 10, (8, 8, 3)),
+        initial_noise(key, 0, 6, (8, 8, 3)),
+        initial_noise(key, 6, 10, (8, 8, 3)),
     ]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert whole.shape == (10, 8, 8, 3) and 0.9 < float(whole.std()) < 1.1
@@ -168,9 +164,9 @@ def test_initial_noise_of_a_sample_does_not_depend_on_the_batches():
 
 def test_bad_sampling_options_raise():
     with pytest.raises(ValueError, match="--solver='rk45'"):
-        cifar10.SamplingOptions(solver="rk45")
+        SamplingOptions(solver="rk45")
     with pytest.raises(ValueError, match="--num_samples=0"):
-        cifar10.SamplingOptions(num_samples=0)
+        SamplingOptions(num_samples=0)
     with pytest.raises(ValueError, match="--mode='bogus'"):
         cifar10.run(None, "unused", "bogus")
 
@@ -179,19 +175,17 @@ def test_eval_scores_fid_against_its_own_samples_and_bits_per_dim(smoke_run, tmp
     """FID of the eval samples against the statistics of the very same samples (drawn by
     --mode=sample with the same seed and solver) is ~0: the two modes draw identical samples
     and the FID path is wired end to end. Bits/dim on mock test images is finite."""
-    from fmjax.metrics import fid
-
     weights = tmp_path / "inception.npz"
-    fid.save_variables(weights, fid.inception_variables(seed=0))
-    inception = fid.load_inception(weights)
-    options = cifar10.SamplingOptions(
+    inception.save_variables(weights, inception.inception_variables(seed=0))
+    features = fid.load_inception(weights)
+    options = SamplingOptions(
         num_samples=16, solver="heun", steps=2, batch_size=8, rtol=1e-3, atol=1e-3
     )
-    written = cifar10.sample(smoke_run, options)
+    written = sample_run(smoke_run, options)
     samples = np.load(written.npz)["images"]
-    reference = fid.GaussianStats.of(inception(fid.to_uint8(samples)), inception.fingerprint)
+    reference = fid.GaussianStats.of(features(fid.to_uint8(samples)), features.fingerprint)
     fid.save_statistics(tmp_path / "stats.npz", reference)
-    eval_options = cifar10.EvalOptions(
+    eval_options = EvalOptions(
         num_samples=16, fid_stats=str(tmp_path / "stats.npz"), inception=str(weights),
         bpd_examples=4, bpd_draws=2,
     )  # fmt: skip
@@ -211,13 +205,11 @@ def test_eval_scores_fid_against_its_own_samples_and_bits_per_dim(smoke_run, tmp
 def test_in_training_fid_is_logged_and_keeps_the_best_state(tmp_path):
     """With train.eval_every, the FID of the EMA samples is logged at every evaluation, and
     the best-scoring state is the one kept in checkpoints_best (named by best.json)."""
-    from fmjax.metrics import fid
-
     weights = tmp_path / "inception.npz"
-    fid.save_variables(weights, fid.inception_variables(seed=0))
-    inception = fid.load_inception(weights)
+    inception.save_variables(weights, inception.inception_variables(seed=0))
+    features = fid.load_inception(weights)
     noise = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
-    reference = fid.GaussianStats.of(inception(noise), inception.fingerprint)
+    reference = fid.GaussianStats.of(features(noise), features.fingerprint)
     fid.save_statistics(tmp_path / "stats.npz", reference)
     config = get_config("smoke")
     config.train.update(eval_every=2, eval_samples=16)
@@ -225,8 +217,7 @@ def test_in_training_fid_is_logged_and_keeps_the_best_state(tmp_path):
     workdir = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
         cifar10.run(config, workdir, "train")
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    scores = {line["step"]: line["fid"] for line in lines if "fid" in line}
+    scores = {line["step"]: line["fid"] for line in metrics_lines(workdir) if "fid" in line}
     assert sorted(scores) == [2, 4] and all(np.isfinite(v) and v > 0 for v in scores.values())
     best = min(scores, key=scores.get)
     assert json.loads((workdir / "best.json").read_text())["step"] == best
@@ -244,4 +235,4 @@ def test_in_training_fid_needs_reference_statistics(tmp_path):
 
 def test_eval_needs_reference_statistics():
     with pytest.raises(ValueError, match="needs --fid_stats"):
-        cifar10.EvalOptions(num_samples=10)
+        EvalOptions(num_samples=10)

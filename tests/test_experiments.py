@@ -3,36 +3,18 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 from typing import NamedTuple
 
+import jax
+import numpy as np
 import pytest
+from helpers import ROOT, metrics_lines, module_output, training_steps
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def run_module(module: str, *args: str) -> str:
-    env = dict(os.environ)
-    env["FMJAX_JAX_CACHE"] = str(ROOT / ".jax_cache")
-    for name in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS"):  # one CPU device, like a user's laptop
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
-
-
-def metrics(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def steps_logged(workdir: pathlib.Path) -> list[int]:
-    """The steps of the training-metric lines (evaluation scores have lines of their own)."""
-    return [m["step"] for m in metrics(workdir) if "loss" in m]
+from fmjax import configs, rundir
+from fmjax.generate import generate, make_velocity
+from fmjax.metrics.digits import digits_score
+from fmjax.step import init_state
 
 
 class QuickRun(NamedTuple):
@@ -50,13 +32,13 @@ class QuickRun(NamedTuple):
 @pytest.fixture(scope="module")
 def digits_quick(tmp_path_factory) -> QuickRun:
     workdir = tmp_path_factory.mktemp("digits")
-    output = run_module(
+    output = module_output(
         "experiments.digits", f"--workdir={workdir}", "--config=experiments/configs/digits.py:quick"
     )
     return QuickRun(
         workdir,
         output,
-        metrics(workdir),
+        metrics_lines(workdir),
         sorted(os.listdir(workdir / "checkpoints")),
         Image.open(workdir / "samples" / "step_00000006.png").size,
         json.loads((workdir / "best.json").read_text()),
@@ -86,44 +68,52 @@ def test_digits_quick_writes_every_artefact(digits_quick):
 
 
 def test_digits_resumes_and_learns_digits_an_untrained_model_does_not(digits_quick):
-    import jax
-    import numpy as np
-
-    from fmjax import checkpoint, train
-    from fmjax.metrics.digits import digits_score
-
     # One run for two properties (each fresh process costs a minute of CI): the quick run
     # resumes where it stopped, and 300 steps separate it from an untrained model.
     workdir = digits_quick.workdir
-    output = run_module(
+    output = module_output(
         "experiments.digits", f"--workdir={workdir}", "--config=experiments/configs/digits.py:quick",
         "--config.train.num_steps=300", "--config.train.log_every=100",
         "--config.train.checkpoint_every=300", "--config.train.sample_every=300",
         "--config.train.eval_every=300", "--config.train.sample_steps=10",
     )  # fmt: skip
     assert "Resuming" in output and "from step 6" in output
-    assert steps_logged(workdir) == [2, 3, 4, 6, 100, 200, 300]
+    assert training_steps(workdir) == [2, 3, 4, 6, 100, 200, 300]
     trained = json.loads((workdir / "eval" / "digits.json").read_text())
-    run = checkpoint.load_run(workdir)
-    tx, _ = train.make_optimizer(run.config.optim, run.config.train.num_steps)
-    untrained_state = train.init_state(run.config, run.model, tx)
-    velocity = train.make_velocity(run.model, run.config)
-    result = train.generate(run.config, velocity, untrained_state, 1000, jax.random.key(0))
+    run = rundir.load_run(workdir)
+    tx, _ = configs.make_optimizer(run.config.optim, run.config.train.num_steps)
+    untrained_state = init_state(run.config, run.model, tx)
+    velocity = make_velocity(run.model, run.config)
+    result = generate(run.config, velocity, untrained_state, 1000, jax.random.key(0))
     untrained = digits_score(np.asarray(result.x))
     # Measured (300 fresh steps): the tiny U-Net 3.07, untrained 97.3, floor 1.29.
     assert trained["floor_train_vs_test"] < trained["digits_fd"] < untrained.fd / 5
 
 
-def test_readme_sampling_snippet_runs_on_a_trained_run(digits_quick, tmp_path, monkeypatch):
-    workdir = digits_quick.workdir
-    text = (ROOT / "README.md").read_text().split("## Sample from a trained run\n", 1)[1]
+def run_snippet(path: str, after: str, workdir: pathlib.Path) -> dict:
+    """Runs the first Python block of the file ``path`` after the text ``after``, on the run in
+    ``workdir`` (the block's ``"runs/digits"``); its namespace."""
+    text = (ROOT / path).read_text().split(after, 1)[1]
     snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert '"runs/digits"' in snippet
-    monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(
-        compile(snippet.replace('"runs/digits"', repr(str(workdir))), "README.md", "exec"),
-        namespace,
+    exec(compile(snippet.replace('"runs/digits"', repr(str(workdir))), path, "exec"), namespace)
+    return namespace
+
+
+def test_readme_sampling_snippet_runs_on_a_trained_run(digits_quick, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_snippet("README.md", "To sample from a saved run:", digits_quick.workdir)
+    images = np.asarray(namespace["images"])
+    assert images.shape == (16, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_getting_started_sampling_snippet_runs_on_a_trained_run(
+    digits_quick, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_snippet(
+        "docs/getting-started.md", "call the sampler directly:", digits_quick.workdir
     )
     result = namespace["result"]
     assert bool(result.success) and result.x.shape == (16, 8, 8, 1) and int(result.nfe) > 0

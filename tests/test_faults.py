@@ -1,9 +1,9 @@
-"""Fault injection, the reduced form of ``python -m experiments.faults`` that CI runs: SIGKILLs
-(one while an async save is in flight) with exact resume, SIGTERM to the entry point, a NaN
-batch, a full disk, and determinism.
+"""Fault injection, the reduced form of ``python -m experiments.bench.faults`` that CI runs:
+SIGKILLs (one while an async save is in flight) with exact resume, SIGTERM to the entry point,
+a NaN batch, a full disk, and determinism.
 
-Kills and SIGTERM need subprocesses (``experiments.faults`` children); the rest trains in this
-process, against an in-process reference on the same two devices (the children's count).
+Kills and SIGTERM need subprocesses (``experiments.bench.faults`` children); the rest trains in
+this process, against an in-process reference on the same two devices (the children's count).
 A truncated newest checkpoint is tested in ``test_train.py`` (the fallback) and here, end to
 end with the resumed run replacing it, as a ``slow`` test.
 """
@@ -15,8 +15,9 @@ import re
 import jax
 import pytest
 
-from experiments import faults
+from experiments.bench import faults
 from fmjax import checkpoint, data, train
+from fmjax.mesh import make_mesh
 
 STEPS, EVERY = 12, 4
 
@@ -29,11 +30,14 @@ def setup(tmp_path_factory):
 
 
 def train_here(workdir, source=None, hooks=()):
-    """The children's run (``faults.child_config``), in this process on two devices."""
+    """The children's run (``faults.child_config``, ``faults.model_of``), in this process on
+    two devices."""
     config = faults.child_config("mlp", STEPS, EVERY, keep=1000)
     source = source or data.digits(seed=config.seed)
-    mesh = train.make_mesh(jax.devices()[:2])
-    return train.train_and_evaluate(config, workdir, source=source, hooks=hooks, mesh=mesh)
+    mesh = make_mesh(jax.devices()[:2])
+    return train.train_and_evaluate(
+        config, workdir, model=faults.model_of(config), source=source, hooks=hooks, mesh=mesh
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,8 @@ def test_sigterm_to_the_entry_point_checkpoints_exits_0_and_resumes(setup):
 def test_the_same_config_and_seed_give_the_same_metrics_and_state(setup, reference):
     again = setup.workdir / "again"
     train_here(again)
-    assert faults.read_metrics(again) == faults.read_metrics(reference)  # timing fields aside
-    assert len(faults.read_metrics(again)) == STEPS
+    assert faults.metrics_without_timing(again) == faults.metrics_without_timing(reference)
+    assert len(faults.metrics_without_timing(again)) == STEPS
     assert faults.identical(faults.load_state(again)[0], faults.load_state(reference)[0])
 
 

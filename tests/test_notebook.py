@@ -3,13 +3,13 @@
 import importlib.metadata
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import tempfile
 
 import pytest
+from helpers import ROOT, metrics_lines, one_device_env
 
 nbformat = pytest.importorskip("nbformat", reason="executing the notebook needs nbformat")
 nbclient = pytest.importorskip("nbclient", reason="executing the notebook needs nbclient")
@@ -17,7 +17,6 @@ pytest.importorskip("ipykernel", reason="executing the notebook needs ipykernel"
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 - after the skips
 from jupyter_client.manager import KernelManager  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "experiments" / "colab.ipynb"
 
 
@@ -70,11 +69,9 @@ def executed(tmp_path_factory):
     manager = KernelManager(
         kernel_name="fmjax-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)])
     )
-    env = dict(os.environ)
-    for name in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS"):  # one CPU device, as on a laptop
-        env.pop(name, None)
+    env = one_device_env()  # one CPU device, as on a laptop
     # JAX reads its config from JAX_* variables: the tests' persistent compilation cache.
-    env["JAX_COMPILATION_CACHE_DIR"] = env.get("FMJAX_JAX_CACHE", str(ROOT / ".jax_cache"))
+    env["JAX_COMPILATION_CACHE_DIR"] = env["FMJAX_JAX_CACHE"]
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     client = nbclient.NotebookClient(
         notebook, km=manager, timeout=300, resources={"metadata": {"path": str(tmp)}}
@@ -87,7 +84,7 @@ def test_notebook_trains_and_shows_the_loss_curve_and_samples(executed):
     notebook, workdir = executed
     install = cell_with(notebook, "pip_install(")
     assert "fmjax is already importable" in "".join(o.get("text", "") for o in install.outputs)
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics_lines(workdir)
     assert [m["step"] for m in logged] == [2, 4]
     assert (workdir / "checkpoints" / "4").is_dir()
     for text in ("ax.plot(steps, losses)", "ax.imshow(grid"):  # the loss curve, the samples

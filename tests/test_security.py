@@ -6,7 +6,7 @@ directories the user named.
    ``pickle``-family imports, ``eval``/``exec``, ``yaml.load``, ``np.load`` without
    ``allow_pickle=False`` and ``torch.load`` without ``weights_only=True``. The one
    ``torch.load`` is the documented converter of pytorch-fid's weights
-   (``fmjax.metrics.fid``), with the restricted ``weights_only=True`` unpickler. Weights and
+   (``fmjax.metrics.inception``), with the restricted ``weights_only=True`` unpickler. Weights and
    statistics are ``.npz`` read with ``allow_pickle=False``; checkpoints are Orbax's (array
    files and JSON/msgpack metadata; its reader never unpickles, checked below too). Config
    *files* (``--config=...py``) are Python by design: the user chooses to run them.
@@ -25,14 +25,13 @@ import os
 import pathlib
 import tempfile
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import linen as nn
+from helpers import TinyVelocity, tiny_config
 
-from fmjax import configs, data, models, train
-from fmjax.metrics import fid
+from fmjax import configs, data, train
+from fmjax.metrics import fid, inception
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -132,7 +131,7 @@ def test_the_scan_allows_safe_loading(snippet):
 
 def test_no_code_executing_deserialisation_in_the_project():
     sources = _project_sources()
-    assert "fmjax/metrics/fid.py" in sources and "experiments/colab.ipynb" in sources
+    assert "fmjax/metrics/inception.py" in sources and "experiments/colab.ipynb" in sources
     found = [v for name, source in sources.items() for v in unsafe_deserialisation(source, name)]
     assert not found, "\n".join(found)
 
@@ -144,7 +143,7 @@ def test_the_only_torch_load_is_the_restricted_weight_converter():
         for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
     ]
-    assert [name for name, _ in calls] == ["fmjax/metrics/fid.py"]  # weights_only: test above
+    assert [name for name, _ in calls] == ["fmjax/metrics/inception.py"]  # weights_only: above
 
 
 def test_orbax_checkpoint_reading_never_unpickles():
@@ -165,7 +164,7 @@ def test_weights_and_statistics_with_pickled_objects_are_refused(tmp_path):
     pickled = np.array([{"a": 1}, None], dtype=object)
     np.savez(tmp_path / "weights.npz", **{"params/Conv2d_1a_3x3/conv/kernel": pickled})
     with pytest.raises(ValueError, match="allow_pickle=False"):
-        fid.load_variables(tmp_path / "weights.npz")
+        inception.load_variables(tmp_path / "weights.npz")
     np.savez(tmp_path / "stats.npz", mu=pickled, sigma=np.eye(2))
     with pytest.raises(ValueError, match="allow_pickle=False"):
         fid.load_statistics(tmp_path / "stats.npz")
@@ -190,23 +189,6 @@ def test_dataset_names_that_are_not_paths_pass_the_check():
         data._check_tfds_name(name)
 
 
-class _SmallVelocity(nn.Module):
-    """An MLP: the file layout of a run, not the network, is under test."""
-
-    num_classes: int | None = None
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, t, y=None, *, train=False):
-        h = jnp.concatenate(
-            [x.reshape(x.shape[0], -1), jnp.broadcast_to(t, x.shape[:1])[:, None]], 1
-        )
-        return nn.Dense(x[0].size)(nn.silu(nn.Dense(16)(h))).reshape(x.shape)
-
-
-models.PRESETS.setdefault("security_mlp", _SmallVelocity)
-
-
 def test_a_run_writes_only_inside_its_workdir(tmp_path, monkeypatch):
     # Everything a run could write to by default is moved under tmp_path: the working
     # directory, the home directory (caches), the temporary directory.
@@ -217,18 +199,19 @@ def test_a_run_writes_only_inside_its_workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    config = configs.base_config()
-    config.model.name = "security_mlp"
-    config.train.update(
-        num_steps=2, batch_size=8, log_every=1, checkpoint_every=2, sample_every=0,
-    )  # fmt: skip
-    # No sample grid: compiling the sampler would triple the test's time, and grids are
-    # named samples/step_<int>.png inside the workdir, from no config string.
+    # An MLP: the file layout of a run, not the network, is under test. No sample grid:
+    # compiling the sampler would triple the test's time, and grids are named
+    # samples/step_<int>.png inside the workdir, from no config string.
+    config = tiny_config(num_steps=2, batch_size=8, checkpoint_every=2)
     hook = train.EvalHook(every=2, fn=lambda step, state: {"score": -step}, keep_best="score")
     source = data.ArraySource(np.zeros((16, 4, 4, 1), np.float32))
     workdir = tmp_path / "run"
     train.train_and_evaluate(
-        ml_collections.ConfigDict(config), workdir, source=source, hooks=[hook]
+        ml_collections.ConfigDict(config),
+        workdir,
+        model=TinyVelocity(),
+        source=source,
+        hooks=[hook],
     )
     written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     outside = sorted(str(p) for p in written if p.parts[0] != "run")

@@ -1,13 +1,14 @@
-"""fmjax.train and fmjax.checkpoint: the mesh step, device-count invariance, exact resume,
-restore on other meshes, EMA, accumulation, preemption, non-finite losses, bad configs.
+"""fmjax.train, fmjax.step, fmjax.rundir and fmjax.checkpoint: the mesh step, device-count
+invariance, exact resume, restore on other meshes, EMA, accumulation, preemption, non-finite
+losses, bad configs, and a model that no registry knows.
 
-A two-layer MLP stands in for the U-Net so that each compile takes a second, not fifteen;
-the U-Net itself is exercised end to end by the slow test at the bottom.
+A two-layer MLP (``helpers.TinyVelocity``, passed to the engine as an object) stands in for
+the U-Net so that each compile takes a second, not fifteen; the U-Nets are trained end to end
+by the entry points' tests.
 """
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -19,64 +20,25 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import BATCH as B
+from helpers import ROOT, TinyVelocity, metrics_lines, one_device_env, tiny_config, tiny_source
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmjax import checkpoint, configs, couplings, data, models, train
+from experiments.bench.faults import PoisonedSource
+from fmjax import checkpoint, configs, couplings, models, rundir, train
 from fmjax.loss import cfm_loss
-
-B = 16
-
-
-class TinyVelocity(nn.Module):
-    """An MLP on flattened images: cheap to compile, enough to test the engine."""
-
-    num_classes: int | None = None
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, t, y=None, *, train=False):
-        b = x.shape[0]
-        h = jnp.concatenate([x.reshape(b, -1), jnp.broadcast_to(t, (b,))[:, None]], axis=1)
-        if self.num_classes is not None:
-            h = jnp.concatenate([h, nn.Embed(self.num_classes + 1, 4)(y)], axis=1)
-        h = nn.silu(nn.Dense(32)(h))
-        return nn.Dense(x[0].size)(h).reshape(x.shape)
-
-
-models.PRESETS.setdefault("test_mlp", TinyVelocity)
-
-
-def tiny_config(**train_overrides):
-    c = configs.base_config()
-    c.model.name = "test_mlp"
-    c.train.update(
-        num_steps=12,
-        batch_size=B,
-        log_every=1,
-        checkpoint_every=4,
-        sample_every=0,
-        num_grid_samples=4,
-        sample_steps=2,
-    )
-    c.train.update(train_overrides)
-    c.optim.update(learning_rate=1e-2, ema_decay=0.9)
-    return c
-
-
-def tiny_source(seed=0):
-    rng = np.random.default_rng(0)
-    images = np.tanh(rng.normal(size=(40, 4, 4, 1))).astype(np.float32)
-    return data.ArraySource(images, rng.integers(0, 3, 40), seed=seed)
+from fmjax.mesh import make_mesh
+from fmjax.step import abstract_state, ema_decay, init_state, make_train_step
 
 
 def mesh_of(n):
-    return train.make_mesh(jax.devices()[:n])
+    return make_mesh(jax.devices()[:n])
 
 
-def read_metrics(workdir):
-    lines = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def train_tiny(config, workdir, **kwargs):
+    """``train_and_evaluate`` of a fresh :class:`helpers.TinyVelocity`."""
+    return train.train_and_evaluate(config, workdir, model=TinyVelocity(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +47,13 @@ def runs(tmp_path_factory):
     out = {}
     for n in (1, 2, 4, 8):
         workdir = tmp_path_factory.mktemp(f"devices{n}")
-        state = train.train_and_evaluate(
-            tiny_config(), workdir, source=tiny_source(), mesh=mesh_of(n)
-        )
+        state = train_tiny(tiny_config(), workdir, source=tiny_source(), mesh=mesh_of(n))
         out[n] = (workdir, jax.device_get(state))
     return out
 
 
 def test_losses_do_not_depend_on_the_device_count(runs):
-    losses = {n: [m["loss"] for m in read_metrics(w)] for n, (w, _) in runs.items()}
+    losses = {n: [m["loss"] for m in metrics_lines(w)] for n, (w, _) in runs.items()}
     assert len(losses[1]) == 12
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
     np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
@@ -102,23 +62,22 @@ def test_losses_do_not_depend_on_the_device_count(runs):
 
 def test_metrics_and_files(runs):
     workdir, state = runs[1]
-    first = read_metrics(workdir)[0]
+    first = metrics_lines(workdir)[0]
     assert set(first) == {"step", "loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"}
     assert first["step"] == 1 and first["lr"] == pytest.approx(1e-2)
     assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["data"]["image_shape"] == [4, 4, 1] and saved["model"]["name"] == "test_mlp"
+    assert saved["data"]["image_shape"] == [4, 4, 1] and saved["model"]["name"] == "tiny_velocity"
     assert checkpoint.Checkpoints(workdir).steps() == [4, 8, 12]
     assert int(state.step) == 12
 
 
 def test_checkpoint_from_4_devices_restores_on_1_and_2(runs):
     workdir, state = runs[4]
-    config = checkpoint.load_config(workdir)
-    model = train.build_model(config.model)
+    config = rundir.load_config(workdir)
     for n in (1, 2):
         mesh = mesh_of(n)
-        abstract = train.abstract_state(config, model, NamedSharding(mesh, P()))
+        abstract = abstract_state(config, TinyVelocity(), NamedSharding(mesh, P()))
         restored, step = checkpoint.Checkpoints(workdir).restore_latest(abstract)
         assert step == 12 and restored.params["Dense_0"]["kernel"].sharding.mesh.size == n
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), state)
@@ -126,9 +85,41 @@ def test_checkpoint_from_4_devices_restores_on_1_and_2(runs):
 
 def test_load_run_gives_the_ema_params(runs):
     workdir, state = runs[2]
-    run = checkpoint.load_run(workdir)
-    assert run.step == 12 and run.config.model.name == "test_mlp"
+    run = rundir.load_run(workdir, model=TinyVelocity())
+    assert run.step == 12 and run.config.model.name == "tiny_velocity"
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.ema_params), state.ema_params)
+
+
+class _Unregistered(nn.Module):
+    """A velocity network that no registry knows: two convolutions, the time entering as a
+    learned per-channel scale; no class labels (no ``y`` argument)."""
+
+    features: int = 8
+
+    @nn.compact
+    def __call__(self, x, t, *, train=False):
+        t = jnp.broadcast_to(t, x.shape[:1])
+        scale = nn.Dense(self.features)(t[:, None])[:, None, None, :]
+        h = nn.silu(nn.Conv(self.features, (3, 3))(x) * (1 + scale))
+        return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
+def test_a_model_that_no_registry_knows_trains_and_is_restored(tmp_path):
+    config = tiny_config(num_steps=4)
+    config.model.name = "my_velocity"  # only a label
+    assert config.model.name not in models.PRESETS
+    state = train.train_and_evaluate(
+        config, tmp_path, model=_Unregistered(), source=tiny_source(), mesh=mesh_of(1)
+    )
+    losses = [m["loss"] for m in metrics_lines(tmp_path)]
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+    assert config.model.name not in models.PRESETS  # nothing was registered on the way
+    run = rundir.load_run(tmp_path, model=_Unregistered())
+    assert run.step == 4 and run.config.model.name == "my_velocity"
+    assert set(run.ema_params) == {"Conv_0", "Conv_1", "Dense_0"}
+    jax.tree.map(np.testing.assert_array_equal, run.ema_params, jax.device_get(state.ema_params))
+    with pytest.raises(ValueError, match=r"model\.name='my_velocity' is not a known model"):
+        rundir.load_run(tmp_path)  # without the model object, nothing can rebuild it
 
 
 def _example_keys(config, step):
@@ -153,11 +144,11 @@ def _hand_step(config, model, tx, params, opt_state, batch, step):
 def test_mesh_step_equals_hand_computation_and_ema():
     config = tiny_config()
     config.data.image_shape = (4, 4, 1)
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
-    state0 = train.init_state(config, model, tx)
+    model = TinyVelocity()
+    tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
+    state0 = init_state(config, model, tx)
     mesh = mesh_of(4)
-    step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+    step_fn = make_train_step(config, model, tx, schedule, mesh)
     source = tiny_source()
     # Host copies for the hand computation: the step donates (deletes) its input buffers.
     params, opt_state = jax.device_get((state0.params, state0.opt_state))
@@ -188,12 +179,12 @@ def test_exact_ot_pairs_within_each_device_micro_batch():
     config = tiny_config()
     config.data.image_shape = (4, 4, 1)
     config.path.coupling = "exact_ot"
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
-    state = train.init_state(config, model, tx)
+    model = TinyVelocity()
+    tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
+    state = init_state(config, model, tx)
     params = jax.device_get(state.params)
     mesh = mesh_of(4)
-    step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+    step_fn = make_train_step(config, model, tx, schedule, mesh)
     batch = tiny_source().batch(0, B)
     sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
     _, metrics = step_fn(jax.device_put(state, NamedSharding(mesh, P())), sharded)
@@ -216,23 +207,23 @@ def test_exact_ot_pairs_within_each_device_micro_batch():
 
 
 def test_ema_decay_warmup():
-    assert float(train.ema_decay(0, 0.999, warmup=True)) == pytest.approx(0.1)
-    assert float(train.ema_decay(10**6, 0.999, warmup=True)) == pytest.approx(0.999)
-    assert float(train.ema_decay(5, 0.999, warmup=False)) == pytest.approx(0.999)
+    assert float(ema_decay(0, 0.999, warmup=True)) == pytest.approx(0.1)
+    assert float(ema_decay(10**6, 0.999, warmup=True)) == pytest.approx(0.999)
+    assert float(ema_decay(5, 0.999, warmup=False)) == pytest.approx(0.999)
 
 
 def test_gradient_accumulation_equals_the_full_batch():
     config = tiny_config()
     config.data.image_shape = (4, 4, 1)
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, 12)
+    model = TinyVelocity()
+    tx, schedule = configs.make_optimizer(config.optim, 12)
     mesh = mesh_of(2)
     batch = jax.device_put(tiny_source().batch(0, B), NamedSharding(mesh, P("data")))
     results = []
     for accumulation in (1, 2):
         config.train.accumulation_steps = accumulation
-        step_fn = train.make_train_step(config, model, tx, schedule, mesh)
-        state = jax.device_put(train.init_state(config, model, tx), NamedSharding(mesh, P()))
+        step_fn = make_train_step(config, model, tx, schedule, mesh)
+        state = jax.device_put(init_state(config, model, tx), NamedSharding(mesh, P()))
         results.append(step_fn(state, batch))
     (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
@@ -252,7 +243,7 @@ def test_exact_resume_after_a_crash(runs, tmp_path):
         raise _Crash(f"simulated crash at step {step}")
 
     with pytest.raises(_Crash):
-        train.train_and_evaluate(
+        train_tiny(
             tiny_config(),
             tmp_path,
             source=tiny_source(),
@@ -260,9 +251,7 @@ def test_exact_resume_after_a_crash(runs, tmp_path):
             hooks=[train.EvalHook(every=6, fn=crash)],
         )
     assert checkpoint.Checkpoints(tmp_path).steps() == [4]
-    resumed = train.train_and_evaluate(
-        tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1)
-    )
+    resumed = train_tiny(tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), uninterrupted)
 
 
@@ -271,7 +260,7 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         return {}
 
-    state = train.train_and_evaluate(
+    state = train_tiny(
         tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1),
         hooks=[train.EvalHook(every=5, fn=preempt)],
     )  # fmt: skip
@@ -280,19 +269,10 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
 
-class _PoisonedSource(data.ArraySource):
-    def batch(self, step, *args, **kwargs):
-        out = super().batch(step, *args, **kwargs)
-        if step == 5:  # the batch of update 6
-            out["image"] = np.full_like(out["image"], np.nan)
-        return out
-
-
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path):
-    rng = np.random.default_rng(0)
-    source = _PoisonedSource(np.tanh(rng.normal(size=(40, 4, 4, 1))).astype(np.float32))
+    source = PoisonedSource(6, tiny_source())  # NaN images in the batch of update 6
     with pytest.raises(FloatingPointError, match="Non-finite loss at step 6"):
-        train.train_and_evaluate(tiny_config(log_every=3), tmp_path, source=source, mesh=mesh_of(1))
+        train_tiny(tiny_config(log_every=3), tmp_path, source=source, mesh=mesh_of(1))
     assert checkpoint.Checkpoints(tmp_path).steps() == [4]
 
 
@@ -301,7 +281,7 @@ def test_refuses_a_workdir_with_another_model(runs):
     config = tiny_config()
     config.model.num_classes = 3
     with pytest.raises(ValueError, match=r"different model config.*num_classes: saved None, now 3"):
-        train.train_and_evaluate(config, workdir, source=tiny_source(), mesh=mesh_of(1))
+        train_tiny(config, workdir, source=tiny_source(), mesh=mesh_of(1))
 
 
 @pytest.mark.parametrize(
@@ -323,8 +303,10 @@ def test_bad_config_fails_before_compiling(tmp_path, key, value, message):
     config = tiny_config()
     section, name = key.split(".")
     config[section][name] = value
+    # Without a model object the engine builds the one config.model names.
+    model = None if key == "model.name" else TinyVelocity()
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, tmp_path, source=tiny_source())
+        train.train_and_evaluate(config, tmp_path, model=model, source=tiny_source())
 
 
 _TWO_PROCESS_SCRIPT = textwrap.dedent(
@@ -337,8 +319,11 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-    import test_train as t
-    t.train.train_and_evaluate(t.tiny_config(), workdir, source=t.tiny_source())
+    import helpers
+    from fmjax import train
+    train.train_and_evaluate(
+        helpers.tiny_config(), workdir, model=helpers.TinyVelocity(), source=helpers.tiny_source()
+    )
     """
 )
 
@@ -347,13 +332,11 @@ def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
     import portpicker
 
     port = str(portpicker.pick_unused_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
-    root = pathlib.Path(__file__).resolve().parent.parent
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(i), port, str(tmp_path)],
-            cwd=root,
-            env=env,
+            cwd=ROOT,
+            env=one_device_env(),  # the script sets its own device count
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -362,14 +345,14 @@ def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
-    two_hosts = [m["loss"] for m in read_metrics(tmp_path)]
-    one_host = [m["loss"] for m in read_metrics(runs[4][0])]
+    two_hosts = [m["loss"] for m in metrics_lines(tmp_path)]
+    one_host = [m["loss"] for m in metrics_lines(runs[4][0])]
     np.testing.assert_allclose(two_hosts, one_host, rtol=1e-5)
 
 
 def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
     config = tiny_config(num_steps=6, sample_every=3, num_grid_samples=9, checkpoint_every=6)
-    train.train_and_evaluate(config, tmp_path, source=tiny_source(), mesh=mesh_of(1))
+    train_tiny(config, tmp_path, source=tiny_source(), mesh=mesh_of(1))
     grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert grids == ["step_00000003.png", "step_00000006.png"]
     from PIL import Image
@@ -387,18 +370,18 @@ def test_the_best_checkpoint_follows_the_best_logged_score(tmp_path):
         return {"score": scores[step]}
 
     hook = train.EvalHook(every=2, fn=score, keep_best="score")
-    train.train_and_evaluate(
+    train_tiny(
         tiny_config(num_steps=10), tmp_path, source=tiny_source(), mesh=mesh_of(1), hooks=[hook]
     )
     assert json.loads((tmp_path / "best.json").read_text()) == {
         "step": 8, "metric": "score", "mode": "min", "value": 2.0
     }  # fmt: skip
-    logged = [m["score"] for m in read_metrics(tmp_path) if "score" in m]
+    logged = [m["score"] for m in metrics_lines(tmp_path) if "score" in m]
     assert logged == [5.0, 3.0, 4.0, 2.0, 6.0]
-    best = checkpoint.load_run(tmp_path, best=True)
+    best = rundir.load_run(tmp_path, best=True, model=TinyVelocity())
     assert best.step == 8
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.ema_params), ema_at[8])
-    assert checkpoint.load_run(tmp_path).step == 10
+    assert rundir.load_run(tmp_path, model=TinyVelocity()).step == 10
 
 
 def test_eval_hook_validates():
@@ -416,10 +399,8 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_
     for blob in (workdir / "checkpoints" / "12").rglob("*"):
         if blob.is_file() and blob.parent.name == "d":  # the array data files
             blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
-    config = checkpoint.load_config(workdir)
-    abstract = train.abstract_state(
-        config, train.build_model(config.model), NamedSharding(mesh_of(1), P())
-    )
+    config = rundir.load_config(workdir)
+    abstract = abstract_state(config, TinyVelocity(), NamedSharding(mesh_of(1), P()))
     checkpoints = checkpoint.Checkpoints(workdir, async_save=False)
     with caplog.at_level("WARNING", logger="fmjax.checkpoint"):
         restored, step = checkpoints.restore_latest(abstract)
@@ -430,16 +411,16 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_
 
 def test_cpu_train_steps_take_fmjax_options_only_for_small_images(monkeypatch):
     # Measured: the matrix-product-only fusions speed up the digits U-Net's step and slow
-    # down the CIFAR-10 U-Net's (fmjax.train.make_train_step). Only the jit call is checked.
+    # down the CIFAR-10 U-Net's (fmjax.step.make_train_step). Only the jit call is checked.
     config = tiny_config()
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    model = TinyVelocity()
+    tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
     seen = []  # jax.jit is patched last, and only for make_train_step's calls below
-    monkeypatch.setattr(train.jax, "jit", lambda fn, **kwargs: seen.append(kwargs) or fn)
-    monkeypatch.setattr(train, "compiler_options", lambda platform: {"option": platform})
+    monkeypatch.setattr("fmjax.step.jax.jit", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    monkeypatch.setattr("fmjax.step.compiler_options", lambda platform: {"option": platform})
     for shape in [(8, 8, 1), (31, 33, 3), (32, 32, 3), (64, 64, 3)]:
         config.data.image_shape = shape
-        train.make_train_step(config, model, tx, schedule, mesh_of(1))
+        make_train_step(config, model, tx, schedule, mesh_of(1))
     assert [kwargs["compiler_options"] for kwargs in seen] == [
         {"option": "cpu"},
         {"option": "cpu"},

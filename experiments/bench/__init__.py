@@ -1,4 +1,4 @@
-"""Benchmark areas for `python -m experiments.benchmark`; shared timing helpers."""
+"""Benchmark areas for `python -m experiments.bench`; shared timing helpers."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train step vs PyTorch.
 
-    python -m experiments.benchmark --only conv [--quick]
+    python -m experiments.bench --only conv [--quick]
     python -m experiments.bench.conv [--quick] [--steps-only] [--shape SIZE,C_IN,C_OUT ...]
         [--preset NAME] [--batch N] [--repeats N]
 
@@ -22,7 +22,7 @@ r"""Convolution benchmarks on the CPU gap: 3x3 conv passes, and the U-Net train 
      oneDNN), when PyTorch is importable (the ``bench`` extra).
 
 2. A U-Net train step (by default ``unet_digits`` at batch 64 on 8x8x1 images; ``--preset``
-   picks a CIFAR-10 one, on 32x32x3): ours (:func:`fmjax.train.make_train_step`: CondOT
+   picks a CIFAR-10 one, on 32x32x3): ours (:func:`fmjax.step.make_train_step`: CondOT
    loss, AdamW, EMA, grad norm) against a port of the same U-Net to PyTorch (same
    architecture and parameter count, checked) with the same loss, dropout,
    ``torch.optim.AdamW`` and an EMA, one Python step per iteration.

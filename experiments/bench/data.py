@@ -3,7 +3,7 @@
 Both run on this host: the source reads tfds mock CIFAR-10 (examples generated from the
 dataset's metadata, offline), one batch at a time (`Source.batch`, what the engine's
 prefetch thread calls) and through `prefetch_batches` (grain threads); the train step is
-`fmjax.train.make_train_step` on every local device, for the tiny U-Net (quick) or torchcfm's
+`fmjax.step.make_train_step` on every local device, for the tiny U-Net (quick) or torchcfm's
 CIFAR-10 U-Net (full), in bfloat16 on accelerators. `data / step` is the goal column (>= 5).
 
 Mock examples are generated, not decoded, so a last row times what real files add: decoding
@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from experiments.bench import median_seconds
-from fmjax import configs, data, train
+from fmjax import configs, data
+from fmjax.mesh import make_mesh
+from fmjax.step import init_state, make_train_step
 
 GOAL = 5.0
 
@@ -38,12 +40,12 @@ def train_step_images_per_second(model_name: str, batch_size: int, repeats: int)
         config.model.dtype = "bfloat16"
     config.train.batch_size = batch_size
     config.data.image_shape = (32, 32, 3)
-    mesh = train.make_mesh(jax.local_devices())
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
+    mesh = make_mesh(jax.local_devices())
+    model = configs.build_model(config.model)
+    tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.jit(lambda: train.init_state(config, model, tx), out_shardings=sharding)()
-    step = train.make_train_step(config, model, tx, schedule, mesh)
+    state = jax.jit(lambda: init_state(config, model, tx), out_shardings=sharding)()
+    step = make_train_step(config, model, tx, schedule, mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     rng = np.random.default_rng(0)
     batch = {

@@ -135,10 +135,10 @@ if wants variants; then
 fi
 if wants sampling; then
   echo "== sampling"
-  "$python" -m experiments.benchmark --only sampling "${quick[@]}" --json "$results/sampling.json"
+  "$python" -m experiments.bench --only sampling "${quick[@]}" --json "$results/sampling.json"
 fi
 if wants ot; then
   echo "== exact OT"
-  "$python" -m experiments.benchmark --only ot "${quick[@]}" --json "$results/ot.json"
+  "$python" -m experiments.bench --only ot "${quick[@]}" --json "$results/ot.json"
 fi
 echo "== done: $results"

@@ -1,6 +1,6 @@
 """Where a train step's device time goes on a GPU, by kernel; and the U-Net's sampling cost.
 
-    python -m experiments.benchmark --only kernels [--quick]
+    python -m experiments.bench --only kernels [--quick]
     python -m experiments.bench.kernels [--preset NAME] [--batch N] [--dtype D] [--steps N]
         [--image-shape H,W,C] [--sample-batch N] [--sample-steps N] [--top N] [--save DIR]
         [--json PATH]
@@ -55,7 +55,7 @@ from experiments.bench.train import (
     pipelined_step_seconds,
     preset_shape,
 )
-from fmjax import sampling, train
+from fmjax import configs, sampling
 
 KERNEL_KINDS = (
     "attention",
@@ -239,7 +239,7 @@ def sampling_row(preset: str, image_shape, batch: int, dtype: str, steps: int) -
     if batch < 1 or steps < 1:
         raise ValueError(f"sample batch and steps must be positive; got {batch} and {steps}.")
     config_model = {"name": preset, "dtype": dtype}
-    model = train.build_model(config_model)
+    model = configs.build_model(config_model)
     x0 = jax.random.normal(jax.random.key(0), (batch, *image_shape))
     params = perturbed(jax.jit(model.init)(jax.random.key(1), x0[:1], jnp.zeros(1)))
 

@@ -1,6 +1,6 @@
 """The U-Net's memory-bound layers alone, each way fmjax can compute them, on one device.
 
-    python -m experiments.benchmark --only layers [--quick]
+    python -m experiments.bench --only layers [--quick]
     python -m experiments.bench.layers [--preset NAME] [--batch N] [--dtype D]
         [--image-shape H,W,C] [--repeats N] [--json PATH]
 
@@ -35,7 +35,8 @@ import numpy as np
 from experiments.bench import interleaved_seconds, print_header, print_report
 from experiments.bench.train import _NATIVE_SHAPES, default_dtype, perturbed, preset_shape
 from fmjax import models
-from fmjax.models import unet
+from fmjax.models.attention import Attention
+from fmjax.models.group_norm import group_norm
 
 RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 """How far a form's output may be from the first form's (max abs difference over max abs
@@ -52,7 +53,7 @@ class _GroupNormSiLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        norm = unet._group_norm(x, self.num_groups, self.dtype, "norm", self.implementation)
+        norm = group_norm(x, self.num_groups, self.dtype, "norm", self.implementation)
         return nn.silu(norm)
 
 
@@ -154,7 +155,7 @@ def layer_rows(preset: str, image_shape, batch: int, dtype: str, repeats: int) -
     for shape, heads in shapes["attention"]:
         x = jax.random.normal(jax.random.key(3), shape, compute)
         forms = {
-            implementation: unet._Attention(heads, groups, compute, implementation)
+            implementation: Attention(heads, groups, compute, implementation)
             for implementation in models.ATTENTION_IMPLEMENTATIONS
         }
         extra = {"heads": heads}

@@ -2,7 +2,7 @@ r"""Side by side with torchcfm: the same 2-D OT-CFM recipe trained by each, time
 
     python -m experiments.bench.peers [--steps N] [--seeds K] [--quick] [--skip-torch]
                                       [--couple-ahead N]
-    python -m experiments.benchmark --only peers [--quick]
+    python -m experiments.bench --only peers [--quick]
 
 The task: noise :math:`x_0 \sim \mathcal N(0, I)` to the 8-Gaussians mixture of
 :func:`fmjax.toy2d.eight_gaussians` (torchcfm's own ``sample_8gaussians``: radius 5, variance

@@ -1,6 +1,6 @@
 """Where a train step's time goes on CPU: its wall time split by kind of XLA operation.
 
-    python -m experiments.benchmark --only profile [--quick]
+    python -m experiments.bench --only profile [--quick]
     python -m experiments.bench.profile [--preset NAME] [--batch N] [--steps N] [--top N]
         [--torch] [--json PATH]
 

@@ -1,11 +1,11 @@
 """Training-step benchmarks: throughput, compile time, FLOPs, fraction of a matmul peak, memory.
 
-    python -m experiments.benchmark --only train [--quick]
+    python -m experiments.bench --only train [--quick]
     python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
         [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
         [--xla-option NAME=VALUE ... | --model-option 'NAME=VALUE [NAME=VALUE ...]' ...]
 
-For each preset, the engine's own jitted step (`fmjax.train.make_train_step`) over every
+For each preset, the engine's own jitted step (`fmjax.step.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
 parameters and optimiser state stay float32): compile time, the step's time as training runs
 it (steps dispatched back to back, `pipelined_step_seconds`) and each step timed alone,
@@ -46,6 +46,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,9 @@ from experiments.bench import (
     print_header,
     print_report,
 )
-from fmjax import configs, train
+from fmjax import configs
+from fmjax.mesh import make_mesh
+from fmjax.step import init_state, make_train_step
 
 META_RECIPE_STEPS = 175_000
 """Training steps of Meta's CIFAR-10 flow-matching example."""
@@ -143,8 +146,8 @@ def step_flops(step, compiled, *args) -> tuple[float | None, str]:
 
     - XLA counts a while loop's body once, whatever its trip count, and on CPU the U-Nets loop
       over chunks of images (the kernel gradient, attention, dropout: :mod:`fmjax.models.conv`,
-      :mod:`fmjax.models.unet`), so there the compiled count misses most of the kernel
-      gradient (416 instead of 563 GFLOP for the torchcfm CIFAR-10 step at batch 16); the
+      :mod:`fmjax.models.attention`, :mod:`fmjax.models.dropout`), so there the compiled
+      count misses most of the kernel gradient (416 instead of 563 GFLOP for the torchcfm CIFAR-10 step at batch 16); the
       CUDA lowering takes the ``platform_dependent`` branches without loops.
     - XLA:GPU rewrites convolutions into cuDNN custom calls, which its cost analysis does not
       count: on an H200 the compiled Meta CIFAR-10 step at batch 128 counted 710 GFLOP, against
@@ -181,20 +184,23 @@ def build_step(
     per_device_batch: int,
     dtype: str | None = None,
     devices=None,
+    *,
+    module: nn.Module | None = None,
 ):
     """The engine's jitted train step of ``preset`` over ``devices`` (default: all), a fresh
     state and a fixed batch of ``per_device_batch`` images per device (random, in [-1, 1]):
-    ``(step, state, batch, config)``. ``step`` donates its state."""
-    mesh = train.make_mesh(devices)
+    ``(step, state, batch, config)``. ``step`` donates its state.
+
+    With ``module``, a Flax module that no preset names, the step trains it and ``preset``
+    only labels it (``config.model.name``)."""
+    mesh = make_mesh(devices)
     config = configs.base_config()
     config.model.name = preset
     config.model.dtype = dtype or default_dtype()
     config.data.image_shape = image_shape
     config.train.batch_size = per_device_batch * mesh.size
-    step, model, tx = engine_step(config, mesh)
-    state = jax.jit(
-        lambda: train.init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
-    )()
+    step, model, tx = engine_step(config, mesh, module)
+    state = jax.jit(lambda: init_state(config, model, tx), out_shardings=NamedSharding(mesh, P()))()
     batch = {
         "image": seed_images(image_shape, config.train.batch_size),
         "label": np.zeros(config.train.batch_size, np.int32),
@@ -203,12 +209,13 @@ def build_step(
     return step, state, batch, config
 
 
-def engine_step(config, mesh):
+def engine_step(config, mesh, module: nn.Module | None = None):
     """``(step, model, tx)``: the engine's jitted train step of ``config`` over ``mesh``, with
-    the model and optimizer it was built from."""
-    model = train.build_model(config.model)
-    tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
-    return train.make_train_step(config, model, tx, schedule, mesh), model, tx
+    the model (``module``, or else the preset ``config.model`` names) and optimizer it was
+    built from."""
+    model = configs.build_model(config.model) if module is None else module
+    tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
+    return make_train_step(config, model, tx, schedule, mesh), model, tx
 
 
 def seed_images(image_shape, batch: int) -> np.ndarray:
@@ -491,7 +498,14 @@ compute dtype: a variant computes the same function, summed in another order."""
 
 
 def compare_model_options(
-    step, state, batch, config, variants: list[dict[str, object]], repeats: int
+    step,
+    state,
+    batch,
+    config,
+    variants: list[dict[str, object]],
+    repeats: int,
+    *,
+    module: nn.Module | None = None,
 ) -> dict[str, ModelTiming]:
     """``{label: ModelTiming}`` of the engine's train step with the model of ``config`` (label
     ``"default"``), that step compiled again (the control, :data:`CONTROL`) and once per
@@ -506,6 +520,9 @@ def compare_model_options(
     run in turn from ``state``, ``repeats`` times each, every timed step right after an
     untimed one of its own.
 
+    ``module`` is the model the step trains when no preset names it (see :func:`build_step`);
+    its variants are its clones with the fields set.
+
     Raises:
         ValueError: for a field the model does not have, or a value it refuses (the model's
             own message), or a variant whose step computes another loss or gradient.
@@ -516,9 +533,12 @@ def compare_model_options(
     for fields in variants:
         label = " ".join(f"{name}={value}" for name, value in fields.items())
         variant = config.copy_and_resolve_references()
-        variant.model.update(fields)
         try:
-            variant_step, _, _ = engine_step(variant, mesh)
+            if module is None:
+                variant.model.update(fields)
+                variant_step, _, _ = engine_step(variant, mesh)
+            else:
+                variant_step, _, _ = engine_step(variant, mesh, module.clone(**fields))
         except TypeError as err:  # the preset has no such field
             raise ValueError(
                 f"the model option {label!r} is not a field of the model: {err}"
@@ -542,15 +562,19 @@ def option_rows(
     dtype: str | None = None,
     *,
     model: bool = False,
+    module: nn.Module | None = None,
 ) -> list[dict]:
     """:func:`compare_compiler_options` of ``options``, ``(name, value)`` pairs (or with
     ``model``, :func:`compare_model_options` of ``options``, ``{field: value}`` variants) on
     ``preset``'s train step: one row for the default, one for the control and one per option,
     with the variant's checked values, the best and median step times and the median's ratio
-    to the default's."""
-    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
+    to the default's. ``module``: a model that no preset names, labelled ``preset`` (see
+    :func:`build_step`)."""
+    step, state, batch, config = build_step(
+        preset, image_shape, per_device_batch, dtype, module=module
+    )
     if model:
-        results = compare_model_options(step, state, batch, config, options, repeats)
+        results = compare_model_options(step, state, batch, config, options, repeats, module=module)
     else:
         results = compare_compiler_options(step, state, batch, options, repeats)
     benchmark = f"train step, {'model' if model else 'XLA'} option"

@@ -1,10 +1,12 @@
 """Benchmarks, one module per area under `experiments/bench/`: prints Markdown, writes JSON.
 
-    python -m experiments.benchmark [--only AREA] [--quick] [--json PATH]
+    python -m experiments.bench [--only AREA] [--quick] [--json PATH]
 
 Each area is a public module of `experiments.bench` (found by name, so a new area needs no
 change here) with `run(quick: bool) -> list[dict]`; a row is one measurement (its keys
 become table columns). Timings are medians over repeats after a warm-up (compile) call.
+The fault-injection suite (`python -m experiments.bench.faults`) is a command of its own,
+not an area.
 """
 
 import argparse
@@ -20,11 +22,13 @@ import jax
 import experiments.bench
 from experiments.bench import machine, markdown_table, write_json
 
+NOT_AREAS = {"faults"}  # modules of the package with a command of their own
+
 AREAS = tuple(
     sorted(
         info.name
         for info in pkgutil.iter_modules(experiments.bench.__path__)
-        if not info.name.startswith("_")
+        if not info.name.startswith("_") and info.name not in NOT_AREAS
     )
 )
 

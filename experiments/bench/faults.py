@@ -1,11 +1,12 @@
 """Fault injection for the training engine: kills, a corrupted checkpoint, SIGTERM, a NaN batch,
 a full disk, and determinism, each checked end to end against an uninterrupted run.
 
-    python -m experiments.faults [--workdir=/tmp/fmjax-faults] [--kills=5] [--seed=0]
-                                 [--model=mlp|unet_tiny] [--steps=60] [--devices=2]
+    python -m experiments.bench.faults [--workdir=/tmp/fmjax-faults] [--kills=5] [--seed=0]
+                                       [--model=mlp|unet_tiny] [--steps=60] [--devices=2]
 
-Every training run is a subprocess (``python -m experiments.faults --child ...``: the digits,
-a tiny model, ``--devices`` simulated CPU devices), so that it can be SIGKILLed at any moment.
+Every training run is a subprocess (``python -m experiments.bench.faults --child ...``: the
+digits, a tiny model, ``--devices`` simulated CPU devices), so that it can be SIGKILLed at any
+moment.
 Prints one row per injection (what was done, what was expected, what happened, pass/fail,
 seconds) and exits with status 1 if any row fails. ``tests/test_faults.py`` runs a reduced
 form of it in CI.
@@ -33,6 +34,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import pathlib
 import random
@@ -49,19 +51,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fmjax import checkpoint, configs, data, models, train
+from experiments import common
+from fmjax import checkpoint, configs, data, rundir, train
+from fmjax.step import abstract_state
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMING = ("steps_per_sec", "images_per_sec")  # the metrics that differ between identical runs
 _WAIT = 600.0  # seconds: generous bounds for a process to start, stop or finish
 
 
 class FaultsMLP(nn.Module):
     """A two-layer MLP velocity on flattened images: compiles in a second, so a dozen restarts
-    stay cheap (``--model=unet_tiny`` runs the suite on a real U-Net instead)."""
-
-    num_classes: int | None = None
-    dtype: jnp.dtype = jnp.float32
+    stay cheap (``--model=unet_tiny`` runs the suite on a real U-Net instead). No preset names
+    it: the suite passes it to the engine as an object (:func:`model_of`)."""
 
     @nn.compact
     def __call__(self, x, t, y=None, *, train=False):
@@ -71,8 +73,9 @@ class FaultsMLP(nn.Module):
         return nn.Dense(x[0].size)(h).reshape(x.shape)
 
 
-models.PRESETS.setdefault("faults_mlp", FaultsMLP)
 MODELS = {"mlp": "faults_mlp", "unet_tiny": "unet_tiny"}
+"""``--model`` -> ``config.model.name``: a label for the MLP (no preset names it: the engine
+gets it as an object, see :func:`model_of`), the preset's name for the U-Net."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +128,17 @@ def child_config(model: str, steps: int, checkpoint_every: int, keep: int):
     return c
 
 
+def model_of(config) -> nn.Module:
+    """The network a run of the suite trains: :class:`FaultsMLP` for ``--model=mlp``, else the
+    preset that ``config.model`` names."""
+    if config.model.name == MODELS["mlp"]:
+        return FaultsMLP()
+    return configs.build_model(config.model)
+
+
 class PoisonedSource(data.ArraySource):
-    """The digits, with NaN images in the batch of one update (``poison_step``, 1-based)."""
+    """An in-memory source (the suite's: the digits), with NaN images in the batch of one
+    update (``poison_step``, 1-based)."""
 
     def __init__(self, poison_step: int, source: data.ArraySource):
         super().__init__(source.images, source.labels, seed=source.seed)
@@ -167,10 +179,6 @@ def fill_disk(workdir: pathlib.Path, step: int, checkpoint_every: int) -> dict:
 def child_main(args) -> None:
     """One training run (the ``--child`` mode): prints ``SAVE-STARTED <step>`` after each
     asynchronous save starts, when asked, so that the parent can kill it mid-save."""
-    import logging
-
-    from experiments import common
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     common.setup()
     workdir = pathlib.Path(args.workdir)
@@ -191,7 +199,9 @@ def child_main(args) -> None:
 
         checkpoint.Checkpoints.save = announced
     try:
-        state = train.train_and_evaluate(config, workdir, source=source, hooks=hooks)
+        state = train.train_and_evaluate(
+            config, workdir, model=model_of(config), source=source, hooks=hooks
+        )
     except Exception as error:  # the one line the parent reads, before the traceback
         print(f"FAILED {type(error).__name__}: {error}", flush=True)
         raise
@@ -216,7 +226,7 @@ class Child:
 
     def __init__(self, setup: Setup, workdir: pathlib.Path, log: pathlib.Path, **options):
         command = [
-            sys.executable, "-m", "experiments.faults", "--child",
+            sys.executable, "-m", "experiments.bench.faults", "--child",
             f"--workdir={workdir}", f"--model={setup.model}", f"--steps={setup.steps}",
             f"--checkpoint_every={setup.checkpoint_every}",
         ]  # fmt: skip
@@ -263,7 +273,7 @@ def logged_steps(workdir: pathlib.Path) -> list[int]:
     return steps
 
 
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
+def metrics_without_timing(workdir: pathlib.Path) -> list[dict]:
     """``metrics.jsonl`` without the timing fields."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
@@ -287,10 +297,9 @@ def leftovers(workdir: pathlib.Path) -> list[str]:
 
 def load_state(workdir: pathlib.Path, step: int | None = None):
     """A run's checkpoint at ``step`` (default: the newest readable) on the host, and its step."""
-    config = checkpoint.load_config(workdir)
-    model = train.build_model(config.model)
+    config = rundir.load_config(workdir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = train.abstract_state(config, model, sharding=device)
+    abstract = abstract_state(config, model_of(config), sharding=device)
     checkpoints = checkpoint.Checkpoints(workdir, async_save=False)
     try:
         if step is None:
@@ -337,7 +346,7 @@ def determinism(setup: Setup, ref: pathlib.Path) -> list[Row]:
     """The same config and seed again: identical metrics (timing aside) and state."""
     start = time.perf_counter()
     again, _ = reference(setup, "reference_again")
-    same_metrics = read_metrics(again) == read_metrics(ref)
+    same_metrics = metrics_without_timing(again) == metrics_without_timing(ref)
     same_state = identical(load_state(again)[0], load_state(ref)[0])
     return [
         Row(
@@ -438,14 +447,15 @@ def kills(setup: Setup, ref: pathlib.Path, count: int, rng: random.Random) -> li
         unchecked.append(row)
     final, _ = load_state(workdir)
     same_state = identical(final, load_state(ref)[0])
-    same_metrics = read_metrics(workdir) == read_metrics(ref)
+    metrics = metrics_without_timing(workdir)
+    same_metrics = metrics == metrics_without_timing(ref)
     killed = sum(row.injection.startswith("SIGKILL") for row in rows)
     rows.append(
         Row(
             f"after {killed} SIGKILLs and restarts",
             "params, EMA, opt state and metrics.jsonl equal the uninterrupted run's",
             f"state {'bit-identical' if same_state else 'DIFFERS'}, metrics "
-            f"{'identical' if same_metrics else 'DIFFER'} ({len(read_metrics(workdir))} lines)",
+            f"{'identical' if same_metrics else 'DIFFER'} ({len(metrics)} lines)",
             same_state and same_metrics,
         )
     )
