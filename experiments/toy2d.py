@@ -30,8 +30,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from matplotlib.figure import Figure
 
 from experiments import common
-from fmjax import cfm_loss, exact_ot, independent, log_likelihood, sample
+from fmjax import cfm_loss, exact_ot, log_likelihood, sample
+from fmjax.couplings import COUPLINGS as ALL_COUPLINGS
 from fmjax.couplings import Coupling
+from fmjax.keys import Stream, stream_key
 from fmjax.rundir import prepare_workdir
 from fmjax.toy2d import TOY_2D, Toy2D
 
@@ -48,8 +50,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
 
 
-COUPLINGS: dict[str, Coupling] = {"independent": independent, "exact_ot": exact_ot}
-"""The couplings compared, by the name used in ``metrics.json`` and the figure."""
+COUPLINGS: dict[str, Coupling] = {
+    name: ALL_COUPLINGS[name]() for name in ("independent", "exact_ot")
+}
+"""The couplings compared (built from :data:`fmjax.couplings.COUPLINGS`), by the name used in
+``metrics.json`` and the figure."""
 
 _TITLES = {"independent": "independent (I-CFM)", "exact_ot": "exact OT (OT-CFM)"}
 
@@ -306,7 +311,7 @@ def run(workdir: str, dataset: str, settings: Settings, seed: int = 0) -> dict[s
     grid = jnp.asarray(grid_points(extent, settings.grid_size))
     # Fresh true samples for the sample distance, and a second set for its finite-sample
     # floor (two draws of the true distribution are not at distance 0).
-    fresh_key, floor_key = jax.random.split(jax.random.fold_in(key, 100))
+    fresh_key, floor_key = jax.random.split(stream_key(seed, Stream.TOY2D_REFERENCE))
     w2_points = min(W2_POINTS, settings.num_samples)
     fresh = toy.sample(fresh_key, w2_points)
 

@@ -38,6 +38,8 @@ class Stream(enum.IntEnum):
     """The digits job's dequantisation and Hutchinson draws for bits/dim."""
     FID = 11
     """The in-training FID samples."""
+    TOY2D_REFERENCE = 100
+    """The 2-D toy job's fresh true samples for its sample distance and their floor."""
 
 
 def stream_key(seed: int, stream: Stream) -> PRNGKeyArray:

@@ -69,7 +69,7 @@ def ema_decay(num_updates: Int[Array, ""], decay: float, warmup: bool) -> Float[
     :math:`\min(\text{decay}, (1 + n) / (10 + n))`.
 
     Example:
-        >>> from fmjax.train import ema_decay
+        >>> from fmjax.step import ema_decay
         >>> float(ema_decay(1, 0.999, warmup=True))  # 2 / 11
         0.181818...
     """
