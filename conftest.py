@@ -52,6 +52,7 @@ CORE_MODULES = {
     "likelihood",
     "keys",
     "mesh",
+    "meanflow",
 }
 CORE_TESTS = {f"test_{name}" for name in CORE_MODULES} | {"test_readme"}
 

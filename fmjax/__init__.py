@@ -1,7 +1,7 @@
 """fmjax: flow matching for image generation in JAX.
 
 The core re-exported here (paths, couplings, time samplers, the loss, sampling, likelihoods,
-per-example keys, the device mesh) needs only jax, optax, diffrax, numpy and jaxtyping. The
+per-example keys, the device mesh; mean flows as ``fmjax.meanflow``) needs only jax, optax, diffrax, numpy and jaxtyping. The
 layers above it are imported on their own, as they need the ``train`` extra, each importing
 only from the layers below it: ``fmjax.models`` (Flax networks); ``fmjax.data``,
 ``fmjax.images``, ``fmjax.toy2d``; ``fmjax.metrics``; ``fmjax.checkpoint``; and the engine:
@@ -11,7 +11,7 @@ only from the layers below it: ``fmjax.models`` (Flax networks); ``fmjax.data``,
 Convention: noise x0 ~ N(0, I) at t = 0, data x1 at t = 1.
 """
 
-from fmjax import couplings, keys, likelihood, loss, mesh, paths, sampling, timesteps
+from fmjax import couplings, keys, likelihood, loss, meanflow, mesh, paths, sampling, timesteps
 from fmjax.couplings import COUPLINGS, Coupled, exact_ot, independent, sinkhorn_ot
 from fmjax.keys import Stream, example_keys
 from fmjax.likelihood import (
@@ -91,6 +91,7 @@ __all__ = [
     "logit_normal",
     "loss",
     "make_mesh",
+    "meanflow",
     "mesh",
     "paths",
     "sample",

@@ -1,0 +1,150 @@
+"""fmjax.meanflow: the exact average velocity of a Gaussian flow, its loss and its sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.meanflow import (
+    logit_normal_intervals,
+    meanflow_loss,
+    sample,
+    uniform_intervals,
+)
+
+MU = jnp.array([[2.0, -1.0]])  # [1, 2]: broadcasts over the batch
+S = 0.5  # data ~ N(MU, S^2 I); noise N(0, I); CondOT path x_t = t x1 + (1 - t) x0
+
+
+def _sigma(t):
+    return jnp.sqrt(t**2 * S**2 + (1 - t) ** 2)
+
+
+def exact_u(x, t, t_end):
+    """The exact average velocity of the marginal flow of the Gaussian above.
+
+    The flow map is affine, x -> m_e + (sigma_e / sigma_t)(x - m_t) with m_t = t MU, so the
+    average velocity is MU + (sigma_e - sigma_t) / ((t_end - t) sigma_t) (x - t MU); the
+    divided difference is written without the division by t_end - t, so t_end = t gives the
+    instantaneous velocity.
+    """
+    t, t_end = t[:, None], t_end[:, None]
+    divided = (S**2 * (t_end + t) - (2 - t_end - t)) / (_sigma(t_end) + _sigma(t))
+    return MU + divided / _sigma(t) * (x - t * MU)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_sample_with_the_exact_average_velocity_lands_on_the_flow(x64, steps):
+    x0 = jax.random.normal(jax.random.key(0), (64, 2), jnp.float64)
+    result = sample(exact_u, x0, steps=steps)
+    np.testing.assert_allclose(result.x, MU + S * x0, rtol=1e-12, atol=1e-12)
+    assert int(result.nfe) == steps and bool(result.success)
+
+
+def test_the_exact_field_satisfies_the_mean_flow_identity(x64):
+    x = jax.random.normal(jax.random.key(1), (16, 2), jnp.float64)
+    t = jnp.linspace(0.1, 0.6, 16)
+    t_end = t + 0.3
+    v = exact_u(x, t, t)
+    u, du = jax.jvp(exact_u, (x, t, t_end), (v, jnp.ones_like(t), jnp.zeros_like(t)))
+    np.testing.assert_allclose(u, v + (t_end - t)[:, None] * du, rtol=1e-10, atol=1e-12)
+
+
+def _grad(offset, key, adaptive_power=0.0):
+    def apply_fn(theta, x_t, t, t_end):
+        return exact_u(x_t, t, t_end) + theta[None]
+
+    x1 = MU + S * jax.random.normal(jax.random.fold_in(key, 1), (40_000, 2), jnp.float64)
+    loss = lambda theta: meanflow_loss(  # noqa: E731
+        apply_fn,
+        theta,
+        key,
+        x1,
+        interval_sampler=uniform_intervals(equal_fraction=0.25),
+        adaptive_power=adaptive_power,
+    )[0]
+    return jax.grad(loss)(jnp.full((2,), offset, jnp.float64))
+
+
+def test_the_loss_gradient_vanishes_at_the_exact_solution_only(x64):
+    key = jax.random.key(2)
+    at_solution = _grad(0.0, key)
+    perturbed = _grad(0.5, key)
+    # The regression target is unbiased at the solution: its gradient is sampling noise.
+    assert float(jnp.max(jnp.abs(at_solution))) < 0.03
+    # d/dtheta of the mean over the 2 coordinates of Delta^2 is E[Delta] = theta, plus noise.
+    np.testing.assert_allclose(perturbed, [0.5, 0.5], atol=0.03)
+
+
+def test_adaptive_weight_is_a_stopped_inverse_power(x64):
+    def apply_fn(theta, x_t, t, t_end):
+        return exact_u(x_t, t, t_end) + theta[None]
+
+    x1 = MU + S * jax.random.normal(jax.random.key(3), (256, 2), jnp.float64)
+    theta = jnp.full((2,), 0.3, jnp.float64)
+    loss, aux = meanflow_loss(apply_fn, theta, jax.random.key(4), x1, adaptive_power=0.75)
+    np.testing.assert_allclose(aux.weight, (aux.per_example + 1e-3) ** -0.75, rtol=1e-12)
+    np.testing.assert_allclose(loss, np.mean(aux.weight * aux.per_example), rtol=1e-12)
+    plain, aux0 = meanflow_loss(apply_fn, theta, jax.random.key(4), x1, adaptive_power=0)
+    np.testing.assert_array_equal(aux0.weight, 1.0)
+    np.testing.assert_allclose(plain, np.mean(aux0.per_example), rtol=1e-12)
+
+
+def test_loss_draws_per_example_so_splitting_the_batch_changes_nothing():
+    def apply_fn(w, x_t, t, t_end):
+        return w * x_t + (t_end - t)[:, None]
+
+    x1 = jax.random.normal(jax.random.key(5), (8, 3))
+    keys = jax.random.split(jax.random.key(6), 8)
+    whole = meanflow_loss(apply_fn, 0.3, keys, x1)[1].per_example
+    halves = [meanflow_loss(apply_fn, 0.3, keys[i : i + 4], x1[i : i + 4])[1] for i in (0, 4)]
+    np.testing.assert_allclose(whole, np.concatenate([h.per_example for h in halves]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [uniform_intervals(equal_fraction=0.3), logit_normal_intervals(2.0, 2.0, equal_fraction=0.3)],
+)
+def test_interval_samplers_order_the_times_and_keep_the_equal_fraction(sampler):
+    times = sampler(jax.random.key(7), (20_000,))
+    t, t_end = times[:, 0], times[:, 1]
+    assert bool(jnp.all((0 <= t) & (t <= t_end) & (t_end <= 1)))
+    assert abs(float(jnp.mean(t == t_end)) - 0.3) < 0.02
+
+
+def test_the_papers_cifar10_recipe_leans_to_the_data_end():
+    # py-meanflow's CIFAR-10: logit-normal mean -2 with noise at 1, i.e. +2 here.
+    times = logit_normal_intervals(2.0, 2.0, equal_fraction=0.0)(jax.random.key(8), (20_000,))
+    assert float(jnp.median(times[:, 1])) > 0.9
+
+
+def test_bad_input_messages():
+    def apply_fn(w, x_t, t, t_end):
+        return x_t
+
+    x1 = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"adaptive_power=-1.*>= 0"):
+        meanflow_loss(apply_fn, None, jax.random.key(0), x1, adaptive_power=-1)
+    with pytest.raises(ValueError, match=r"adaptive_eps=0.*> 0"):
+        meanflow_loss(apply_fn, None, jax.random.key(0), x1, adaptive_eps=0)
+    with pytest.raises(ValueError, match=r"shape=\(\) it returned shape \(\)"):
+        meanflow_loss(
+            apply_fn, None, jax.random.key(0), x1, interval_sampler=lambda k, s: jnp.zeros(s)
+        )
+    with pytest.raises(ValueError, match=r"shaped like x1 \(4, 2\); got \(4,\)"):
+        meanflow_loss(lambda w, x, t, e: t, None, jax.random.key(0), x1)
+    with pytest.raises(ValueError, match=r"equal_fraction=1\.5"):
+        uniform_intervals(equal_fraction=1.5)
+    with pytest.raises(ValueError, match=r"t_end < t.*\[0\.0, 0\.75, 0\.5, 1\.0\]"):
+        sample(lambda x, t, e: x, x1, time_grid=jnp.array([0.0, 0.75, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="steps=0"):
+        sample(lambda x, t, e: x, x1, steps=0)
+
+
+def test_sample_jits_and_takes_a_grid():
+    # The exact average velocity to a point mass at MU: (MU - x_t) / (1 - t), whatever t_end.
+    u = jax.jit(lambda x, t, e: (MU - x) / (1 - t[:, None]))
+    grid = jnp.array([0.0, 0.5, 1.0])
+    result = jax.jit(lambda x0: sample(u, x0, time_grid=grid))(jnp.zeros((3, 2)))
+    np.testing.assert_allclose(result.x, jnp.broadcast_to(MU, (3, 2)), rtol=1e-6)
+    assert int(result.nfe) == 2
