@@ -45,6 +45,15 @@ Sampling (one process; heun on the EDM grid, 50 steps: 100 NFE)::
     python -m experiments.cifar10 --workdir=runs/cifar10 --mode=sample --num_samples=64
     python -m experiments.cifar10 --workdir=runs/cifar10 --mode=sample --solver=dopri5 --rtol=1e-5 --atol=1e-5
     python -m experiments.cifar10 --workdir=runs/cifar10_cond --mode=sample --guidance_scale=2 --labels=3,5
+
+A network imported from a peer (docs/pretrained.md): ``--params=PARAMS.npz`` (from ``python -m
+experiments.convert``) or ``--torch_checkpoint=CKPT.pt`` (converted on the fly; needs PyTorch)
+replaces the run's checkpoint for ``--mode=sample|eval``; the config names the preset
+(``:torchcfm`` for torchcfm's checkpoints), and the outputs go to ``--workdir``::
+
+    python -m experiments.cifar10 --config=experiments/configs/cifar10.py:torchcfm \
+        --workdir=runs/otcfm --mode=eval --torch_checkpoint=otcfm_cifar10_weights_step_400000.pt \
+        --solver=dopri5 --rtol=1e-5 --atol=1e-5 --fid_stats=cifar10_train.npz --bpd_examples=0
 """
 
 import os
@@ -57,42 +66,122 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from fmjax import sampling, train
+from fmjax import models, sampling, train
+from fmjax.configs import build_model
 from fmjax.evaluate import EvalOptions, evaluate, fid_hook
 from fmjax.generate import SampleOutput, SamplingOptions, sample_run
+from fmjax.rundir import RunArtifacts
 
-__all__ = ["MODES", "run", "train_mode"]
+__all__ = ["MODES", "imported_network", "run", "train_mode"]
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "configs", "cifar10.py")
-config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do with the run.")
-flags.DEFINE_bool(
-    "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
-)
-flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
-flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
-flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
-flags.DEFINE_integer("num_samples", 64, "--mode=sample: how many samples.")
-flags.DEFINE_enum("solver", "heun", list(sampling.SOLVERS), "--mode=sample: the ODE solver.")
-flags.DEFINE_integer("steps", 50, "--mode=sample: steps of a fixed-step solver.")
-flags.DEFINE_enum(
-    "time_grid", "edm", ["edm", "uniform"], "--mode=sample: the grid of a fixed-step solver."
-)
-flags.DEFINE_float("rtol", 1e-5, "--mode=sample: relative tolerance of an adaptive solver.")
-flags.DEFINE_float("atol", 1e-5, "--mode=sample: absolute tolerance of an adaptive solver.")
-flags.DEFINE_list("labels", None, "--mode=sample, conditional runs: classes to cycle through.")
-flags.DEFINE_float("guidance_scale", 1.0, "--mode=sample: classifier-free guidance weight w.")
-flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed of the initial noise.")
-flags.DEFINE_integer("sample_batch_size", 500, "--mode=sample: samples per ODE solve.")
-flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
-flags.DEFINE_string(
-    "fid_stats", None, "--mode=eval: reference statistics (python -m experiments.fid stats)."
-)
-flags.DEFINE_string("inception", None, "--mode=eval: converted Inception weights (default: cache).")
-flags.DEFINE_integer("bpd_examples", 10_000, "--mode=eval: test images for bits/dim (0: none).")
-flags.DEFINE_integer("bpd_draws", 1, "--mode=eval: dequantisation draws K (the paper: 50).")
+
+
+def define_flags() -> None:
+    """The command-line flags; defined when run as a program (or by a test, once), so that
+    importing this module defines nothing and a config-file mistake is reported as one
+    ``error:`` line by :func:`experiments.common.run`."""
+    if "mode" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+    flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do with the run.")
+    flags.DEFINE_bool(
+        "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
+    )
+    flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
+    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    flags.DEFINE_integer("num_samples", 64, "--mode=sample: how many samples.")
+    flags.DEFINE_enum("solver", "heun", list(sampling.SOLVERS), "--mode=sample: the ODE solver.")
+    flags.DEFINE_integer("steps", 50, "--mode=sample: steps of a fixed-step solver.")
+    flags.DEFINE_enum(
+        "time_grid", "edm", ["edm", "uniform"], "--mode=sample: the grid of a fixed-step solver."
+    )
+    flags.DEFINE_float("rtol", 1e-5, "--mode=sample: relative tolerance of an adaptive solver.")
+    flags.DEFINE_float("atol", 1e-5, "--mode=sample: absolute tolerance of an adaptive solver.")
+    flags.DEFINE_list("labels", None, "--mode=sample, conditional runs: classes to cycle through.")
+    flags.DEFINE_float("guidance_scale", 1.0, "--mode=sample: classifier-free guidance weight w.")
+    flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed of the initial noise.")
+    flags.DEFINE_integer("sample_batch_size", 500, "--mode=sample: samples per ODE solve.")
+    flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
+    flags.DEFINE_string(
+        "fid_stats", None, "--mode=eval: reference statistics (python -m experiments.fid stats)."
+    )
+    flags.DEFINE_string(
+        "inception", None, "--mode=eval: converted Inception weights (default: cache)."
+    )
+    flags.DEFINE_integer("bpd_examples", 10_000, "--mode=eval: test images for bits/dim (0: none).")
+    flags.DEFINE_integer("bpd_draws", 1, "--mode=eval: dequantisation draws K (the paper: 50).")
+    flags.DEFINE_string(
+        "params",
+        None,
+        "--mode=sample|eval: an imported network's .npz (python -m experiments.convert).",
+    )
+    flags.DEFINE_string(
+        "torch_checkpoint",
+        None,
+        "--mode=sample|eval: a peer's PyTorch checkpoint, converted on the fly.",
+    )
+    flags.DEFINE_enum(
+        "torch_source",
+        None,
+        list(models.TORCH_SOURCES),
+        "--torch_checkpoint: its layout (default: meta for the Meta preset, else torchcfm).",
+    )
+    flags.DEFINE_enum(
+        "torch_weights", "ema", list(models.TORCH_WEIGHTS), "--torch_checkpoint: which weights."
+    )
+    flags.mark_flag_as_required("workdir")
+
+
 FLAGS = flags.FLAGS
+
+
+def imported_network(
+    config: ml_collections.ConfigDict,
+    *,
+    params: str | os.PathLike | None = None,
+    torch_checkpoint: str | os.PathLike | None = None,
+    torch_source: str | None = None,
+    torch_weights: str = "ema",
+) -> RunArtifacts:
+    """The network of ``config``'s preset with imported parameters, as a run to sample or
+    score: from an ``.npz`` of :func:`fmjax.models.save_params` (``params``) or a peer's
+    PyTorch checkpoint (``torch_checkpoint``, read by
+    :func:`fmjax.models.load_torch_checkpoint`; ``torch_source`` defaults to ``"meta"`` for
+    the Meta preset, ``"torchcfm"`` otherwise). ``config.data.image_shape`` becomes
+    ``(image_size or 32, image_size or 32, 3)``.
+
+    Raises:
+        ValueError: for neither or both sources, or parameters that do not fit the preset.
+
+    Example::
+
+        network = imported_network(get_config("torchcfm"), params="otcfm.npz")
+        run(get_config("torchcfm"), "runs/otcfm", "sample", SamplingOptions(), network=network)
+    """
+    if (params is None) == (torch_checkpoint is None):
+        raise ValueError(
+            f"Import a network from exactly one of --params ({params}) and --torch_checkpoint "
+            f"({torch_checkpoint})."
+        )
+    config = ml_collections.ConfigDict(config.to_dict())
+    side = config.data.image_size or 32
+    config.data.image_shape = (side, side, 3)
+    model = build_model(config.model)
+    if params is not None:
+        loaded = models.load_params(params, model, preset=config.model.name)
+    else:
+        if torch_source is None:
+            torch_source = "meta" if config.model.name == "unet_cifar10_meta" else "torchcfm"
+        state_dict = models.load_torch_checkpoint(
+            torch_checkpoint, source=torch_source, weights=torch_weights
+        )
+        loaded = models.params_from_torch(
+            state_dict, model, config.data.image_shape, peer=torch_source
+        )
+    return RunArtifacts(config=config, model=model, ema_params=loaded, step=0)
 
 
 def train_mode(
@@ -100,10 +189,13 @@ def train_mode(
     workdir: str | os.PathLike,
     options: SamplingOptions,
     eval_options: EvalOptions,
+    network: RunArtifacts | None = None,
 ) -> train.TrainState:
     """``--mode=train``: trains or resumes the run (the other options are unused), with the
     in-training FID of :func:`fmjax.evaluate.fid_hook` when ``train.eval_every`` > 0."""
     del options, eval_options
+    if network is not None:
+        raise ValueError("--params/--torch_checkpoint are for --mode=sample and --mode=eval.")
     hooks = [fid_hook] if config.train.eval_every else []
     state = train.train_and_evaluate(config, workdir, hooks=hooks)
     if jax.process_index() == 0:
@@ -111,18 +203,23 @@ def train_mode(
     return state
 
 
-def _sample_mode(config, workdir, options: SamplingOptions, eval_options) -> SampleOutput:
+def _sample_mode(
+    config, workdir, options: SamplingOptions, eval_options, network=None
+) -> SampleOutput:
     del config, eval_options  # the run's saved config is the one that matches its checkpoint
-    return sample_run(workdir, options)
+    return sample_run(workdir, options, run=network)
 
 
-def _eval_mode(config, workdir, options: SamplingOptions, eval_options: EvalOptions) -> dict:
+def _eval_mode(
+    config, workdir, options: SamplingOptions, eval_options: EvalOptions, network=None
+) -> dict:
     del config
-    return evaluate(workdir, options, eval_options)
+    return evaluate(workdir, options, eval_options, run=network)
 
 
 MODES: dict[str, Callable] = {"train": train_mode, "sample": _sample_mode, "eval": _eval_mode}
-"""``--mode`` -> ``fn(config, workdir, options, eval_options)``."""
+"""``--mode`` -> ``fn(config, workdir, options, eval_options, network)``; ``network`` (from
+:func:`imported_network`) replaces the run's checkpoint."""
 
 
 def run(
@@ -131,8 +228,11 @@ def run(
     mode: str = "train",
     options: SamplingOptions = SamplingOptions(),
     eval_options: EvalOptions | None = None,
+    *,
+    network: RunArtifacts | None = None,
 ):
-    """What ``main`` does after parsing flags: ``MODES[mode](config, workdir, options, ...)``.
+    """What ``main`` does after parsing flags: ``MODES[mode](config, workdir, options, ...)``;
+    ``network`` (:func:`imported_network`) samples or scores an imported network.
 
     Example (tests call it in-process, e.g. under ``tfds.testing.mock_data``)::
 
@@ -141,7 +241,7 @@ def run(
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r} is not valid; expected one of {sorted(MODES)}.")
-    return MODES[mode](config, workdir, options, eval_options)
+    return MODES[mode](config, workdir, options, eval_options, network)
 
 
 def _options_from_flags() -> SamplingOptions:
@@ -180,9 +280,24 @@ def main(argv):
             bpd_examples=FLAGS.bpd_examples,
             bpd_draws=FLAGS.bpd_draws,
         )
-    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, _options_from_flags(), eval_options)
+    network = None
+    if FLAGS.params is not None or FLAGS.torch_checkpoint is not None:
+        network = imported_network(
+            FLAGS.config,
+            params=FLAGS.params,
+            torch_checkpoint=FLAGS.torch_checkpoint,
+            torch_source=FLAGS.torch_source,
+            torch_weights=FLAGS.torch_weights,
+        )
+    run(
+        FLAGS.config,
+        FLAGS.workdir,
+        FLAGS.mode,
+        _options_from_flags(),
+        eval_options,
+        network=network,
+    )
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
-    app.run(common.user_errors_exit(main))
+    common.run(main, define_flags)

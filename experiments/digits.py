@@ -1,7 +1,7 @@
 """The offline main job: train a flow-matching U-Net on scikit-learn's 8x8 digits and score it.
 
-    python -m experiments.digits [--workdir=runs/digits] [--config=...digits.py[:quick]]
-                                 [--config.train.num_steps=...]
+    python -m experiments.digits [--workdir=runs/digits] [--config=...digits.py[:quick|:meanflow]]
+                                 [--config.train.num_steps=...] [--init_from=RUN] [--verbose]
 
 Writes ``metrics.jsonl`` (with the digits score every ``train.eval_every`` steps), TensorBoard
 events, sample grids (``samples/``), checkpoints (the latest and the best-scoring) and the final
@@ -22,7 +22,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -40,9 +40,15 @@ def define_flags() -> None:
     module beside another entry point does not define ``--workdir`` twice."""
     config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
     flags.DEFINE_string("workdir", "runs/digits", "Run directory: checkpoints, metrics, samples.")
+    flags.DEFINE_string(
+        "init_from",
+        None,
+        "Another run's directory: start this new run from its parameters (fine-tuning).",
+    )
 
 
 FINAL_SAMPLES = 1000
+MEAN_FLOW_STEPS = (1, 2, 4)  # the jumps a mean-flow run is scored at
 BPD_DRAWS = 1  # dequantisation draws per test digit (the Flow Matching paper uses 50)
 
 
@@ -92,6 +98,13 @@ def final_evaluation(config, model, state, workdir: str) -> dict:
     """Scores ``FINAL_SAMPLES`` EMA samples; writes and returns ``eval/digits.json``."""
     velocity = make_velocity(model, config)
     key = stream_key(config.seed, Stream.DIGITS_FINAL)
+    by_steps = {}
+    if config.get("objective", "flow_matching") == "mean_flow":
+        # The same noise at each number of jumps; the first is the headline score.
+        for steps in MEAN_FLOW_STEPS:
+            jumps = generate(config, velocity, state, FINAL_SAMPLES, key, mean_flow_steps=steps)
+            by_steps[steps] = digits_score(np.asarray(jumps.x)).fd
+            logging.info("Digits score with %d step(s): %.3f", steps, by_steps[steps])
     result = generate(config, velocity, state, FINAL_SAMPLES, key)
     score = digits_score(np.asarray(result.x))
     logging.info(
@@ -104,8 +117,9 @@ def final_evaluation(config, model, state, workdir: str) -> dict:
         "floor_train_vs_test": score.floor,
         "baseline_uniform_noise": score.noise,
         "num_samples": FINAL_SAMPLES,
-        "solver": config.train.sample_solver,
-        "steps": config.train.sample_steps,
+        "objective": config.get("objective", "flow_matching"),
+        "solver": "meanflow" if by_steps else config.train.sample_solver,
+        "steps": config.meanflow.sample_steps if by_steps else config.train.sample_steps,
         "nfe": int(result.nfe),
         "bits_per_dim": float(np.mean(bpd.bpd)),
         "bpd_examples": int(bpd.bpd.shape[0]),
@@ -114,6 +128,8 @@ def final_evaluation(config, model, state, workdir: str) -> dict:
         "bpd_baseline_pixel_histogram": histogram_bits_per_dim(),
         "bpd_baseline_uniform": math.log2(data.DIGITS_LEVELS),
     }
+    if by_steps:
+        report["digits_fd_by_steps"] = {str(k): v for k, v in by_steps.items()}
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", "digits.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -126,7 +142,7 @@ def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     logging.info("Training on digits into %s", workdir)
     hooks = [score_hook] if config.train.eval_every else []
-    state = train.train_and_evaluate(config, workdir, hooks=hooks)
+    state = train.train_and_evaluate(config, workdir, hooks=hooks, init_from=FLAGS.init_from)
     run = rundir.load_config(workdir)  # the run's config, with the data's image shape
     model = configs.build_model(run.model)
     samples = os.path.join(workdir, "samples")  # none when stopped before the first grid
@@ -142,6 +158,12 @@ def main(argv):
             f"floor (train digits) {report['floor_train_vs_test']:.3f}; "
             f"uniform noise {report['baseline_uniform_noise']:.1f}."
         )
+        if "digits_fd_by_steps" in report:
+            print(
+                "Mean flow, digits score by number of steps: "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in report["digits_fd_by_steps"].items())
+                + " (bits/dim below: the instantaneous field u(x, t, t))."
+            )
         print(
             f"Bits/dim of {report['bpd_examples']} test digits (dequantisation bound, "
             f"{report['bpd_nfe_per_draw']:.0f} "
@@ -152,5 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(common.user_errors_exit(main))
+    common.run(main, define_flags)

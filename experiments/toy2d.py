@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jaxtyping import Array, Float, PRNGKeyArray
 from matplotlib.figure import Figure
 
@@ -370,5 +370,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(common.user_errors_exit(main))
+    common.run(main, define_flags)

@@ -42,6 +42,12 @@ def check_batched(name: str, x: jax.Array) -> None:
         )
 
 
+def check_nonempty(name: str, x: jax.Array) -> None:
+    """Raises `ValueError` unless `x` (batched) holds at least one sample."""
+    if jnp.shape(x)[0] < 1:
+        raise ValueError(f"{name} must hold at least one sample; got {name}.shape={jnp.shape(x)}.")
+
+
 def check_choice(name: str, value: str, choices: Collection[str]) -> None:
     """Raises `ValueError` unless `value` is one of `choices` (names, or a mapping's keys)."""
     if value not in choices:

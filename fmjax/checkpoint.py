@@ -14,13 +14,57 @@ import contextlib
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointWriteError", "Checkpoints"]
+__all__ = ["CheckpointWriteError", "Checkpoints", "complete_steps", "free_space"]
 
 log = logging.getLogger(__name__)
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The free space of the file system holding ``path`` (or its nearest existing parent),
+    for a message: e.g. ``"0 B"``, ``"12.5 MB"``; ``"unknown"`` if it cannot be read.
+
+    Example:
+        >>> from fmjax.checkpoint import free_space
+        >>> free_space("/").split()[-1] in ("B", "kB", "MB", "GB", "TB")
+        True
+    """
+    path = pathlib.Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = float(shutil.disk_usage(path).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "kB", "MB", "GB"):
+        if free < 1000:
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1000
+    return f"{free:.1f} TB"
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the complete checkpoints in ``directory`` (e.g. ``workdir/checkpoints``),
+    read from the folder names without opening them: Orbax renames a save's temporary folder
+    to its step only once it is complete.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from fmjax.checkpoint import complete_steps
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("10", "20", "30.orbax-checkpoint-tmp"):
+        ...     (root / name).mkdir()
+        >>> complete_steps(root)
+        [10, 20]
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 class CheckpointWriteError(OSError):
@@ -148,11 +192,23 @@ class Checkpoints:
 
     def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
         cause = f"{type(error).__name__}: {error}"
-        if len(cause) > 500:  # storage errors can carry whole traces
-            cause = cause[:500] + " ..."
-        full = "No space left" in cause or "ENOSPC" in cause or "RESOURCE_EXHAUSTED" in cause
+        full = any(m in cause for m in ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED", "quota"))
+        race = not full and any(
+            m in cause for m in ("No such file or directory", "NOT_FOUND", "already exists")
+        )
+        resumable = self.directory.parent / "checkpoints"
+        if full:
+            why = f"the disk is full ({free_space(self.directory)} free)"
+        elif race:
+            why = (
+                "its files changed under it: another process wrote to the same folder at the "
+                "same time (a write race; two runs in one workdir?)"
+            )
+        else:
+            short = cause if len(cause) <= 300 else cause[:300] + " ..."
+            why = f"{short}; is it writable?"
         return CheckpointWriteError(
-            f"The checkpoint at step {step} could not be written to {self.directory} ({cause}); "
-            + ("the disk is full. " if full else "is the disk full or not writable? ")
-            + f"The complete checkpoints before it are intact: steps {self.steps()}."
+            f"The checkpoint at step {step} could not be written to {self.directory}: {why}. "
+            f"The complete checkpoints to resume from are intact: steps "
+            f"{complete_steps(resumable)} in {resumable}."
         )

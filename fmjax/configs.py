@@ -11,8 +11,11 @@ choice is looked up in one mapping, the same for checking and for building:
 :data:`fmjax.models.PRESETS`, :data:`OPTIMIZERS` and :data:`LR_SCHEDULES`.
 """
 
+import difflib
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -21,17 +24,25 @@ from flax import linen as nn
 
 from fmjax import couplings, models, paths, timesteps
 from fmjax.couplings import COUPLINGS, Coupling
+from fmjax.meanflow import INTERVAL_SAMPLERS, IntervalSampler
 from fmjax.paths import PREDICTIONS, SCHEDULERS
 from fmjax.sampling import SOLVERS
 from fmjax.timesteps import TIME_SAMPLERS, TimeSampler
 
 __all__ = [
     "LR_SCHEDULES",
+    "OBJECTIVES",
     "OPTIMIZERS",
+    "RESUMABLE_KEYS",
     "base_config",
+    "build_intervals",
     "build_model",
     "build_path",
+    "check_known_keys",
+    "closest_key",
+    "flat_keys",
     "make_optimizer",
+    "resume_differences",
     "validate",
     "validate_image_shape",
 ]
@@ -39,6 +50,11 @@ __all__ = [
 
 def _warmup(o: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+
+
+OBJECTIVES = ("flow_matching", "mean_flow")
+"""What a run trains: ``flow_matching`` (:func:`fmjax.loss.cfm_loss`, a velocity field) or
+``mean_flow`` (:func:`fmjax.meanflow.meanflow_loss`, an average velocity over an interval)."""
 
 
 LR_SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
@@ -138,7 +154,147 @@ def base_config() -> ml_collections.ConfigDict:
     p.t_min = 0.0
     p.prediction = "velocity"  # velocity | target | epsilon
     p.loss_space = "prediction"  # prediction | velocity
+
+    c.objective = "flow_matching"  # flow_matching (fmjax.loss) | mean_flow (fmjax.meanflow)
+    c.meanflow = mf = ml_collections.ConfigDict()  # objective="mean_flow" only
+    mf.interval_sampler = "logit_normal"  # logit_normal | uniform (fmjax.meanflow)
+    mf.logit_mean = 0.4  # logit-normal times, in fmjax's direction (the papers' -0.4)
+    mf.logit_std = 1.0
+    mf.equal_fraction = 0.75  # pairs with t_end = t (the instantaneous velocity)
+    mf.adaptive_power = 1.0  # p of the adaptive weight 1 / (|delta|^2 + c)^p; 0: plain MSE
+    mf.adaptive_eps = 1e-3  # c
+    mf.sample_steps = 1  # jumps of the sample grids and in-training scores
     return c
+
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.num_grid_samples",
+    "train.sample_solver",
+    "train.sample_steps",
+    "train.eval_every",
+    "train.eval_samples",
+    "eval",
+    "fid",
+    "data.data_dir",
+    "model.attention",
+    "model.group_norm",
+)
+"""The keys (or whole sections) that may differ when a run is resumed; every other key defines
+the run, and a resume with another value is refused (:func:`resume_differences`).
+
+They say how long to train and how often to log, checkpoint, sample and evaluate
+(``train.num_steps``, the ``*_every`` intervals, ``keep_checkpoints``, the sample grid's
+solver and size), how to evaluate (``train.eval_samples`` and the experiments' ``eval`` and
+``fid`` sections), where the data is read from (``data.data_dir``, not what it is), and which
+kernels compute the same network on another device (``model.attention``,
+``model.group_norm``). The device count and placement are not config keys: a run resumes
+on any mesh. Changing ``train.num_steps`` also stretches a ``warmup_cosine`` schedule."""
+
+
+def flat_keys(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The leaves of a nested config (a ``ConfigDict`` or a dict), by dotted key.
+
+    Example:
+        >>> from fmjax.configs import base_config, flat_keys
+        >>> flat_keys(base_config())["train.batch_size"]
+        128
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def resume_differences(
+    saved: Mapping[str, Any], new: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The run-defining keys whose values differ between a run's saved config and a new one,
+    dotted key -> ``(saved, new)``, in key order; the keys of :data:`RESUMABLE_KEYS` aside.
+
+    Values are compared as JSON (a tuple equals the list ``config.json`` stores). A key that
+    one side lacks counts as the default of :func:`base_config` there (a config saved before
+    the key existed), or as missing if it has none.
+
+    Example:
+        >>> from fmjax.configs import base_config, resume_differences
+        >>> saved, new = base_config(), base_config()
+        >>> new.train.num_steps, new.seed = 5000, 1
+        >>> resume_differences(saved, new)
+        {'seed': (0, 1)}
+    """
+    saved_keys = flat_keys(json.loads(json.dumps(_to_dict(saved))))
+    new_keys = flat_keys(json.loads(json.dumps(_to_dict(new))))
+    defaults = flat_keys(json.loads(base_config().to_json()))
+    missing = object()
+    out = {}
+    for key in sorted(set(saved_keys) | set(new_keys)):
+        if _resumable(key):
+            continue
+        a = saved_keys.get(key, defaults.get(key, missing))
+        b = new_keys.get(key, defaults.get(key, missing))
+        if a != b:
+            out[key] = (None if a is missing else a, None if b is missing else b)
+    return out
+
+
+def _to_dict(config: Mapping[str, Any]) -> dict:
+    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+
+
+_OPEN_SECTIONS = ("model",)  # a model's fields are its own (presets, modules passed in)
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The key of ``keys`` closest in spelling to ``key`` (``difflib``), or None.
+
+    Example:
+        >>> from fmjax.configs import base_config, closest_key, flat_keys
+        >>> closest_key("trian.num_step", list(flat_keys(base_config())))
+        'train.num_steps'
+    """
+    found = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """Refuses keys that :func:`base_config` does not define in its sections (``train``,
+    ``optim``, ``data``, ``path``) or at the top level, naming the closest valid key.
+
+    Sections that an experiment adds (``eval``, ``fid``) and the ``model`` section (the
+    model's own fields) are open.
+
+    Example:
+        >>> from fmjax.configs import base_config, check_known_keys
+        >>> config = base_config()
+        >>> config.train.num_step = 5
+        >>> check_known_keys(config)
+        Traceback (most recent call last):
+        ...
+        ValueError: config.train.num_step is not a config key; did you mean config.train.num_steps?
+    """
+    base = base_config()
+    known = list(flat_keys(base))
+    for key in flat_keys(config):
+        section = key.split(".")[0]
+        if key in known or ("." in key and (section in _OPEN_SECTIONS or section not in base)):
+            continue  # a known key, a model field, or a key of a section the experiment adds
+        guess = closest_key(key, known)
+        raise ValueError(
+            f"config.{key} is not a config key"
+            + (f"; did you mean config.{guess}?" if guess else "; see fmjax.configs.base_config.")
+        )
 
 
 def _choice(name: str, value, choices) -> None:
@@ -165,6 +321,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         config: a config from :func:`base_config` (or an experiment file).
         num_devices: the number of devices the global batch is split over.
     """
+    check_known_keys(config)
     t, o, p = config.train, config.optim, config.path
     for name in (
         "num_steps",
@@ -208,11 +365,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
     attention = config.model.get("attention", "xla")
     _choice("model.attention", attention, models.ATTENTION_IMPLEMENTATIONS)
+    # How the U-Net's biases and label embedding start ("torch": as the peers' networks do).
+    _choice("model.init", config.model.get("init", "fmjax"), models.INITIALIZATIONS)
     if attention == "cudnn" and config.model.dtype == "float32":
         raise ValueError(
             "config.model.attention='cudnn' computes in bfloat16 or float16; set "
             "config.model.dtype to one of them, or config.model.attention='xla'."
         )
+    _choice("objective", config.objective, OBJECTIVES)
+    if config.objective == "mean_flow":
+        mf = config.meanflow
+        _choice("meanflow.interval_sampler", mf.interval_sampler, INTERVAL_SAMPLERS)
+        if p.prediction != "velocity":
+            raise ValueError(
+                f"config.path.prediction={p.prediction!r} is not valid with "
+                "config.objective='mean_flow', whose network predicts an average velocity; "
+                "expected 'velocity'."
+            )
+        if not 0.0 <= mf.equal_fraction <= 1.0:
+            raise ValueError(
+                f"config.meanflow.equal_fraction={mf.equal_fraction!r} must be in [0, 1]."
+            )
+        if not mf.adaptive_power >= 0:
+            raise ValueError(
+                f"config.meanflow.adaptive_power={mf.adaptive_power!r} must be a number >= 0."
+            )
+        if not mf.adaptive_eps > 0:
+            raise ValueError(f"config.meanflow.adaptive_eps={mf.adaptive_eps!r} must be > 0.")
+        _positive("meanflow.sample_steps", mf.sample_steps)
     if not (isinstance(o.learning_rate, int | float) and 0 < o.learning_rate < math.inf):
         raise ValueError(
             f"config.optim.learning_rate={o.learning_rate!r} is not valid; expected a positive "
@@ -313,6 +493,22 @@ def build_path(
     coupling = couplings.COUPLINGS[p.coupling](**coupling_options.get(p.coupling, {}))
     time_sampler = timesteps.TIME_SAMPLERS[p.time_sampler](**sampler_options[p.time_sampler])
     return paths.AffinePath(scheduler), coupling, time_sampler
+
+
+def build_intervals(meanflow_config: ml_collections.ConfigDict) -> IntervalSampler:
+    """The interval sampler of a mean-flow run, from the ``config.meanflow`` section.
+
+    Example:
+        >>> import jax
+        >>> from fmjax.configs import base_config, build_intervals
+        >>> build_intervals(base_config().meanflow)(jax.random.key(0), (3,)).shape
+        (3, 2)
+    """
+    mf = meanflow_config
+    options = {
+        "logit_normal": {"mean": mf.logit_mean, "std": mf.logit_std},
+    }.get(mf.interval_sampler, {})
+    return INTERVAL_SAMPLERS[mf.interval_sampler](equal_fraction=mf.equal_fraction, **options)
 
 
 def make_optimizer(

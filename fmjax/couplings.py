@@ -71,6 +71,8 @@ def _check_pair(x0, x1, minimum_batch: int = 1, name: str = "coupling") -> int:
     check_float("x1", x1)
     check_same_shape("x0", x0, "x1", x1)
     n = x0.shape[0]
+    if n == 0:
+        raise ValueError(f"{name} needs samples to pair; got an empty batch (x0.shape={x0.shape}).")
     if n < minimum_batch:
         raise ValueError(
             f"{name} needs a batch of at least {minimum_batch} samples to pair; got batch size {n} "
@@ -108,7 +110,7 @@ def independent(
         Array([0, 1, 2], dtype=int32)
     """
     del key
-    n = _check_pair(x0, x1)
+    n = _check_pair(x0, x1, name="independent")
     idx = jnp.arange(n, dtype=jnp.int32)
     return Coupled(x0, x1, idx, idx)
 

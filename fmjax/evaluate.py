@@ -31,7 +31,7 @@ from fmjax.generate import (
 from fmjax.keys import Stream, stream_key
 from fmjax.mesh import make_mesh
 from fmjax.metrics import fid
-from fmjax.rundir import load_run
+from fmjax.rundir import RunArtifacts, load_run
 from fmjax.step import TrainState
 from fmjax.train import EvalHook
 
@@ -82,8 +82,11 @@ def evaluate(
     eval_options: EvalOptions = EvalOptions(fid_stats=None, num_samples=0),
     *,
     model: nn.Module | None = None,
+    run: RunArtifacts | None = None,
 ) -> dict:
-    """FID and bits/dim of the EMA parameters of the run in ``workdir``.
+    """FID and bits/dim of the EMA parameters of the run in ``workdir``, or of the already
+    loaded ``run`` (a network imported from PyTorch: see :func:`fmjax.generate.sample_run`),
+    writing into ``workdir`` either way.
 
     FID: ``eval_options.num_samples`` samples drawn as ``--mode=sample`` draws them (sample
     ``i`` from ``fold_in(key(seed), i)``, the solver of ``options``), batches sharded over
@@ -96,7 +99,8 @@ def evaluate(
     """
     if options.guidance_scale != 1.0 or options.labels is not None:
         raise ValueError("--mode=eval scores the model as trained; drop --labels/--guidance_scale.")
-    run = load_run(workdir, model=model)
+    if run is None:
+        run = load_run(workdir, model=model)
     config, mesh = run.config, make_mesh()
     params = jax.device_put(run.ema_params, NamedSharding(mesh, P()))
     labels = class_labels(options, config.model.num_classes, options.batch_size)

@@ -21,10 +21,10 @@ import numpy as np
 from flax import linen as nn
 from jaxtyping import Array, Float
 
-from fmjax import images, sampling
+from fmjax import images, meanflow, sampling
 from fmjax.configs import build_path
 from fmjax.keys import Stream, stream_key
-from fmjax.rundir import load_config, load_run
+from fmjax.rundir import RunArtifacts, load_config, load_run
 from fmjax.step import TrainState
 
 __all__ = [
@@ -49,13 +49,22 @@ def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callab
     Bind the arrays with ``jax.tree_util.Partial(f, params, labels)`` to get the
     ``velocity_fn(x, t)`` of :func:`fmjax.sampling.sample`; reusing one ``f`` means new
     parameters do not recompile the sampler. ``labels`` is None for an unconditional model.
+
+    A mean-flow run's (``config.objective == "mean_flow"``) ``f`` also takes ``t_end``:
+    ``f(params, labels, x, t, t_end)`` is the average velocity over ``[t, t_end]`` that
+    :func:`fmjax.meanflow.sample` jumps with, and without ``t_end`` the instantaneous velocity
+    ``u(x, t, t)`` that the ODE solvers and the likelihood integrate.
     """
     path, _, _ = build_path(config.path)
     prediction = config.path.prediction
+    mean_flow = config.get("objective", "flow_matching") == "mean_flow"
 
-    def velocity(params, labels, x, t):
+    def velocity(params, labels, x, t, t_end=None):
         t_batch = jnp.broadcast_to(t, (x.shape[0],))
         kwargs = {} if labels is None else {"y": labels}
+        if mean_flow:
+            end = t_batch if t_end is None else jnp.broadcast_to(t_end, (x.shape[0],))
+            return model.apply({"params": params}, x, t_batch, t_end=end, **kwargs)
         out = model.apply({"params": params}, x, t_batch, **kwargs)
         return path.to_velocity(prediction, out, x, t_batch)
 
@@ -70,9 +79,12 @@ def generate(
     key: jax.Array,
     *,
     labels: jax.Array | None = None,
+    mean_flow_steps: int | None = None,
 ) -> sampling.SampleResult:
     """Samples from the EMA parameters with the config's grid solver (``train.sample_solver``,
-    ``train.sample_steps``); ``velocity`` comes from :func:`make_velocity`.
+    ``train.sample_steps``); ``velocity`` comes from :func:`make_velocity`. A mean-flow run
+    jumps ``mean_flow_steps`` times (default ``config.meanflow.sample_steps``) with
+    :func:`fmjax.meanflow.sample` instead.
 
     A conditional model gets ``labels`` (default: cycling through the classes).
     """
@@ -82,6 +94,9 @@ def generate(
         labels = jnp.arange(num_samples, dtype=jnp.int32) % config.model.num_classes
     params = jax.device_get(state.ema_params)  # replicated: the host copy is complete
     fn = jax.tree_util.Partial(velocity, params, labels)
+    if config.get("objective", "flow_matching") == "mean_flow":
+        steps = config.meanflow.sample_steps if mean_flow_steps is None else mean_flow_steps
+        return meanflow.sample(fn, x0, steps=steps)
     return sampling.sample(fn, x0, solver=t.sample_solver, steps=t.sample_steps)
 
 
@@ -241,8 +256,11 @@ def sample_run(
     options: SamplingOptions = SamplingOptions(),
     *,
     model: nn.Module | None = None,
+    run: RunArtifacts | None = None,
 ) -> SampleOutput:
-    """Samples from the EMA parameters of the run in ``workdir`` (its newest checkpoint).
+    """Samples from the EMA parameters of the run in ``workdir`` (its newest checkpoint), or
+    from the already loaded ``run`` (e.g. a network imported from PyTorch, whose ``config``
+    needs ``data.image_shape``), writing into ``workdir`` either way.
 
     Writes ``workdir/samples/sample_step{STEP}_{METHOD}_n{N}_seed{SEED}[_w{SCALE}].png`` (a
     grid; one column per class for a conditional run with the default labels) and ``.npz``
@@ -255,6 +273,13 @@ def sample_run(
     The run's saved config decides the model (unless ``model`` is given, as for
     :func:`fmjax.rundir.load_run`) and the data shape; run it on one process.
 
+    Example (an imported network, ``experiments.cifar10 --mode=sample --params=...``)::
+
+        model = UNetCIFAR10TorchCFM()
+        params = load_params("otcfm.npz", model)
+        config.data.image_shape = (32, 32, 3)
+        sample_run("out", options, run=RunArtifacts(config, model, params, step=0))
+
     Raises:
         ValueError: in a multi-process launch, for a workdir without a checkpoint, or for
             ``labels`` / ``guidance_scale`` that the run cannot use.
@@ -262,9 +287,10 @@ def sample_run(
     if jax.process_count() > 1:
         raise ValueError("--mode=sample runs on one process; launch it without --distributed.")
     # The options are checked against the saved config before the parameters are loaded.
-    num_classes = load_config(workdir).model.num_classes
+    num_classes = (load_config(workdir) if run is None else run.config).model.num_classes
     labels = class_labels(options, num_classes, options.num_samples)
-    run = load_run(workdir, model=model)
+    if run is None:
+        run = load_run(workdir, model=model)
     config = run.config
     image_shape = tuple(config.data.image_shape)
     bind = velocity_binder(run.model, config, options.guidance_scale)

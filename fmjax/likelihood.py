@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from fmjax._checks import check_batched, check_choice, check_float, check_positive_int
+from fmjax._checks import (
+    check_batched,
+    check_choice,
+    check_float,
+    check_nonempty,
+    check_positive_int,
+)
 from fmjax._integrate import (
     VelocityFn,
     check_solver_args,
@@ -119,8 +125,8 @@ def log_likelihood(
         A :class:`LikelihoodResult`.
 
     Raises:
-        ValueError: at trace time, for an unknown ``divergence``, ``probe`` or ``solver``,
-            Hutchinson without a ``key``, ``num_probes < 1``, the solver errors of
+        ValueError: at trace time, for an empty ``x1``, an unknown ``divergence``, ``probe``
+            or ``solver``, Hutchinson without a ``key``, ``num_probes < 1``, the solver errors of
             :func:`fmjax.sampling.sample`, or a ``velocity_fn`` output of the wrong shape or
             dtype.
 
@@ -133,6 +139,7 @@ def log_likelihood(
         Array([-1.837877, -1.837877, -1.837877], dtype=float32)
     """
     check_batched("x1", x1)
+    check_nonempty("x1", x1)
     check_float("x1", x1)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)

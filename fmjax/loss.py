@@ -31,7 +31,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from fmjax._checks import check_batched, check_choice, check_float, check_same_shape
+from fmjax._checks import (
+    check_batched,
+    check_choice,
+    check_float,
+    check_nonempty,
+    check_same_shape,
+)
 from fmjax.couplings import Coupling, independent
 from fmjax.keys import example_keys
 from fmjax.paths import PREDICTIONS, AffinePath, CondOT
@@ -107,8 +113,8 @@ def draw_pairs(
         :class:`Pairs`, with ``x0`` in ``x1``'s dtype.
 
     Raises:
-        ValueError: for non-float or unbatched ``x1``, keys of the wrong batch size, or (from
-            the coupling) an OT coupling on a batch of one.
+        ValueError: for non-float, unbatched or empty ``x1``, keys of the wrong batch size, or
+            (from the coupling) an OT coupling on a batch of one.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -120,6 +126,7 @@ def draw_pairs(
         ((2, 1), (2,), Array([0, 1], dtype=int32))
     """
     check_batched("x1", x1)
+    check_nonempty("x1", x1)
     check_float("x1", x1)
     keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, x1.shape[0]))
     x0 = jax.vmap(lambda k: jax.random.normal(k, x1.shape[1:], x1.dtype))(keys[:, 0])
@@ -180,8 +187,8 @@ def cfm_loss(
         ``(loss, aux)``: the scalar mean over examples (float32) and a :class:`LossAux`.
 
     Raises:
-        ValueError: at trace time, for non-float or unbatched ``x1``, keys of the wrong batch
-            size, an unknown ``prediction`` or ``loss_space``, a model output of the wrong
+        ValueError: at trace time, for non-float, unbatched or empty ``x1``, keys of the wrong
+            batch size, an unknown ``prediction`` or ``loss_space``, a model output of the wrong
             shape, or (from the coupling) an OT coupling on a batch of one.
 
     Example:
@@ -228,7 +235,7 @@ def cfm_loss_on_pairs(
     parameters, so they may be drawn ahead, outside the differentiated function.
 
     Raises:
-        ValueError: for pairs of mismatched shapes, an unknown ``prediction`` or
+        ValueError: for pairs of mismatched shapes or an empty batch, an unknown ``prediction`` or
             ``loss_space``, or a model output not shaped like ``pairs.x1``.
 
     Example:
@@ -244,6 +251,7 @@ def cfm_loss_on_pairs(
     _check_loss_options(prediction, loss_space)
     x0, x1, t, i1 = pairs
     check_batched("pairs.x1", x1)
+    check_nonempty("pairs.x1", x1)
     check_float("pairs.x1", x1)
     check_same_shape("pairs.x0", x0, "pairs.x1", x1)
     batch = x1.shape[0]

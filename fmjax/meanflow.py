@@ -44,6 +44,7 @@ from fmjax.paths import AffinePath, CondOT
 from fmjax.sampling import SampleResult, uniform_time_grid
 
 __all__ = [
+    "INTERVAL_SAMPLERS",
     "IntervalSampler",
     "MeanFlowAux",
     "logit_normal_intervals",
@@ -121,6 +122,15 @@ def logit_normal_intervals(
         return _ordered(k_equal, a, b, equal_fraction)
 
     return sampler
+
+
+INTERVAL_SAMPLERS: dict[str, Callable[..., IntervalSampler]] = {
+    "logit_normal": logit_normal_intervals,
+    "uniform": uniform_intervals,
+}
+"""The named interval samplers, name -> constructor (called with its keyword options, e.g.
+``INTERVAL_SAMPLERS["uniform"](equal_fraction=0.5)``); what ``config.meanflow.interval_sampler``
+may name."""
 
 
 class MeanFlowAux(NamedTuple):

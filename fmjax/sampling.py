@@ -24,7 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
-from fmjax._checks import check_batched, check_float, check_positive_int, concrete
+from fmjax._checks import (
+    check_batched,
+    check_float,
+    check_nonempty,
+    check_positive_int,
+    concrete,
+)
 from fmjax._integrate import (
     ADAPTIVE_SOLVERS,
     FIXED_STEP_SOLVERS,
@@ -340,9 +346,8 @@ def sample(
         (True, 10, True)
     """
     check_batched("x0", x0)
+    check_nonempty("x0", x0)
     check_float("x0", x0)
-    if jnp.shape(x0)[0] < 1:
-        raise ValueError(f"x0 must hold at least one sample; got x0.shape={jnp.shape(x0)}.")
     check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
     if time_grid is not None:
         time_grid = jnp.asarray(time_grid)

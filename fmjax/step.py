@@ -29,9 +29,10 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from fmjax import models
 from fmjax._xla import compiler_options
-from fmjax.configs import build_path, make_optimizer
+from fmjax.configs import build_intervals, build_path, make_optimizer
 from fmjax.keys import Stream, stream_key
 from fmjax.loss import cfm_loss
+from fmjax.meanflow import meanflow_loss
 
 __all__ = [
     "CPU_OPTIONS_MAX_PIXELS",
@@ -130,7 +131,9 @@ def make_train_step(
     ``batch`` is ``{"image": [B, h, w, c] float32, "label": [B] int32}``, global arrays
     sharded over ``"data"`` (``B = config.train.batch_size``). Each device splits its rows
     into ``accumulation_steps`` micro-batches, sums their gradients, and the mean over all
-    devices is one optimizer update. ``metrics`` (replicated scalars): ``loss``,
+    devices is one optimizer update. The loss is ``config.objective``'s: flow matching
+    (:func:`fmjax.loss.cfm_loss`) or mean flow (:func:`fmjax.meanflow.meanflow_loss`, with the
+    model called as ``model(x_t, t, t_end=t_end, ...)``). ``metrics`` (replicated scalars): ``loss``,
     ``grad_norm`` (of the averaged gradient), ``lr`` (used by this update) and ``finite``
     (whether every new parameter is finite).
     """
@@ -143,6 +146,9 @@ def make_train_step(
     def apply_fn(params, x_t, t, **kwargs):
         return model.apply({"params": params}, x_t, t, **kwargs)
 
+    def mean_flow_apply_fn(params, x_t, t, t_end, **kwargs):
+        return model.apply({"params": params}, x_t, t, t_end=t_end, **kwargs)
+
     def micro_loss(params, x1, labels, keys, dropout_key):
         example_kwargs = {}
         if num_classes is not None:
@@ -152,6 +158,22 @@ def make_train_step(
                 )
                 labels = models.drop_labels(label_keys, labels, label_drop, num_classes)
             example_kwargs = {"y": labels}
+        model_kwargs = {"train": True, "rngs": {"dropout": dropout_key}}
+        if config.objective == "mean_flow":
+            loss, _ = meanflow_loss(
+                mean_flow_apply_fn,
+                params,
+                keys,
+                x1,
+                path=path,
+                coupling=coupling,
+                interval_sampler=build_intervals(config.meanflow),
+                adaptive_power=config.meanflow.adaptive_power,
+                adaptive_eps=config.meanflow.adaptive_eps,
+                model_kwargs=model_kwargs,
+                example_kwargs=example_kwargs,
+            )
+            return loss
         loss, _ = cfm_loss(
             apply_fn,
             params,
@@ -162,7 +184,7 @@ def make_train_step(
             time_sampler=time_sampler,
             prediction=config.path.prediction,
             loss_space=config.path.loss_space,
-            model_kwargs={"train": True, "rngs": {"dropout": dropout_key}},
+            model_kwargs=model_kwargs,
             example_kwargs=example_kwargs,
         )
         return loss

@@ -7,10 +7,13 @@ SIGTERM saves a checkpoint and returns; a resumed run ends with the parameters a
 lines of an uninterrupted one.
 """
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import re
 import signal
@@ -32,7 +35,10 @@ from fmjax.mesh import make_mesh
 from fmjax.rundir import (
     BestCheckpoint,
     MetricWriter,
+    WorkdirBusyError,
+    WorkdirLease,
     check_resumable,
+    load_config,
     prepare_workdir,
     write_config,
 )
@@ -128,6 +134,7 @@ def train_and_evaluate(
     source: data.Source | None = None,
     hooks: Sequence[EvalHook | HookFactory] = (),
     mesh: Mesh | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainState:
     """Trains (or resumes) the run in ``workdir``; returns the final state.
 
@@ -136,10 +143,15 @@ def train_and_evaluate(
     ``steps_per_sec``, ``images_per_sec``, plus hook metrics; a line every ``log_every``
     steps and at every checkpoint), TensorBoard events under ``tensorboard/``, sample grids
     under ``samples/`` and Orbax checkpoints under ``checkpoints/``. Resumes from the newest
-    readable checkpoint, dropping the ``metrics.jsonl`` lines logged after it, so that a run
-    killed and resumed any number of times ends with the parameters and the lines of an
-    uninterrupted one; refuses a workdir whose saved model config differs. SIGTERM saves a
-    checkpoint and returns.
+    readable checkpoint, dropping the ``metrics.jsonl`` lines and TensorBoard events logged
+    after it, so that a run killed and resumed any number of times ends with the parameters and
+    the records of an uninterrupted one. SIGTERM saves a checkpoint and returns.
+
+    One run per workdir: the run takes the workdir's lease (:class:`fmjax.rundir.WorkdirLease`,
+    process 0 for all processes) before it writes anything, and a second run into the same
+    workdir is refused at once. A resume must be the same run: the whole config is compared
+    with the saved ``config.json`` and only :data:`fmjax.configs.RESUMABLE_KEYS` may differ
+    (:func:`fmjax.rundir.check_resumable`); ``config.json`` is rewritten only after that check.
 
     Args:
         config: see :func:`fmjax.configs.base_config`. Not modified: the run uses a copy
@@ -153,6 +165,11 @@ def train_and_evaluate(
         hooks: evaluations run every ``hook.every`` steps and at the end: each an
             :class:`EvalHook`, or a :data:`HookFactory` called with the completed config.
         mesh: default: :func:`fmjax.mesh.make_mesh` over every device.
+        init_from: another run's directory: a fresh run starts from the parameters and EMA
+            parameters of its newest checkpoint (fine-tuning; the optimizer state and the step
+            start anew, and ``workdir/init_from.json`` records where they came from). The
+            model must have the same parameter shapes. Ignored when ``workdir`` already has a
+            checkpoint (the run resumes from it).
 
     Example::
 
@@ -162,9 +179,14 @@ def train_and_evaluate(
                 ...
 
         state = train_and_evaluate(config, "runs/mine", model=Velocity())
+        # A longer run from its parameters, with another learning rate, in a new directory:
+        config.optim.learning_rate = 1e-5
+        train_and_evaluate(config, "runs/mine-ft", model=Velocity(), init_from="runs/mine")
 
     Raises:
-        ValueError: for an invalid config (before any compilation) or a mismatched workdir.
+        ValueError: for an invalid config (before any compilation), a workdir holding another
+            run (each differing key named, saved and new value), or a bad ``init_from``.
+        fmjax.rundir.WorkdirBusyError: another run holds the workdir; nothing was written.
         FloatingPointError: when the loss or the parameters become non-finite, naming the
             step; the checkpoints written before it are untouched.
         fmjax.checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. a
@@ -181,13 +203,89 @@ def train_and_evaluate(
     configs.validate_image_shape(model, config.data.image_shape)
     hooks = [h if isinstance(h, EvalHook) else h(config, model, mesh) for h in hooks]
     workdir = prepare_workdir(workdir)
-    check_resumable(workdir, config)
-    if jax.process_index() == 0:
-        write_config(workdir, config)
+    init_from = _check_init_from(init_from, workdir)
+    with contextlib.ExitStack() as stack:
+        lease = _take_lease(workdir)
+        if lease is not None:
+            stack.callback(lease.release)
+        check_resumable(workdir, config)
+        if jax.process_index() == 0:
+            write_config(workdir, config)
+        # SIGTERM from here on checkpoints and returns (during restore and compilation too).
+        with _Preemption() as preemption:
+            return _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_from)
 
-    # SIGTERM from here on checkpoints and returns (during restore and compilation too).
-    with _Preemption() as preemption:
-        return _train(config, model, workdir, source, hooks, mesh, preemption)
+
+def _take_lease(workdir) -> WorkdirLease | None:
+    """Process 0 takes the workdir's lease; every process learns whether it did (a collective)
+    before anything is written, and all refuse together if not. The lease, on process 0."""
+    lease, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lease = WorkdirLease(workdir).acquire()
+        except (WorkdirBusyError, OSError) as e:
+            error = e
+    if jax.process_count() > 1:
+        taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(taken) and error is None:
+            error = WorkdirBusyError(
+                f"{workdir}: process 0 could not take the workdir's lease (see its error); "
+                "nothing was written."
+            )
+    if error is not None:
+        raise error
+    return lease
+
+
+def _check_init_from(init_from, workdir) -> pathlib.Path | None:
+    """``init_from`` as a path, checked: another run's directory with a config and a
+    checkpoint."""
+    if init_from is None:
+        return None
+    source = pathlib.Path(init_from)
+    if source.resolve() == pathlib.Path(workdir).resolve():
+        raise ValueError(
+            f"init_from={str(init_from)!r} is the workdir itself; to continue a run, resume it "
+            "(run again without init_from), or pass another run's directory."
+        )
+    load_config(source)  # raises naming the path if it holds no run
+    if not checkpoint.complete_steps(source / "checkpoints"):
+        raise ValueError(
+            f"init_from={str(init_from)!r} has no checkpoint under {source / 'checkpoints'}."
+        )
+    return source
+
+
+def _initial_state(config, model, tx, replicated, init_from, workdir) -> TrainState:
+    """A fresh state; with ``init_from``, its parameters and EMA parameters from that run's
+    newest checkpoint."""
+    state = jax.jit(lambda: init_state(config, model, tx), out_shardings=replicated)()
+    if init_from is None:
+        return state
+    source_config = load_config(init_from)
+    source = checkpoint.Checkpoints(init_from, async_save=False)
+    try:
+        restored = source.restore_latest(abstract_state(source_config, model, replicated))
+    except Exception as error:  # another model: Orbax names the mismatched shapes
+        raise ValueError(
+            f"init_from={str(init_from)!r}: its checkpoint does not fit this model ({error})."
+        ) from error
+    finally:
+        source.close()
+    if restored is None:
+        raise ValueError(f"init_from={str(init_from)!r} has no readable checkpoint.")
+    other, step = restored
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
+    if jax.tree.map(lambda a: (a.shape, a.dtype), other.params) != shapes:
+        raise ValueError(
+            f"init_from={str(init_from)!r} holds parameters of another model (model "
+            f"{source_config.model.to_dict()}); expected the shapes of this one."
+        )
+    log.info("Starting from the parameters of %s at step %d.", init_from, step)
+    if jax.process_index() == 0:
+        record = {"workdir": str(pathlib.Path(init_from).absolute()), "step": step}
+        (workdir / "init_from.json").write_text(json.dumps(record))
+    return state._replace(params=other.params, ema_params=other.ema_params)
 
 
 def _huge_pages_hint(
@@ -216,7 +314,7 @@ def _huge_pages_hint(
     )
 
 
-def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainState:
+def _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_from) -> TrainState:
     """The loop of :func:`train_and_evaluate`, after validation."""
     is_main = jax.process_index() == 0
     tx, schedule = configs.make_optimizer(config.optim, config.train.num_steps)
@@ -225,7 +323,7 @@ def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainStat
     ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, clean_up=True)
     restored = ckpt.restore_latest(abstract_state(config, model, replicated))
     if restored is None:
-        state = jax.jit(lambda: init_state(config, model, tx), out_shardings=replicated)()
+        state = _initial_state(config, model, tx, replicated, init_from, workdir)
         start = 0
     else:
         state, start = restored
@@ -282,6 +380,8 @@ def _train(config, model, workdir, source, hooks, mesh, preemption) -> TrainStat
             "images_per_sec": rate * t.batch_size,
         }
         writer.write(step, values)
+        if lease is not None:
+            lease.renew()
         log.info(
             "step %d/%d | loss %.4f | %.2f steps/s | %.0f img/s | ETA %s",
             step, t.num_steps, values["loss"], rate, values["images_per_sec"],

@@ -24,7 +24,7 @@ import pytest
 from helpers import run_module, tiny_config
 
 from experiments import fid as fid_command
-from fmjax import data, generate, sampling, train
+from fmjax import couplings, data, generate, likelihood, loss, rundir, sampling, train
 from fmjax.metrics import fid, inception
 
 # Lowering a jaxpr to MLIR is the first step of every compilation, eager ops included (a
@@ -296,3 +296,132 @@ def test_fid_command_prints_one_error_line_and_exits_2(tmp_path, capsys):
         fid_command.main(args)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: No Inception weights at {missing}.")
+
+
+# --- issue 41: unknown keys, empty batches, a busy workdir, flag mistakes ------------------------
+
+
+def test_an_unknown_config_key_names_the_closest_valid_key(tmp_path):
+    config = small_config()
+    config.train.num_step = 5  # a typo of num_steps
+    with pytest.raises(ValueError, match=r"config.train.num_step is not a config key; did you "
+                       r"mean config.train.num_steps\?"), no_compilation():  # fmt: skip
+        train.train_and_evaluate(config, tmp_path / "run", source=small_source())
+    assert not (tmp_path / "run").exists()
+
+
+_EMPTY = np.zeros((0, 2), np.float32)
+_KEY = jax.random.key(0)
+_EMPTY_ROWS = {
+    "cfm_loss": lambda: loss.cfm_loss(lambda p, x, t: x, None, _KEY, _EMPTY),
+    "draw_pairs": lambda: loss.draw_pairs(_KEY, _EMPTY),
+    "independent": lambda: couplings.independent(_KEY, _EMPTY, _EMPTY),
+    "exact_ot": lambda: couplings.exact_ot(_KEY, _EMPTY, _EMPTY),
+    "sinkhorn_ot": lambda: couplings.sinkhorn_ot(0.1)(_KEY, _EMPTY, _EMPTY),
+    "log_likelihood": lambda: likelihood.log_likelihood(lambda x, t: x, _EMPTY),
+    "sample": lambda: sampling.sample(lambda x, t: x, _EMPTY, solver="euler", steps=2),
+}
+_EMPTY_MESSAGES = {
+    "cfm_loss": r"x1 must hold at least one sample; got x1.shape=\(0, 2\)",
+    "draw_pairs": r"x1 must hold at least one sample; got x1.shape=\(0, 2\)",
+    "independent": r"independent needs samples to pair; got an empty batch",
+    "exact_ot": r"exact_ot needs samples to pair; got an empty batch",
+    "sinkhorn_ot": r"sinkhorn_ot needs samples to pair; got an empty batch",
+    "log_likelihood": r"x1 must hold at least one sample; got x1.shape=\(0, 2\)",
+    "sample": r"x0 must hold at least one sample; got x0.shape=\(0, 2\)",
+}
+
+
+@pytest.mark.parametrize("name", list(_EMPTY_ROWS))
+def test_an_empty_batch_is_refused_before_tracing(name):
+    with pytest.raises(ValueError, match=_EMPTY_MESSAGES[name]), no_compilation():
+        _EMPTY_ROWS[name]()
+
+
+def test_a_workdir_held_by_another_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    with rundir.WorkdirLease(tmp_path / "run"):
+        with pytest.raises(rundir.WorkdirBusyError, match=r"run is in use by another run \(host "):
+            with no_compilation():
+                train.train_and_evaluate(small_config(), tmp_path / "run", source=small_source())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["lock"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--config.train.num_step=5"],
+            "error: --config.train.num_step: 'train.num_step' is not a key of the config; did "
+            "you mean --config.train.num_steps?",
+        ),
+        (
+            ["--config.trian.num_steps=5"],
+            "error: --config.trian.num_steps: 'trian.num_steps' is not a key of the config; "
+            "did you mean --config.train.num_steps?",
+        ),
+        (
+            ["--config.train.batch_size=abc"],
+            "error: flag --config.train.batch_size=abc: invalid literal for int() with base "
+            "10: 'abc'",
+        ),
+        (
+            ["--config=experiments/configs/digits.py:nosuch"],
+            "error: flag --config=experiments/configs/digits.py:nosuch: Unknown digits config "
+            "variant 'nosuch'; expected 'quick' or none.",
+        ),
+    ],
+    ids=["key_typo", "section_typo", "not_an_int", "bad_variant"],
+)
+def test_flag_mistakes_print_one_error_line_and_exit_2(tmp_path, args, message):
+    result = run_module("experiments.digits", f"--workdir={tmp_path / 'run'}", *args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "run").exists()
+
+
+_NOISY_MAIN = """
+import asyncio, gc, logging, sys
+from absl import flags
+from experiments import common
+
+def define():
+    flags.DEFINE_string("workdir", None, "")
+
+def main(argv):
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: deep inside the storage layer")
+    except ValueError:
+        logging.getLogger("orbax.checkpoint").exception("background save failed")
+    async def fail():
+        raise ValueError("never retrieved")
+    loop = asyncio.new_event_loop()
+    loop.create_task(fail())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    raise OSError(28, "Could not write the checkpoint; the disk is full (0 B free).")
+
+common.run(main, define)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_tracebacks_go_to_error_log_and_the_error_line_is_last(tmp_path, verbose):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, one_device_env
+
+    args = [f"--workdir={tmp_path}"] + (["--verbose"] if verbose else [])
+    result = subprocess.run([sys.executable, "-c", _NOISY_MAIN, *args], cwd=ROOT,
+                            env=one_device_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: Could not write the checkpoint; the disk is full (0 B free). "
+        f"(details: {tmp_path / 'error.log'})"
+    )
+    log = (tmp_path / "error.log").read_text()
+    assert "deep inside the storage layer" in log and "the run failed" in log
+    assert ("Traceback" in result.stderr) == verbose

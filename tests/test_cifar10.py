@@ -36,6 +36,7 @@ def run_main(monkeypatch, *argv: str) -> None:
     """
     monkeypatch.setenv("FMJAX_JAX_CACHE", jax.config.jax_compilation_cache_dir)
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    cifar10.define_flags()
     cifar10.FLAGS(["cifar10", *argv])
     try:
         cifar10.main(["cifar10"])

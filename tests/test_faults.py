@@ -1,6 +1,8 @@
 """Fault injection, the reduced form of ``python -m experiments.bench.faults`` that CI runs:
 SIGKILLs (one while an async save is in flight) with exact resume, SIGTERM to the entry point,
-a NaN batch, a full disk, and determinism.
+a NaN batch, a full disk (with and without the best-checkpoint hook), determinism, double
+launches into one workdir, a lock left by ``kill -9``, and a resume with other run-defining
+keys.
 
 Kills and SIGTERM need subprocesses (``experiments.bench.faults`` children); the rest trains in
 this process, against an in-process reference on the same two devices (the children's count).
@@ -112,9 +114,9 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmpfs, refe
         every=STEPS, fn=lambda step, state: faults.fill_disk(workdir, step, EVERY)
     )
     message = (
-        f"The checkpoint at step {STEPS} could not be written to {workdir}/checkpoints "
-        r"\(.*No space left on device.*\); the disk is full. The complete checkpoints before "
-        rf"it are intact: steps \[{EVERY}, {2 * EVERY}\]"
+        f"The checkpoint at step {STEPS} could not be written to {workdir}/checkpoints: the "
+        r"disk is full \(\d+(\.\d)? k?B free\). The complete checkpoints to resume from are "
+        rf"intact: steps \[{EVERY}, {2 * EVERY}\] in {workdir}/checkpoints\."
     )
     with pytest.raises(checkpoint.CheckpointWriteError, match=message):
         train_here(workdir, hooks=[fill])
@@ -141,3 +143,37 @@ def test_a_full_disk_mid_run_fails_clearly_with_whole_metric_lines(tmpfs, refere
     assert (workdir / "metrics.jsonl").read_bytes().endswith(b"\n")
     state, step = faults.load_state(workdir)
     assert step >= EVERY and faults.identical(state, faults.load_state(reference, step)[0])
+
+
+def test_a_full_disk_during_the_best_checkpoint_save_names_the_resumable_steps(setup, tmpfs):
+    workdir = tmpfs / "run"
+    fill = train.EvalHook(
+        every=2 * EVERY, fn=lambda step, state: faults.fill_disk(workdir, step, EVERY)
+    )
+    message = (
+        f"The checkpoint at step {2 * EVERY} could not be written to {workdir}/checkpoints_best: "
+        r"the disk is full .*The complete checkpoints to resume from are intact: steps "
+        rf"\[{EVERY}\] in {workdir}/checkpoints\."
+    )
+    with pytest.raises(checkpoint.CheckpointWriteError, match=message):
+        train_here(workdir, hooks=[fill, faults.best_hook(EVERY)])
+    assert not (workdir / "config.json.tmp").exists()
+
+
+def test_a_staggered_double_launch_refuses_the_second_run(setup, reference):
+    rows = faults.double_launch(setup, reference, staggered=True)
+    assert_rows(rows)
+    assert "refused: run [2]" in rows[0].observed
+
+
+@pytest.mark.slow
+def test_a_simultaneous_double_launch_leaves_one_run_bit_identical(setup, reference):
+    assert_rows(faults.double_launch(setup, reference, staggered=False))
+
+
+def test_a_lock_left_by_kill_9_is_recovered_and_the_run_resumes_exactly(setup, reference):
+    assert_rows(faults.stale_lock(setup, reference))
+
+
+def test_a_resume_with_other_run_defining_keys_is_refused_untouched(setup, reference):
+    assert_rows(faults.changed_run(setup, reference))

@@ -7,12 +7,16 @@ the U-Net so that each compile takes a second, not fifteen; the U-Nets are train
 by the entry points' tests.
 """
 
+import errno
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -280,7 +284,9 @@ def test_refuses_a_workdir_with_another_model(runs):
     workdir, _ = runs[1]
     config = tiny_config()
     config.model.num_classes = 3
-    with pytest.raises(ValueError, match=r"different model config.*num_classes: saved None, now 3"):
+    with pytest.raises(
+        ValueError, match=r"different config \(model.num_classes: saved None, now 3\)"
+    ):
         train_tiny(config, workdir, source=tiny_source(), mesh=mesh_of(1))
 
 
@@ -445,3 +451,124 @@ def test_the_huge_pages_hint_is_given_for_large_cpu_images_on_glibc_without_the_
     ]:
         assert train._huge_pages_hint(*args) is None, args
     assert train._huge_pages_hint((32, 32, 3), "cpu", None, ("glibc", "2.40")) == hint
+
+
+# --- one run per workdir, resume only into the same run (issue 41) ----------------------------
+
+
+def _files(workdir):
+    """Every file under ``workdir`` with its bytes (what a refused run must leave untouched)."""
+    return {
+        p.relative_to(workdir): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_second_run_into_a_held_workdir_is_refused_before_writing(runs):
+    workdir, _ = runs[1]
+    before = _files(workdir)
+    with rundir.WorkdirLease(workdir):  # as if another run were training there
+        before = _files(workdir)
+        with pytest.raises(rundir.WorkdirBusyError, match=r"is in use by another run \(host "):
+            train_tiny(tiny_config(num_steps=16), workdir, source=tiny_source(), mesh=mesh_of(1))
+        assert _files(workdir) == before
+
+
+def test_a_resume_with_other_run_defining_keys_is_refused_and_config_json_untouched(runs):
+    workdir, _ = runs[1]
+    saved = (workdir / "config.json").read_bytes()
+    config = tiny_config(num_steps=20, log_every=2)  # these two may change on resume
+    config.seed, config.path.prediction, config.optim.learning_rate = 1, "epsilon", 1e-3
+    message = (
+        r"different config \(optim.learning_rate: saved 0.01, now 0.001; path.prediction: saved "
+        r"'velocity', now 'epsilon'; seed: saved 0, now 1\); only train.num_steps, "
+    )
+    with pytest.raises(ValueError, match=message):
+        train_tiny(config, workdir, source=tiny_source(), mesh=mesh_of(1))
+    assert (workdir / "config.json").read_bytes() == saved
+
+
+def test_resumable_keys_may_change_on_resume(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs[1][0], tmp_path / "run")
+    config = tiny_config(num_steps=14, log_every=7, checkpoint_every=7, keep_checkpoints=5)
+    state = train_tiny(config, tmp_path / "run", source=tiny_source(), mesh=mesh_of(1))
+    assert int(state.step) == 14
+    assert rundir.load_config(tmp_path / "run").train.num_steps == 14
+
+
+def test_a_lease_left_by_a_dead_process_is_recovered(tmp_path, monkeypatch, caplog):
+    # Without kernel locks (some network file systems) the record decides.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    lock = tmp_path / rundir.LOCK_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = socket.gethostname()
+    records = {
+        "dead pid, this host": ({"host": host, "pid": int(dead.stdout)}, True),
+        "live pid, this host": ({"host": host, "pid": os.getppid()}, False),
+        "renewed now, another host": ({"host": "elsewhere", "pid": 1, "renewed": time.time()}, False),
+        "renewed an hour ago": ({"host": "elsewhere", "pid": 1, "renewed": time.time() - 3600}, True),
+    }  # fmt: skip
+    for name, (record, recovered) in records.items():
+        lock.write_text(json.dumps({"started": "2026-01-01T00:00:00", **record}))
+        if recovered:
+            with caplog.at_level("WARNING"), rundir.WorkdirLease(tmp_path):
+                assert json.loads(lock.read_text())["pid"] == os.getpid(), name
+            assert "Recovered the lock" in caplog.text, name
+        else:
+            with pytest.raises(rundir.WorkdirBusyError, match=f"pid {record['pid']}"):
+                rundir.WorkdirLease(tmp_path).acquire()
+        caplog.clear()
+
+
+def test_init_from_starts_a_new_run_from_the_saved_parameters(runs, tmp_path):
+    source, finished = runs[1]
+    config = tiny_config(num_steps=1, checkpoint_every=1)
+    config.optim.learning_rate = 1e-12  # one update that barely moves the parameters
+    state = train_tiny(
+        config, tmp_path / "ft", source=tiny_source(), mesh=mesh_of(1), init_from=source
+    )
+    np.testing.assert_allclose(
+        jax.tree.leaves(state.params)[0], jax.tree.leaves(finished.params)[0], atol=1e-6
+    )
+    assert int(state.step) == 1
+    assert json.loads((tmp_path / "ft" / "init_from.json").read_text())["step"] == 12
+    with pytest.raises(ValueError, match=r"init_from=.* is the workdir itself"):
+        train_tiny(config, source, source=tiny_source(), mesh=mesh_of(1), init_from=source)
+
+
+def _tensorboard_losses(workdir):
+    """The loss records TensorBoard shows per step: events files in order, each purge (a
+    SessionLog START at step s) dropping the records at steps >= s read before it."""
+    from tensorboardX.proto import event_pb2
+
+    records: list[tuple[int, float]] = []
+    for path in sorted((workdir / "tensorboard").iterdir()):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                records = [(s, v) for s, v in records if s < event.step]
+            for value in event.summary.value:
+                if value.tag == "loss":
+                    records.append((event.step, value.simple_value))
+    return records
+
+
+def test_tensorboard_drops_the_events_after_the_restored_step(tmp_path):
+    def crash(step, state):
+        raise _Crash(f"simulated crash at step {step}")
+
+    with pytest.raises(_Crash):
+        train_tiny(tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1),
+                   hooks=[train.EvalHook(every=6, fn=crash)])  # fmt: skip
+    time.sleep(1.1)  # a new events file name (they are named by the second)
+    train_tiny(tiny_config(), tmp_path, source=tiny_source(), mesh=mesh_of(1))
+    steps = [s for s, _ in _tensorboard_losses(tmp_path)]
+    assert steps == list(range(1, 13))  # steps 5 and 6 of the crashed run purged

@@ -28,6 +28,15 @@ Rows:
   ``OSError`` naming ``metrics.jsonl``; the previous checkpoint and the earlier lines intact.
 - the same config and seed twice: identical ``metrics.jsonl`` (timing fields excepted) and
   parameters.
+- a double launch into one workdir, simultaneous and staggered: one run is refused at once
+  ("is in use by another run") and writes nothing; the other ends bit-identical to the
+  uninterrupted run, metrics included.
+- a lock left by a run killed with ``kill -9``: the next run recovers it (a warning naming
+  the dead holder) and resumes exactly.
+- a resume with other run-defining keys (learning rate, prediction): refused with one line
+  naming each key, saved and new value; ``config.json`` and every other file untouched.
+- a full disk while the best-checkpoint hook saves: the error names ``checkpoints_best``,
+  the full disk and the resumable steps of ``checkpoints/``.
 """
 
 import argparse
@@ -112,8 +121,16 @@ class Row:
 # --- the training child ----------------------------------------------------------------------
 
 
-def child_config(model: str, steps: int, checkpoint_every: int, keep: int):
-    """The config of every training run of the suite (log every step, no sample grids)."""
+def child_config(
+    model: str,
+    steps: int,
+    checkpoint_every: int,
+    keep: int,
+    learning_rate: float = 1e-3,
+    prediction: str = "velocity",
+):
+    """The config of every training run of the suite (log every step, no sample grids);
+    ``learning_rate`` and ``prediction`` change it into another run."""
     c = configs.base_config()
     c.model.name = MODELS[model]
     c.train.update(
@@ -124,7 +141,8 @@ def child_config(model: str, steps: int, checkpoint_every: int, keep: int):
         keep_checkpoints=keep,
         sample_every=0,
     )
-    c.optim.update(learning_rate=1e-3, ema_decay=0.99)
+    c.optim.update(learning_rate=learning_rate, ema_decay=0.99)
+    c.path.prediction = prediction
     return c
 
 
@@ -176,13 +194,39 @@ def fill_disk(workdir: pathlib.Path, step: int, checkpoint_every: int) -> dict:
     return {}
 
 
+def best_hook(every: int) -> train.EvalHook:
+    """A hook whose score improves at every evaluation, so the best-checkpoint hook saves a
+    state to ``checkpoints_best`` each time."""
+    return train.EvalHook(every=every, fn=lambda step, state: {"score": -step}, keep_best="score")
+
+
+def hold_hook(release: pathlib.Path, at: int = 2) -> train.EvalHook:
+    """A hook that holds the run at step ``at`` (while it holds the workdir) until the file
+    ``release`` exists: the parent lets it go once another run has tried the workdir."""
+
+    def hold(step, state):
+        deadline = time.monotonic() + _WAIT
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {}
+
+    return train.EvalHook(every=at, fn=hold)
+
+
 def child_main(args) -> None:
     """One training run (the ``--child`` mode): prints ``SAVE-STARTED <step>`` after each
     asynchronous save starts, when asked, so that the parent can kill it mid-save."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     common.setup()
     workdir = pathlib.Path(args.workdir)
-    config = child_config(args.model, args.steps, args.checkpoint_every, args.keep)
+    config = child_config(
+        args.model,
+        args.steps,
+        args.checkpoint_every,
+        args.keep,
+        args.learning_rate,
+        args.prediction,
+    )
     source = data.digits(seed=config.seed)
     if args.poison_step:
         source = PoisonedSource(args.poison_step, source)
@@ -190,6 +234,10 @@ def child_main(args) -> None:
     if args.fill_disk_at:
         fill = functools.partial(fill_disk, workdir, checkpoint_every=args.checkpoint_every)
         hooks.append(train.EvalHook(every=args.fill_disk_at, fn=lambda step, state: fill(step)))
+    if args.best_every:
+        hooks.append(best_hook(args.best_every))
+    if args.hold_file:
+        hooks.append(hold_hook(pathlib.Path(args.hold_file)))
     if args.announce_saves:
         save = checkpoint.Checkpoints.save
 
@@ -639,6 +687,147 @@ def sigterm_entry_point(setup: Setup) -> list[Row]:
     return rows
 
 
+def double_launch(setup: Setup, ref: pathlib.Path, staggered: bool) -> list[Row]:
+    """Two runs started into one workdir, at once or the second once the first trains: one is
+    refused and writes nothing, the other ends as the uninterrupted run does."""
+    t0 = time.perf_counter()
+    kind = "staggered" if staggered else "simultaneous"
+    workdir = setup.workdir / f"double_{kind}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    # Whichever run takes the workdir holds at step 2 until the other has given up.
+    release = setup.workdir / f"double_{kind}.release"
+    release.unlink(missing_ok=True)
+    options = {"keep": 1000, "hold_file": release}
+    first = Child(setup, workdir, setup.workdir / f"double_{kind}_1.log", **options)
+    if staggered:
+        first.wait_for(lambda out: bool(_trained_steps(out)))
+    second = Child(setup, workdir, setup.workdir / f"double_{kind}_2.log", **options)
+    deadline = time.monotonic() + _WAIT
+    while all(c.process.poll() is None for c in (first, second)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.touch()
+    codes = [first.finish(), second.finish()]
+    outputs = [first.output(), second.output()]
+    refused = [
+        i for i, out in enumerate(outputs) if "FAILED WorkdirBusyError" in out and "in use" in out
+    ]
+    done = [i for i, out in enumerate(outputs) if f"DONE {setup.steps}" in out]
+    same_state = identical(load_state(workdir)[0], load_state(ref)[0])
+    same_metrics = metrics_without_timing(workdir) == metrics_without_timing(ref)
+    message = re.findall(r"^FAILED (.*)$", outputs[refused[0]], re.MULTILINE) if refused else []
+    return [
+        Row(
+            f"double launch into one workdir ({kind})",
+            "one run refused at once naming the holder; the other bit-identical to the "
+            "uninterrupted run (state and metrics)",
+            f"exits {codes}, refused: run {[i + 1 for i in refused]} "
+            f"({message[0][:90] if message else 'no message'}...), state "
+            f"{'bit-identical' if same_state else 'DIFFERS'}, metrics "
+            f"{'identical' if same_metrics else 'DIFFER'}",
+            len(refused) == 1 and len(done) == 1 and (not staggered or refused == [1])
+            and same_state and same_metrics,
+            time.perf_counter() - t0,
+        )
+    ]  # fmt: skip
+
+
+def stale_lock(setup: Setup, ref: pathlib.Path) -> list[Row]:
+    """A run killed with SIGKILL while it holds the workdir's lock; the next run recovers the
+    lock and resumes exactly."""
+    t0 = time.perf_counter()
+    workdir = setup.workdir / "stale_lock"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    child = Child(setup, workdir, setup.workdir / "stale_lock_1.log", keep=1000)
+    child.wait_for(lambda out: any(s > setup.checkpoint_every for s in _trained_steps(out)))
+    child.kill()
+    record = json.loads((workdir / rundir.LOCK_FILE).read_text())
+    again = Child(setup, workdir, setup.workdir / "stale_lock_2.log", keep=1000)
+    code = again.finish()
+    recovered = "Recovered the lock" in again.output() and f"pid {record['pid']}" in again.output()
+    same = code == 0 and identical(load_state(workdir)[0], load_state(ref)[0])
+    same_metrics = metrics_without_timing(workdir) == metrics_without_timing(ref)
+    return [
+        Row(
+            "a lock left by kill -9",
+            "the next run recovers it (warning naming the dead pid) and ends bit-identical",
+            f"exit {code}, lock of pid {record['pid']} (released: {record.get('released', False)}) "
+            f"{'recovered' if recovered else 'NOT RECOVERED'}, state "
+            f"{'bit-identical' if same else 'DIFFERS'}, metrics "
+            f"{'identical' if same_metrics else 'DIFFER'}",
+            recovered and same and same_metrics,
+            time.perf_counter() - t0,
+        )
+    ]
+
+
+def changed_run(setup: Setup, ref: pathlib.Path) -> list[Row]:
+    """The finished reference run resumed with another learning rate and prediction."""
+    t0 = time.perf_counter()
+    workdir = setup.workdir / "changed"
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.copytree(ref, workdir)
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    child = Child(setup, workdir, setup.workdir / "changed.log", keep=1000, learning_rate=2e-3,
+                  prediction="epsilon", steps=setup.steps + 10)  # fmt: skip
+    code = child.finish()
+    errors = re.findall(r"^FAILED (.*)$", child.output(), re.MULTILINE)
+    message = errors[-1] if errors else "no error"
+    expected = (
+        "different config (optim.learning_rate: saved 0.001, now 0.002; path.prediction: "
+        "saved 'velocity', now 'epsilon')"
+    )
+    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    untouched = {p: b for p, b in after.items() if p.name != rundir.LOCK_FILE} == {
+        p: b for p, b in before.items() if p.name != rundir.LOCK_FILE
+    }
+    return [
+        Row(
+            "resume with another learning rate and prediction (and more steps)",
+            "refused naming each key, saved and new value; config.json and the run untouched",
+            f"exit {code}: {message[:160]}... | files {'untouched' if untouched else 'CHANGED'}",
+            code != 0 and expected in message and untouched,
+            time.perf_counter() - t0,
+        )
+    ]
+
+
+def full_disk_best(setup: Setup, size: str = "16m") -> list[Row]:
+    """A tmpfs workdir filled just before the best-checkpoint hook saves."""
+    t0 = time.perf_counter()
+    mount = setup.workdir / "disk_best"
+    fill_at = 2 * setup.checkpoint_every
+    injection = f"disk full at step {fill_at} as the best-checkpoint hook saves (tmpfs)"
+    reason = mount_tmpfs(mount, size)
+    if reason is not None:
+        return [Row(injection, "a clear error", f"skipped: {reason}", None)]
+    try:
+        workdir = mount / "run"
+        child = Child(setup, workdir, setup.workdir / "disk_best.log", keep=1000,
+                      fill_disk_at=fill_at, best_every=setup.checkpoint_every)  # fmt: skip
+        code = child.finish()
+        errors = re.findall(r"^FAILED (.*)$", child.output(), re.MULTILINE)
+        message = errors[-1] if errors else "no error"
+        steps = complete_steps(workdir)
+        clear = (
+            f"could not be written to {workdir}/checkpoints_best: the disk is full" in message
+            and f"intact: steps {steps} in {workdir}/checkpoints" in message
+        )
+        return [
+            Row(
+                injection,
+                "an error naming checkpoints_best, the full disk and the resumable steps of "
+                "checkpoints/",
+                f"exit {code}: {message[:200]}...",
+                code != 0 and clear and bool(steps),
+                time.perf_counter() - t0,
+            )
+        ]
+    finally:
+        unmount(mount)
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -664,6 +853,11 @@ def run_suite(setup: Setup, kill_count: int, seed: int) -> list[Row]:
         ("a truncated newest checkpoint", lambda: corrupted_checkpoint(setup, ref)),
         ("a NaN batch", lambda: nan_batch(setup, ref, step=setup.checkpoint_every * 2 + 3)),
         ("a full disk", lambda: full_disk(setup, ref)),
+        ("a full disk with the best-checkpoint hook", lambda: full_disk_best(setup)),
+        ("a double launch", lambda: double_launch(setup, ref, staggered=False)),
+        ("a staggered double launch", lambda: double_launch(setup, ref, staggered=True)),
+        ("a lock left by kill -9", lambda: stale_lock(setup, ref)),
+        ("a resume with other run-defining keys", lambda: changed_run(setup, ref)),
         ("SIGTERM to the entry point", lambda: sigterm_entry_point(setup)),
     ]
     for name, scenario in scenarios:
@@ -689,6 +883,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poison_step", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--fill_disk_at", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--announce_saves", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--best_every", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--hold_file", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help=argparse.SUPPRESS)
+    parser.add_argument("--prediction", default="velocity", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(args)

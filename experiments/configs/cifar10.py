@@ -119,6 +119,10 @@ def get_config(variant: str | None = None):
     # How the U-Net computes GroupNorm: "fmjax" (its own gradient, written for CPU) or "flax"
     # (nn.GroupNorm); the same parameters and function (see fmjax.models.UNet).
     c.model.group_norm = "fmjax"
+    # How biases and the label embedding start: "torch", as the peers' PyTorch networks do, so a
+    # run starts from the same distribution of networks as the peer's script ("fmjax": zero
+    # biases, Flax's embedding). See fmjax.models.UNet.initialization.
+    c.model.init = "torch"
     {"meta": _meta, "torchcfm": _torchcfm}[recipe](c)
     # Modifiers in a fixed order, so that "smoke,conditional" is "conditional,smoke".
     if "conditional" in parts:

@@ -3,6 +3,9 @@
 Variants (``--config=experiments/configs/digits.py:VARIANT``):
 - default: about 10–15 minutes on 2 idle CPU cores (see README.md); recognisable digits.
 - ``quick``: a few steps of a tiny U-Net, to check that everything runs (CI).
+- ``meanflow``: the same U-Net trained as a mean flow (``fmjax.meanflow``) for one- and
+  two-step generation, with py-meanflow's CIFAR-10 interval sampler and adaptive weight
+  converted to fmjax's time direction (docs/one-step.md). ``meanflow,quick`` checks it runs.
 """
 
 import ml_collections
@@ -11,7 +14,14 @@ from fmjax.configs import base_config
 
 
 def get_config(variant: str | None = None):
-    """The digits config; ``variant`` is None (default) or "quick"."""
+    """The digits config; ``variant`` is None (default), "quick", "meanflow" or
+    "meanflow,quick"."""
+    parts = set() if variant is None else set(variant.split(","))
+    if parts - {"quick", "meanflow"}:
+        raise ValueError(
+            f"Unknown digits config variant {variant!r}; expected 'quick', 'meanflow', "
+            "'meanflow,quick' or none."
+        )
     c = base_config()
     c.model.name = "unet_digits"
     c.data.name = "digits"
@@ -34,7 +44,14 @@ def get_config(variant: str | None = None):
     c.optim.final_lr_fraction = 0.05
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.999
-    if variant == "quick":
+    if "meanflow" in parts:
+        c.objective = "mean_flow"
+        c.model.mean_flow = True  # the U-Net's second time input (t_end)
+        c.meanflow.update(
+            interval_sampler="logit_normal", logit_mean=2.0, logit_std=2.0,
+            equal_fraction=0.25, adaptive_power=0.75, sample_steps=1,
+        )  # fmt: skip
+    if "quick" in parts:
         c.train.update(
             num_steps=6, log_every=2, checkpoint_every=3, sample_every=6, sample_steps=2,
             eval_every=3, eval_samples=64,
@@ -43,6 +60,4 @@ def get_config(variant: str | None = None):
         c.optim.schedule = "constant"  # independent of num_steps: a longer rerun reuses the compile
         c.model.name = "unet_tiny"  # compiles in a fraction of the time
         c.eval.bpd_examples = 16
-    elif variant is not None:
-        raise ValueError(f"Unknown digits config variant {variant!r}; expected 'quick' or none.")
     return c

@@ -6,8 +6,14 @@
 
 Modules: ``unet`` (the architecture and its presets), and the layers it is built from:
 ``conv`` (convolutions), ``group_norm``, ``attention``, ``dropout`` (feature and label
-dropout) and ``initializers``.
+dropout) and ``initializers``; ``torch_params`` maps the peers' PyTorch state dicts and
+checkpoints to these networks' parameters and back.
 """
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
 
 from fmjax.models.attention import ATTENTION_IMPLEMENTATIONS, check_attention
 from fmjax.models.conv import (
@@ -17,6 +23,17 @@ from fmjax.models.conv import (
 )
 from fmjax.models.dropout import drop_labels
 from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS
+from fmjax.models.initializers import INITIALIZATIONS, bias_init, embedding_init
+from fmjax.models.torch_params import (
+    PEERS,
+    TORCH_SOURCES,
+    TORCH_WEIGHTS,
+    load_params,
+    load_torch_checkpoint,
+    params_from_torch,
+    params_to_torch,
+    save_params,
+)
 from fmjax.models.unet import (
     UNet,
     UNetCIFAR10Meta,
@@ -31,26 +48,59 @@ from fmjax.models.unet import (
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "GROUP_NORM_IMPLEMENTATIONS",
+    "INITIALIZATIONS",
+    "PEERS",
+    "PRESETS",
+    "TORCH_SOURCES",
+    "TORCH_WEIGHTS",
     "UNet",
     "UNetCIFAR10Meta",
     "UNetCIFAR10TorchCFM",
     "UNetDigits",
     "UNetTiny",
     "UNetTinyConditional",
+    "bias_init",
     "check_attention",
     "conv_general_dilated",
     "drop_labels",
+    "embedding_init",
+    "load_params",
+    "load_torch_checkpoint",
     "param_count",
+    "params_from_torch",
+    "params_to_torch",
+    "save_params",
     "sinusoidal_embedding",
     "upsample_nearest",
     "upsampled_conv_general_dilated",
 ]
 
+
+def _preset(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``constructor`` that also takes ``init`` (``config.model.init``) for the U-Net's
+    ``initialization``: a field named ``init`` would hide Flax's ``Module.init``."""
+
+    @functools.wraps(constructor)
+    def build(*, init: str | None = None, **fields) -> nn.Module:
+        if init is not None:
+            fields["initialization"] = init
+        return constructor(**fields)
+
+    return build
+
+
 PRESETS = {
-    "unet_cifar10_meta": UNetCIFAR10Meta,
-    "unet_cifar10_torchcfm": UNetCIFAR10TorchCFM,
-    "unet_digits": UNetDigits,
-    "unet_tiny": UNetTiny,
+    "unet_cifar10_meta": _preset(UNetCIFAR10Meta),
+    "unet_cifar10_torchcfm": _preset(UNetCIFAR10TorchCFM),
+    "unet_digits": _preset(UNetDigits),
+    "unet_tiny": _preset(UNetTiny),
 }
 """Model constructors by the name ``config.model.name`` uses; each takes the preset's fields as
-keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``)."""
+keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``), and ``init``
+(``config.model.init``, one of :data:`INITIALIZATIONS`) for the U-Net's ``initialization``.
+
+Example:
+    >>> from fmjax.models import PRESETS
+    >>> PRESETS["unet_tiny"](init="torch").initialization
+    'torch'
+"""

@@ -15,6 +15,7 @@ over all positions of an NHWC map. Its parameters are those of ``nn.Dense`` laye
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from fmjax.models.group_norm import group_norm
-from fmjax.models.initializers import torch_kernel_init
+from fmjax.models.initializers import bias_init, torch_kernel_init
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -127,12 +128,13 @@ class HeadsProjection(nn.Module):
     num_heads: int
     dtype: Any
     heads_major: bool = True
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         c = h.shape[-1]
         kernel = self.param("kernel", torch_kernel_init, (c, 3 * c), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (3 * c,), jnp.float32)
         h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
         kernel = kernel.reshape(c, 3, self.num_heads, c // self.num_heads)
         bias = bias.reshape(3, 1, 1, self.num_heads, c // self.num_heads)
@@ -217,6 +219,8 @@ class Attention(nn.Module):
         implementation: one of :data:`ATTENTION_IMPLEMENTATIONS` (see
             :attr:`fmjax.models.UNet.attention`).
         group_norm: one of :data:`fmjax.models.group_norm.GROUP_NORM_IMPLEMENTATIONS`.
+        initialization: how the ``qkv`` bias starts, one of
+            :data:`fmjax.models.initializers.INITIALIZATIONS`.
     """
 
     num_heads: int
@@ -224,6 +228,7 @@ class Attention(nn.Module):
     dtype: Any
     implementation: str = "xla"
     group_norm: str = "fmjax"
+    initialization: str = "fmjax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -233,9 +238,9 @@ class Attention(nn.Module):
         # is then a plain batched matrix product over (image, head), at the cost of one copy
         # back after it. The fused kernel takes position-major arrays as they are.
         fused = self.implementation != "xla"
-        q, k, v = HeadsProjection(self.num_heads, self.dtype, not fused, name="qkv")(
-            h.reshape(b, height * width, c)
-        )
+        q, k, v = HeadsProjection(
+            self.num_heads, self.dtype, not fused, bias_init(self.initialization, c), name="qkv"
+        )(h.reshape(b, height * width, c))
         if fused:
             out = attend_fused(q, k, v, self.implementation)
         else:

@@ -43,7 +43,7 @@ from fmjax.models.conv import (
 )
 from fmjax.models.dropout import dropout
 from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS, group_norm
-from fmjax.models.initializers import torch_kernel_init
+from fmjax.models.initializers import bias_init, embedding_init, torch_kernel_init
 
 __all__ = [
     "UNet",
@@ -112,9 +112,13 @@ def _conv(
     zero: bool = False,
     stride: int = 1,
     upsample: bool = False,
+    init: str = "fmjax",
+    in_channels: int = 1,
 ):
     """A convolution of "same" padding; with ``upsample``, of the 2x nearest-upsampled input
-    (the same parameters, computed without the upsampled image)."""
+    (the same parameters, computed without the upsampled image). ``init`` and
+    ``in_channels`` set the bias's initialisation (a zero layer's bias is zero either way, as
+    guided-diffusion's ``zero_module`` makes it)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -126,20 +130,50 @@ def _conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.zeros if zero else torch_kernel_init,
+        bias_init=nn.initializers.zeros if zero else bias_init(init, in_channels * kernel**2),
         # lax's forward pass and input gradient; on CPU a kernel gradient by per-tap GEMMs.
         conv_general_dilated=upsampled_conv_general_dilated if upsample else conv_general_dilated,
         name=name,
     )
 
 
-def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+def _dense(features: int, dtype: Any, name: str, init: str, in_features: int) -> nn.Dense:
     return nn.Dense(
         features,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=torch_kernel_init,
+        bias_init=bias_init(init, in_features),
         name=name,
     )
+
+
+class _LabelEmbedding(nn.Module):
+    """``nn.Embed``'s parameter (``embedding``, ``[num_classes + 1, features]``) and lookup,
+    with the null label's row (the last) optionally zero and frozen, as PyTorch's
+    ``nn.Embedding(num_classes + 1, features, padding_idx=num_classes)`` keeps it: it starts at
+    zero and its gradient is zero."""
+
+    num_classes: int
+    features: int
+    dtype: Any
+    initialization: str
+    frozen_null_label: bool
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        start = embedding_init(self.initialization)
+        rows = self.num_classes + 1
+
+        def init_fn(key, shape, dtype=jnp.float32):
+            table = start(key, shape, dtype)
+            return table.at[-1].set(0.0) if self.frozen_null_label else table
+
+        table = self.param("embedding", init_fn, (rows, self.features), jnp.float32)
+        if self.frozen_null_label:
+            null = (jnp.arange(rows) == self.num_classes)[:, None]
+            table = jnp.where(null, jax.lax.stop_gradient(table), table)
+        return jnp.take(table.astype(self.dtype), labels, axis=0)
 
 
 def _avg_pool(h: jax.Array) -> jax.Array:
@@ -156,6 +190,7 @@ class _ResBlock(nn.Module):
     dtype: Any
     resample: str | None = None  # None, "up" or "down"
     group_norm: str = "fmjax"
+    initialization: str = "fmjax"
 
     def _norm(self, h: jax.Array, name: str) -> jax.Array:
         return group_norm(h, self.num_groups, self.dtype, name, self.group_norm)
@@ -168,10 +203,14 @@ class _ResBlock(nn.Module):
             x = upsample_nearest(x)
         elif self.resample == "down":
             h, x = _avg_pool(h), _avg_pool(x)
-        h = _conv(self.out_channels, 3, self.dtype, "conv_in", upsample=up)(h)
+        init, c_in = self.initialization, x.shape[-1]
+        h = _conv(
+            self.out_channels, 3, self.dtype, "conv_in", upsample=up, init=init, in_channels=c_in
+        )(h)
 
         width = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
-        e = _dense(width, self.dtype, "emb_proj")(nn.silu(emb))[:, None, None, :]
+        e = _dense(width, self.dtype, "emb_proj", init, emb.shape[-1])(nn.silu(emb))
+        e = e[:, None, None, :]
         if self.scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = self._norm(h, "norm_out") * (1 + scale) + shift
@@ -181,7 +220,7 @@ class _ResBlock(nn.Module):
         h = _conv(self.out_channels, 3, self.dtype, "conv_out", zero=True)(h)
 
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, self.dtype, "skip")(x)
+            x = _conv(self.out_channels, 1, self.dtype, "skip", init=init, in_channels=c_in)(x)
         return x + h
 
 
@@ -246,6 +285,20 @@ class UNet(nn.Module):
             norm (written for XLA:CPU, the faster form there); ``"flax"``,
             ``flax.linen.GroupNorm`` differentiated by JAX, which XLA:GPU and TPU may fuse
             better with its neighbours.
+        initialization: how biases and the label embedding start (``config.model.init``), one of
+            :data:`fmjax.models.initializers.INITIALIZATIONS` (the parameter tree is the
+            same): ``"fmjax"``, biases at zero and the label embedding at Flax's default;
+            ``"torch"``, as the peers' PyTorch networks start (biases
+            :math:`U(\pm 1/\sqrt{\mathrm{fan\_in}})`, embeddings :math:`N(0, 1)`), so that a run
+            starts from the same distribution of networks as the peer's script. Kernels start
+            as PyTorch's either way; the layers guided-diffusion zeroes start at zero either way.
+        frozen_null_label: keep the null label's embedding row at zero with a zero gradient, as
+            Meta's ``nn.Embedding(num_classes + 1, ..., padding_idx=num_classes)`` does (the
+            Meta preset sets it); False trains that row like the others.
+        mean_flow: a mean-flow network (:mod:`fmjax.meanflow`): ``__call__`` takes the end
+            ``t_end`` of the interval, and the length ``t_end - t`` is embedded like ``t`` (a
+            second two-layer MLP, ``interval_mlp_*``) and added to the time embedding, as
+            MeanFlow does. Off, the parameters are those of the plain network.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -275,6 +328,9 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "xla"
     group_norm: str = "fmjax"
+    initialization: str = "fmjax"
+    frozen_null_label: bool = False
+    mean_flow: bool = False
 
     def _heads(self, channels: int) -> int:
         if self.head_channels is None:
@@ -362,6 +418,7 @@ class UNet(nn.Module):
         t: Float[ArrayLike, " *batch"],
         y: Int[ArrayLike, " batch"] | None = None,
         *,
+        t_end: Float[ArrayLike, " *batch"] | None = None,
         train: bool = False,
     ) -> Float[Array, " batch height width channels"]:
         """The network's output for images ``x_t`` at times ``t``, shaped like ``x_t``.
@@ -371,6 +428,8 @@ class UNet(nn.Module):
             t: times in ``[0, 1]``, shape ``[batch]`` or a scalar for the whole batch.
             y: class labels ``[batch]`` in ``[0, num_classes]`` (``num_classes`` is the null
                 label), or None (every example unconditional). Only for a conditional model.
+            t_end: the end of the interval of a mean-flow network (``mean_flow=True``), shape
+                ``[batch]`` or a scalar; None means ``t`` (the instantaneous velocity).
             train: enables dropout; then pass ``rngs={"dropout": key}`` to ``apply``.
 
         Raises:
@@ -393,6 +452,17 @@ class UNet(nn.Module):
             raise ValueError(
                 f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
             )
+        if t_end is not None and not self.mean_flow:
+            raise ValueError(
+                "t_end is the second time of a mean-flow network; this UNet has "
+                "mean_flow=False (build it with mean_flow=True to train it with "
+                "fmjax.meanflow)."
+            )
+        t_end = t if t_end is None else jnp.asarray(t_end)
+        if t_end.shape not in ((), (batch,)):
+            raise ValueError(
+                f"t_end must be a scalar or have shape [batch]=({batch},); got shape {t_end.shape}."
+            )
         self.check_image_shape(x_t.shape[1:])
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} is not valid; expected a rate in [0, 1).")
@@ -411,6 +481,7 @@ class UNet(nn.Module):
             num_groups=groups,
             dtype=dtype,
             group_norm=self.group_norm,
+            initialization=self.initialization,
         )
         attention = functools.partial(
             Attention,
@@ -418,20 +489,27 @@ class UNet(nn.Module):
             dtype=dtype,
             implementation=self.attention,
             group_norm=self.group_norm,
+            initialization=self.initialization,
         )
 
-        emb_dim = 4 * self.model_channels
-        emb = sinusoidal_embedding(
-            jnp.broadcast_to(t, (batch,)), self.model_channels, scale=self.time_scale
-        ).astype(dtype)
-        emb = _dense(emb_dim, dtype, "time_mlp_0")(emb)
-        emb = _dense(emb_dim, dtype, "time_mlp_1")(nn.silu(emb))
+        init, m = self.initialization, self.model_channels
+        emb_dim = 4 * m
+        emb = sinusoidal_embedding(jnp.broadcast_to(t, (batch,)), m, scale=self.time_scale)
+        emb = _dense(emb_dim, dtype, "time_mlp_0", init, m)(emb.astype(dtype))
+        emb = _dense(emb_dim, dtype, "time_mlp_1", init, emb_dim)(nn.silu(emb))
+        if self.mean_flow:
+            # MeanFlow's second time: the interval's length, embedded like t and added.
+            span = jnp.broadcast_to(t_end - t, (batch,))
+            extra = sinusoidal_embedding(span, m, scale=self.time_scale)
+            extra = _dense(emb_dim, dtype, "interval_mlp_0", init, m)(extra.astype(dtype))
+            emb = emb + _dense(emb_dim, dtype, "interval_mlp_1", init, emb_dim)(nn.silu(extra))
         if labels is not None:
-            table = nn.Embed(
-                self.num_classes + 1,
+            table = _LabelEmbedding(
+                self.num_classes,
                 emb_dim,
-                dtype=dtype,
-                param_dtype=jnp.float32,
+                dtype,
+                init,
+                self.frozen_null_label,
                 name="label_embedding",
             )
             valid = (labels >= 0) & (labels <= self.num_classes)
@@ -439,9 +517,9 @@ class UNet(nn.Module):
             emb = emb + jnp.where(valid[:, None], label_emb, jnp.nan).astype(dtype)
 
         levels = len(self.channel_mult)
-        h = _conv(self.model_channels * self.channel_mult[0], 3, dtype, "conv_in")(
-            x_t.astype(dtype)
-        )
+        h = _conv(
+            m * self.channel_mult[0], 3, dtype, "conv_in", init=init, in_channels=x_t.shape[-1]
+        )(x_t.astype(dtype))
         skips = [h]
         ds = 1
         for level, mult in enumerate(self.channel_mult):
@@ -456,7 +534,9 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(channels, resample="down", name=name)(h, emb, train)
                 elif self.conv_resample:
-                    h = _conv(channels, 3, dtype, name, stride=2)(h)
+                    h = _conv(channels, 3, dtype, name, stride=2, init=init, in_channels=channels)(
+                        h
+                    )
                 else:
                     h = _avg_pool(h)
                 skips.append(h)
@@ -478,7 +558,9 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(channels, resample="up", name=name)(h, emb, train)
                 elif self.conv_resample:
-                    h = _conv(channels, 3, dtype, name, upsample=True)(h)
+                    h = _conv(
+                        channels, 3, dtype, name, upsample=True, init=init, in_channels=channels
+                    )(h)
                 else:
                     h = upsample_nearest(h)
                 ds //= 2
@@ -517,10 +599,12 @@ UNetCIFAR10Meta = functools.partial(
     resblock_updown=False,
     conv_resample=False,
     time_scale=1.0,
+    frozen_null_label=True,
 )
 """Meta ``flow_matching``'s CIFAR-10 U-Net (FID 2.07): 128 channels, multipliers (2, 2, 2), 4
 residual blocks per level, attention at 16x16 with 1 head, scale-shift norm, dropout 0.3,
-average-pool / nearest resampling, unscaled ``t``. About 55.7M parameters on 32x32x3."""
+average-pool / nearest resampling, unscaled ``t``; a class-conditional one keeps its null-label
+embedding row at zero, frozen (Meta's ``padding_idx``). About 55.7M parameters on 32x32x3."""
 
 UNetCIFAR10TorchCFM = functools.partial(
     UNet,
