@@ -368,7 +368,7 @@ def test_a_workdir_held_by_another_run(tmp_path):
         (
             ["--config=experiments/configs/digits.py:nosuch"],
             "error: flag --config=experiments/configs/digits.py:nosuch: Unknown digits config "
-            "variant 'nosuch'; expected 'quick' or none.",
+            "variant 'nosuch'; expected 'quick', 'meanflow', 'meanflow,quick' or none.",
         ),
     ],
     ids=["key_typo", "section_typo", "not_an_int", "bad_variant"],

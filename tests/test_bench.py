@@ -490,3 +490,13 @@ def test_gpu_script_parses_and_refuses_bad_arguments_before_any_work(tmp_path, a
     )
     assert done.returncode == 2 and message in done.stderr
     assert not results.exists()
+
+
+def test_objective_rows_time_both_objectives_relative_to_flow_matching():
+    rows = bench_train.objective_rows("unet_tiny", (8, 8, 1), 2, repeats=1, dtype="float32")
+    assert [r["benchmark"] for r in rows] == [
+        "train step, flow_matching",
+        "train step, mean_flow",
+    ]
+    assert rows[0]["relative_to_flow_matching"] == 1.0
+    assert all(r["step_ms"] > 0 for r in rows)

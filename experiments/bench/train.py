@@ -186,16 +186,21 @@ def build_step(
     devices=None,
     *,
     module: nn.Module | None = None,
+    objective: str = "flow_matching",
 ):
     """The engine's jitted train step of ``preset`` over ``devices`` (default: all), a fresh
     state and a fixed batch of ``per_device_batch`` images per device (random, in [-1, 1]):
     ``(step, state, batch, config)``. ``step`` donates its state.
 
     With ``module``, a Flax module that no preset names, the step trains it and ``preset``
-    only labels it (``config.model.name``)."""
+    only labels it (``config.model.name``). ``objective`` is ``config.objective``; for
+    ``"mean_flow"`` the preset is built with its second time input (``mean_flow=True``)."""
     mesh = make_mesh(devices)
     config = configs.base_config()
     config.model.name = preset
+    config.objective = objective
+    if objective == "mean_flow" and module is None:
+        config.model.mean_flow = True
     config.model.dtype = dtype or default_dtype()
     config.data.image_shape = image_shape
     config.train.batch_size = per_device_batch * mesh.size
@@ -306,6 +311,37 @@ def step_row(
     if preset == "unet_cifar10_meta":
         row["meta_recipe_device_hours"] = meta_recipe_device_hours(images_per_second)
     return row
+
+
+def objective_rows(
+    preset: str, image_shape, per_device_batch: int, repeats: int, dtype: str | None = None
+) -> list[dict]:
+    """The train step of each of :data:`fmjax.configs.OBJECTIVES` on one preset, timed as
+    training runs it (:func:`pipelined_step_seconds`), with each step's time relative to
+    flow matching's: the cost of the mean-flow objective's Jacobian-vector product."""
+    rows = []
+    for objective in configs.OBJECTIVES:
+        step, state, batch, config = build_step(
+            preset, image_shape, per_device_batch, dtype, objective=objective
+        )
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - start
+        seconds = pipelined_step_seconds(compiled, {"state": state}, batch, repeats)
+        rows.append(
+            {
+                "benchmark": f"train step, {objective}",
+                "preset": preset,
+                "device": jax.devices()[0].device_kind,
+                "batch_per_device": per_device_batch,
+                "dtype": config.model.dtype,
+                "compile_s": compile_seconds,
+                "step_ms": 1e3 * seconds,
+            }
+        )
+    for row in rows:
+        row["relative_to_flow_matching"] = row["step_ms"] / rows[0]["step_ms"]
+    return rows
 
 
 def peak_row(dtype: str, repeats: int) -> tuple[dict, float]:
@@ -655,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         "several fields of one variant separated by spaces) against the preset's, in one "
         "process (repeatable: one variant each; needs --preset)",
     )
+    parser.add_argument(
+        "--compare-objectives",
+        action="store_true",
+        help="time the step of each objective (flow matching, mean flow) on --preset",
+    )
     args = parser.parse_args(argv)
     if args.batch_per_device < 1 or args.repeats < 1:
         raise ValueError(
@@ -677,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = preset_shape(args.preset, args.image_shape)
         presets = [(args.preset, shape, args.batch_per_device)]
     print_header()
-    if options or model_options:
+    if args.compare_objectives:
+        if args.preset is None:
+            raise ValueError("--compare-objectives times one preset's step; name it with --preset.")
+        rows = objective_rows(*presets[0], args.repeats, dtype)
+    elif options or model_options:
         compared = options or model_options
         rows = option_rows(*presets[0], args.repeats, compared, dtype, model=bool(model_options))
     else:
