@@ -146,7 +146,7 @@ def test_torch_load_appears_only_in_the_restricted_weight_converters():
     # weights_only: above
     assert sorted(name for name, _ in calls) == [
         "fmjax/metrics/inception.py",
-        "fmjax/models/torch_params.py",
+        "fmjax/models/param_files.py",
     ]
 
 

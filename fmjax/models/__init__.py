@@ -6,8 +6,9 @@
 
 Modules: ``unet`` (the architecture and its presets), and the layers it is built from:
 ``conv`` (convolutions), ``group_norm``, ``attention``, ``dropout`` (feature and label
-dropout) and ``initializers``; ``torch_params`` maps the peers' PyTorch state dicts and
-checkpoints to these networks' parameters and back.
+dropout), ``embeddings`` (time and label) and ``initializers``; ``torch_params`` maps the
+peers' PyTorch state dicts to these networks' parameters and back, and ``param_files`` reads
+their checkpoints and keeps converted parameters.
 """
 
 import functools
@@ -22,18 +23,17 @@ from fmjax.models.conv import (
     upsampled_conv_general_dilated,
 )
 from fmjax.models.dropout import drop_labels
+from fmjax.models.embeddings import LabelEmbedding, sinusoidal_embedding
 from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS
 from fmjax.models.initializers import INITIALIZATIONS, bias_init, embedding_init
-from fmjax.models.torch_params import (
-    PEERS,
+from fmjax.models.param_files import (
     TORCH_SOURCES,
     TORCH_WEIGHTS,
     load_params,
     load_torch_checkpoint,
-    params_from_torch,
-    params_to_torch,
     save_params,
 )
+from fmjax.models.torch_params import PEERS, params_from_torch, params_to_torch
 from fmjax.models.unet import (
     UNet,
     UNetCIFAR10Meta,
@@ -42,7 +42,6 @@ from fmjax.models.unet import (
     UNetTiny,
     UNetTinyConditional,
     param_count,
-    sinusoidal_embedding,
 )
 
 __all__ = [
@@ -53,6 +52,7 @@ __all__ = [
     "PRESETS",
     "TORCH_SOURCES",
     "TORCH_WEIGHTS",
+    "LabelEmbedding",
     "UNet",
     "UNetCIFAR10Meta",
     "UNetCIFAR10TorchCFM",
