@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 __all__ = [
@@ -329,17 +330,7 @@ def convert_state_dict(state_dict: Mapping[str, ArrayLike]) -> PyTree:
             f"unexpected entries {sorted(unexpected)[:10]}, missing {missing[:10]} "
             f"({len(unexpected)} unexpected, {len(missing)} missing in all)."
         )
-    return _unflatten(out)
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> PyTree:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    return traverse_util.unflatten_dict(out)
 
 
 def save_variables(path: str | os.PathLike, variables: PyTree) -> None:
@@ -394,7 +385,7 @@ def load_variables(path: str | os.PathLike) -> PyTree:
         raise ValueError(
             f"{path} does not hold FID Inception variables; wrong or missing: {wrong[:10]}."
         )
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def default_weights_path() -> pathlib.Path:

@@ -18,13 +18,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from fmjax.models.torch_params import (
     PEERS,
     _architecture,
     _check_choice,
     _check_model,
-    _unflatten,
     params_to_torch,
 )
 from fmjax.models.unet import UNet
@@ -250,7 +250,7 @@ def load_params(path: str | os.PathLike, model: UNet, *, preset: str | None = No
             + "."
         )
     flat = {tuple(k.split("/")[1:]): v for k, v in stored.items() if k.startswith("params/")}
-    params = _unflatten(flat)
+    params = traverse_util.unflatten_dict(flat)
     in_channels = flat.get(("conv_in", "kernel"), np.zeros((1, 1, 1, 1))).shape[2]
     # Names and shapes: exactly the export's check.
     params_to_torch(params, model, (1, 1, in_channels))

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jaxtyping import ArrayLike
 
 from fmjax.models.unet import UNet
@@ -260,16 +261,6 @@ def _leaves(model: UNet, input_shape: tuple[int, ...], peer: str) -> list[_Leaf]
     return out
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _strip_prefix(names: list[str]) -> dict[str, str]:
     """Stripped name -> given name: DDP's ``module.`` (and ``torch.compile``'s ``_orig_mod.``)."""
     out = {}
@@ -355,7 +346,7 @@ def params_from_torch(
                 if names
             ).rstrip()
         )
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def params_to_torch(
