@@ -99,7 +99,7 @@ def final_evaluation(config, model, state, workdir: str) -> dict:
     velocity = make_velocity(model, config)
     key = stream_key(config.seed, Stream.DIGITS_FINAL)
     by_steps = {}
-    if config.get("objective", "flow_matching") == "mean_flow":
+    if config.objective == "mean_flow":
         # The same noise at each number of jumps; the first is the headline score.
         for steps in MEAN_FLOW_STEPS:
             jumps = generate(config, velocity, state, FINAL_SAMPLES, key, mean_flow_steps=steps)
@@ -117,7 +117,7 @@ def final_evaluation(config, model, state, workdir: str) -> dict:
         "floor_train_vs_test": score.floor,
         "baseline_uniform_noise": score.noise,
         "num_samples": FINAL_SAMPLES,
-        "objective": config.get("objective", "flow_matching"),
+        "objective": config.objective,
         "solver": "meanflow" if by_steps else config.train.sample_solver,
         "steps": config.meanflow.sample_steps if by_steps else config.train.sample_steps,
         "nfe": int(result.nfe),

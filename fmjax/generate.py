@@ -57,7 +57,7 @@ def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callab
     """
     path, _, _ = build_path(config.path)
     prediction = config.path.prediction
-    mean_flow = config.get("objective", "flow_matching") == "mean_flow"
+    mean_flow = config.objective == "mean_flow"
 
     def velocity(params, labels, x, t, t_end=None):
         t_batch = jnp.broadcast_to(t, (x.shape[0],))
@@ -94,7 +94,7 @@ def generate(
         labels = jnp.arange(num_samples, dtype=jnp.int32) % config.model.num_classes
     params = jax.device_get(state.ema_params)  # replicated: the host copy is complete
     fn = jax.tree_util.Partial(velocity, params, labels)
-    if config.get("objective", "flow_matching") == "mean_flow":
+    if config.objective == "mean_flow":
         steps = config.meanflow.sample_steps if mean_flow_steps is None else mean_flow_steps
         return meanflow.sample(fn, x0, steps=steps)
     return sampling.sample(fn, x0, solver=t.sample_solver, steps=t.sample_steps)

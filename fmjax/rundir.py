@@ -29,7 +29,7 @@ from tensorboardX import SummaryWriter
 
 from fmjax import checkpoint
 from fmjax.checkpoint import free_space
-from fmjax.configs import RESUMABLE_KEYS, build_model, resume_differences
+from fmjax.configs import RESUMABLE_KEYS, base_config, build_model, resume_differences
 from fmjax.step import TrainState, abstract_state
 
 __all__ = [
@@ -99,14 +99,22 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run saved as ``workdir/config.json``."""
+    """The config a run saved as ``workdir/config.json``.
+
+    A top-level key that the run's config lacks (a run saved before the key existed, e.g.
+    ``objective``) reads as :func:`fmjax.configs.base_config`'s default, so the code that
+    reads a run never needs a fallback of its own.
+    """
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise ValueError(f"{path} does not exist: {workdir} is not an fmjax run directory.")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a readable run config (JSON): {error}.") from None
+    for key, value in json.loads(base_config().to_json()).items():
+        saved.setdefault(key, value)
+    return ml_collections.ConfigDict(saved)
 
 
 def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

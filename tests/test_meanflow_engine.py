@@ -152,3 +152,13 @@ def test_the_digits_mean_flow_variant_runs_end_to_end_and_scores_by_steps(tmp_pa
     assert sorted(report["digits_fd_by_steps"]) == ["1", "2", "4"]
     assert report["digits_fd"] == report["digits_fd_by_steps"]["1"]
     assert np.isfinite(report["bits_per_dim"])
+
+
+def test_a_run_saved_before_the_objective_key_reads_as_flow_matching(tmp_path):
+    saved = json.loads(tiny_config().to_json())
+    del saved["objective"], saved["meanflow"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = rundir.load_config(tmp_path)
+    assert config.objective == "flow_matching"
+    assert config.meanflow.sample_steps == 1
+    assert config.train.num_steps == saved["train"]["num_steps"]
