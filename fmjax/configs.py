@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from fmjax import couplings, models, paths, timesteps
 from fmjax.couplings import COUPLINGS, Coupling
-from fmjax.meanflow import INTERVAL_SAMPLERS, IntervalSampler
+from fmjax.meanflow import INTERVAL_SAMPLERS, IntervalSampler, MeanFlowGuidance
 from fmjax.paths import PREDICTIONS, SCHEDULERS
 from fmjax.sampling import SOLVERS
 from fmjax.timesteps import TIME_SAMPLERS, TimeSampler
@@ -42,6 +42,7 @@ __all__ = [
     "closest_key",
     "flat_keys",
     "make_optimizer",
+    "meanflow_guidance",
     "resume_differences",
     "validate",
     "validate_image_shape",
@@ -164,6 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
     mf.adaptive_power = 1.0  # p of the adaptive weight 1 / (|delta|^2 + c)^p; 0: plain MSE
     mf.adaptive_eps = 1e-3  # c
     mf.sample_steps = 1  # jumps of the sample grids and in-training scores
+    # MeanFlow's training-time guidance (fmjax.meanflow.MeanFlowGuidance; class-conditional
+    # models): omega = 1, kappa = 0 is none; its ImageNet recipe is omega = 1, kappa = 0.5.
+    mf.guidance_omega = 1.0
+    mf.guidance_kappa = 0.0
+    mf.guidance_t_min = 0.0  # guidance applies for t in [t_min, t_max] (noise at t = 0)
+    mf.guidance_t_max = 1.0
     return c
 
 
@@ -393,6 +400,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         if not mf.adaptive_eps > 0:
             raise ValueError(f"config.meanflow.adaptive_eps={mf.adaptive_eps!r} must be > 0.")
         _positive("meanflow.sample_steps", mf.sample_steps)
+        if not mf.guidance_kappa >= 0:
+            raise ValueError(
+                f"config.meanflow.guidance_kappa={mf.guidance_kappa!r} must be a number >= 0."
+            )
+        if not 0.0 <= mf.guidance_t_min <= mf.guidance_t_max <= 1.0:
+            raise ValueError(
+                f"config.meanflow.guidance_t_min={mf.guidance_t_min!r} and guidance_t_max="
+                f"{mf.guidance_t_max!r} must satisfy 0 <= t_min <= t_max <= 1."
+            )
+        if meanflow_guidance(config) is None and (
+            mf.guidance_omega != 1.0 or mf.guidance_kappa != 0.0
+        ):
+            raise ValueError(
+                "config.meanflow.guidance_omega/guidance_kappa guide towards labels, which needs "
+                "a class-conditional model: set config.model.num_classes (and "
+                "config.data.label_drop_prob > 0 to train the unconditional model too)."
+            )
     if not (isinstance(o.learning_rate, int | float) and 0 < o.learning_rate < math.inf):
         raise ValueError(
             f"config.optim.learning_rate={o.learning_rate!r} is not valid; expected a positive "
@@ -493,6 +517,32 @@ def build_path(
     coupling = couplings.COUPLINGS[p.coupling](**coupling_options.get(p.coupling, {}))
     time_sampler = timesteps.TIME_SAMPLERS[p.time_sampler](**sampler_options[p.time_sampler])
     return paths.AffinePath(scheduler), coupling, time_sampler
+
+
+def meanflow_guidance(config: ml_collections.ConfigDict) -> MeanFlowGuidance | None:
+    """The training-time guidance of a mean-flow run (``config.meanflow.guidance_*``), or
+    ``None`` when it is off (``omega = 1, kappa = 0``) or the model has no classes. Its two
+    evaluations run without dropout (``train=False``), as MeanFlow's do.
+
+    Example:
+        >>> from fmjax.configs import base_config, meanflow_guidance
+        >>> c = base_config()
+        >>> c.model.num_classes, c.meanflow.guidance_kappa = 10, 0.5
+        >>> meanflow_guidance(c).kappa, meanflow_guidance(c).null_label
+        (0.5, 10)
+    """
+    mf = config.meanflow
+    if config.model.num_classes is None:
+        return None
+    if mf.guidance_omega == 1.0 and mf.guidance_kappa == 0.0:
+        return None
+    return MeanFlowGuidance(
+        null_label=config.model.num_classes,
+        omega=float(mf.guidance_omega),
+        kappa=float(mf.guidance_kappa),
+        interval=(float(mf.guidance_t_min), float(mf.guidance_t_max)),
+        model_kwargs={"train": False},
+    )
 
 
 def build_intervals(meanflow_config: ml_collections.ConfigDict) -> IntervalSampler:

@@ -47,6 +47,7 @@ __all__ = [
     "INTERVAL_SAMPLERS",
     "IntervalSampler",
     "MeanFlowAux",
+    "MeanFlowGuidance",
     "logit_normal_intervals",
     "meanflow_loss",
     "sample",
@@ -133,6 +134,102 @@ INTERVAL_SAMPLERS: dict[str, Callable[..., IntervalSampler]] = {
 may name."""
 
 
+class MeanFlowGuidance(NamedTuple):
+    r"""MeanFlow's training-time classifier-free guidance, an option of :func:`meanflow_loss`.
+
+    The network learns the average velocity of a guided field instead of the conditional one,
+    so one-step samples are guided without the doubled batch of sampling-time guidance. For an
+    example with label :math:`y` (not the null label) and :math:`t` inside ``interval``, the
+    conditional velocity :math:`\dot x_t` is replaced in the target and in the Jacobian-vector
+    product's tangent by
+
+    .. math::
+
+        \tilde v = \omega\,\dot x_t + \kappa\,u_\theta(x_t, t, t \mid y)
+            + (1 - \omega - \kappa)\,u_\theta(x_t, t, t \mid \varnothing),
+
+    both network terms instantaneous (``t_end = t``) and under a stop-gradient. Examples whose
+    label is ``null_label`` (dropped labels: the unconditional model) and times outside
+    ``interval`` keep :math:`\tilde v = \dot x_t`. :math:`\omega = 1, \kappa = 0` is no
+    guidance; the field learnt corresponds to sampling-time guidance of scale
+    :math:`\omega / (1 - \kappa)`. MeanFlow's ImageNet recipe is ``omega=1.0, kappa=0.5`` on
+    the whole time range with 10% of labels dropped; its interval ``[t_start, t_end]`` (noise at
+    1) is ``interval=(1 - t_end, 1 - t_start)`` here.
+
+    Attributes:
+        null_label: the label the network reads as "no label" (fmjax's networks: their
+            ``num_classes``).
+        omega: :math:`\omega`, the weight of the conditional velocity :math:`\dot x_t`.
+        kappa: :math:`\kappa \ge 0`, the weight of the network's own conditional velocity.
+        interval: ``(t_min, t_max)``, the times (fmjax's direction) at which guidance applies.
+        label_name: the keyword of ``example_kwargs`` (and of ``apply_fn``) holding the labels.
+        model_kwargs: keyword arguments of the two guidance evaluations instead of the loss's
+            ``model_kwargs`` (e.g. ``{"train": False}``: MeanFlow evaluates them without
+            dropout); ``None`` uses the loss's.
+
+    Example:
+        >>> from fmjax.meanflow import MeanFlowGuidance
+        >>> MeanFlowGuidance(null_label=1000, omega=1.0, kappa=0.5).interval
+        (0.0, 1.0)
+    """
+
+    null_label: int
+    omega: float = 1.0
+    kappa: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    label_name: str = "y"
+    model_kwargs: Mapping[str, Any] | None = None
+
+
+def _check_guidance(guidance: MeanFlowGuidance, example_kwargs: Mapping[str, Any]) -> None:
+    g = guidance
+    if isinstance(g.null_label, bool) or not isinstance(g.null_label, int | np.integer):
+        raise ValueError(f"guidance.null_label={g.null_label!r} is not valid; expected an int.")
+    for name in ("omega", "kappa"):
+        value = getattr(g, name)
+        if not (isinstance(value, int | float) and np.isfinite(value)):
+            raise ValueError(f"guidance.{name}={value!r} is not valid; expected a finite number.")
+    if g.kappa < 0:
+        raise ValueError(f"guidance.kappa={g.kappa!r} is not valid; expected a number >= 0.")
+    lo, hi = g.interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(
+            f"guidance.interval={tuple(g.interval)!r} is not valid; expected (t_min, t_max) with "
+            "0 <= t_min <= t_max <= 1."
+        )
+    if g.label_name not in example_kwargs:
+        raise ValueError(
+            f"guidance needs the labels in example_kwargs[{g.label_name!r}]; got keys "
+            f"{sorted(example_kwargs)}."
+        )
+
+
+def _guided_velocity(apply_fn, params, guidance, x_t, t, dx_t, model_kwargs, gathered):
+    """MeanFlowGuidance's field, computed without gradient."""
+    g = guidance
+    labels = gathered[g.label_name]
+    batch = x_t.shape[0]
+    call_kwargs = dict(model_kwargs if g.model_kwargs is None else g.model_kwargs)
+    call_kwargs.update({k: v for k, v in gathered.items() if k != g.label_name})
+    null = jnp.full_like(labels, g.null_label)
+    if g.kappa == 0:  # the conditional term has weight zero: one evaluation
+        both_x, both_t, both_labels = x_t, t, null
+    else:
+        both_x = jnp.concatenate([x_t, x_t])
+        both_t = jnp.concatenate([t, t])
+        both_labels = jnp.concatenate([null, labels])
+    both = apply_fn(params, both_x, both_t, both_t, **{g.label_name: both_labels}, **call_kwargs)
+    both = jax.lax.stop_gradient(both.astype(jnp.float32))
+    unconditional = both[:batch]
+    conditional = both[batch:] if g.kappa != 0 else 0.0
+    dx = dx_t.astype(jnp.float32)
+    guided = g.omega * dx + g.kappa * conditional + (1.0 - g.omega - g.kappa) * unconditional
+    lo, hi = g.interval
+    on = (labels != g.null_label) & (t >= lo) & (t <= hi)
+    on = on.reshape(batch, *([1] * (x_t.ndim - 1)))
+    return jnp.where(on, guided, dx).astype(dx_t.dtype)
+
+
 class MeanFlowAux(NamedTuple):
     """Per-example details of a :func:`meanflow_loss` evaluation.
 
@@ -164,6 +261,7 @@ def meanflow_loss(
     adaptive_eps: float = 1e-3,
     model_kwargs: Mapping[str, Any] | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
+    guidance: MeanFlowGuidance | None = None,
 ) -> tuple[Float[Array, ""], MeanFlowAux]:
     r"""The mean-flow loss of an average-velocity network ``apply_fn(params, x_t, t, t_end)``.
 
@@ -199,13 +297,18 @@ def meanflow_loss(
         model_kwargs: keyword arguments passed to ``apply_fn`` unchanged (dropout keys).
         example_kwargs: per-example keyword arguments (leading axis ``batch``, e.g. labels),
             gathered to follow the coupling's pairing.
+        guidance: MeanFlow's training-time classifier-free guidance
+            (:class:`MeanFlowGuidance`; the labels in ``example_kwargs``); ``None``: none.
+            It replaces :math:`\dot x_t` above by the guided field, at the cost of one
+            more forward pass (two when ``kappa > 0``, as one call on a doubled batch).
 
     Returns:
         ``(loss, aux)``: a float32 scalar and a :class:`MeanFlowAux`.
 
     Raises:
         ValueError: for non-float or unbatched ``x1``, a negative ``adaptive_power``, a
-            non-positive ``adaptive_eps``, or an output not shaped like ``x1``.
+            non-positive ``adaptive_eps``, an output not shaped like ``x1``, or guidance
+            options out of range or without labels.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -223,6 +326,8 @@ def meanflow_loss(
         raise ValueError(f"adaptive_power={adaptive_power!r} is not valid; expected a number >= 0.")
     if not (isinstance(adaptive_eps, int | float) and adaptive_eps > 0):
         raise ValueError(f"adaptive_eps={adaptive_eps!r} is not valid; expected a number > 0.")
+    if guidance is not None:
+        _check_guidance(guidance, dict(example_kwargs or {}))
     sampler = logit_normal_intervals() if interval_sampler is None else interval_sampler
     pairs = draw_pairs(key, x1, coupling=coupling, time_sampler=sampler)
     if pairs.t.shape != (x1.shape[0], 2):
@@ -235,11 +340,24 @@ def meanflow_loss(
     gathered = jax.tree.map(lambda a: jnp.asarray(a)[pairs.i1], dict(example_kwargs or {}))
     kwargs = {**dict(model_kwargs or {}), **gathered}
 
+    velocity = sample.dx_t
+    if guidance is not None:
+        velocity = _guided_velocity(
+            apply_fn,
+            params,
+            guidance,
+            sample.x_t,
+            t,
+            sample.dx_t,
+            dict(model_kwargs or {}),
+            gathered,
+        )
+
     def u_fn(x_t, t, t_end):
         return apply_fn(params, x_t, t, t_end, **kwargs)
 
     u, du = jax.jvp(
-        u_fn, (sample.x_t, t, t_end), (sample.dx_t, jnp.ones_like(t), jnp.zeros_like(t_end))
+        u_fn, (sample.x_t, t, t_end), (velocity, jnp.ones_like(t), jnp.zeros_like(t_end))
     )
     if jnp.shape(u) != x1.shape:
         raise ValueError(
@@ -247,7 +365,7 @@ def meanflow_loss(
         )
     batch = x1.shape[0]
     span = (t_end - t).reshape(batch, *([1] * (x1.ndim - 1)))
-    target = jax.lax.stop_gradient(sample.dx_t.astype(jnp.float32) + span * du.astype(jnp.float32))
+    target = jax.lax.stop_gradient(velocity.astype(jnp.float32) + span * du.astype(jnp.float32))
     per_example = jnp.mean(jnp.square(u.astype(jnp.float32) - target).reshape(batch, -1), axis=1)
     weight = jax.lax.stop_gradient(1.0 / (per_example + adaptive_eps) ** adaptive_power)
     loss = jnp.mean(weight * per_example)

@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from fmjax import models
 from fmjax._xla import compiler_options
-from fmjax.configs import build_intervals, build_path, make_optimizer
+from fmjax.configs import build_intervals, build_path, make_optimizer, meanflow_guidance
 from fmjax.keys import Stream, stream_key
 from fmjax.loss import cfm_loss
 from fmjax.meanflow import meanflow_loss
@@ -172,6 +172,7 @@ def make_train_step(
                 adaptive_eps=config.meanflow.adaptive_eps,
                 model_kwargs=model_kwargs,
                 example_kwargs=example_kwargs,
+                guidance=meanflow_guidance(config),
             )
             return loss
         loss, _ = cfm_loss(

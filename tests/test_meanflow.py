@@ -148,3 +148,92 @@ def test_sample_jits_and_takes_a_grid():
     result = jax.jit(lambda x0: sample(u, x0, time_grid=grid))(jnp.zeros((3, 2)))
     np.testing.assert_allclose(result.x, jnp.broadcast_to(MU, (3, 2)), rtol=1e-6)
     assert int(result.nfe) == 2
+
+
+# Training-time guidance. A network constant in x and t, one vector a_y per label (row
+# NULL is the unconditional one): its Jacobian-vector product is zero, so the target is the
+# guided field itself, omega * dx_t + kappa * a_y + (1 - omega - kappa) * a_null.
+NULL = 3
+
+
+def _per_label(table, x_t, t, t_end, y):
+    return jnp.broadcast_to(table[y], x_t.shape)
+
+
+def _guided_case(guidance, labels, x64):
+    from fmjax.loss import draw_pairs
+    from fmjax.paths import AffinePath, CondOT
+
+    table = jax.random.normal(jax.random.key(5), (NULL + 1, 2), jnp.float64)
+    x1 = jax.random.normal(jax.random.key(6), (labels.shape[0], 2), jnp.float64)
+    sampler = uniform_intervals(equal_fraction=0.5)
+    key = jax.random.key(7)
+    loss, aux = meanflow_loss(
+        _per_label, table, key, x1, interval_sampler=sampler, adaptive_power=0.0,
+        example_kwargs={"y": labels}, guidance=guidance,
+    )  # fmt: skip
+    pairs = draw_pairs(key, x1, time_sampler=sampler)
+    dx = AffinePath(CondOT()).sample(pairs.x0, pairs.x1, pairs.t[:, 0]).dx_t
+    return table, loss, aux, dx, key, x1, sampler
+
+
+def test_guided_target_is_the_papers_combination(x64):
+    from fmjax.meanflow import MeanFlowGuidance
+
+    labels = jnp.array([0, 1, 2, NULL, 0, 1, 2, NULL])
+    guidance = MeanFlowGuidance(null_label=NULL, omega=1.5, kappa=0.25, interval=(0.2, 0.9))
+    table, _, aux, dx, *_ = _guided_case(guidance, labels, x64)
+    guided = 1.5 * dx + 0.25 * table[labels] + (1 - 1.5 - 0.25) * table[NULL][None]
+    on = (labels != NULL) & (aux.t >= 0.2) & (aux.t <= 0.9)
+    assert 0 < int(on.sum()) < labels.shape[0]  # both branches are exercised
+    target = jnp.where(on[:, None], guided, dx)
+    expected = jnp.mean(jnp.square(table[labels] - target), axis=1)
+    np.testing.assert_allclose(aux.per_example, expected, rtol=1e-6)  # the loss is float32
+
+
+def test_guidance_with_omega_one_kappa_zero_is_no_guidance(x64):
+    from fmjax.meanflow import MeanFlowGuidance
+
+    labels = jnp.array([0, 1, 2, NULL])
+    off = MeanFlowGuidance(null_label=NULL, omega=1.0, kappa=0.0)
+    _, guided_loss, *_ = _guided_case(off, labels, x64)
+    _, plain_loss, *_ = _guided_case(None, labels, x64)
+    np.testing.assert_allclose(guided_loss, plain_loss, rtol=1e-14)
+
+
+def test_guidance_terms_carry_no_gradient(x64):
+    from fmjax.meanflow import MeanFlowGuidance
+
+    # No example has the null label, so row NULL enters only the (stopped) target.
+    labels = jnp.array([0, 1, 2, 0])
+    guidance = MeanFlowGuidance(null_label=NULL, omega=2.0, kappa=0.5)
+    table, _, _, _, key, x1, sampler = _guided_case(guidance, labels, x64)
+
+    def loss_of(table):
+        return meanflow_loss(
+            _per_label, table, key, x1, interval_sampler=sampler, adaptive_power=0.0,
+            example_kwargs={"y": labels}, guidance=guidance,
+        )[0]  # fmt: skip
+
+    grad = jax.grad(loss_of)(table)
+    np.testing.assert_array_equal(grad[NULL], 0.0)
+    assert float(jnp.abs(grad[:NULL]).sum()) > 0
+
+
+def test_guidance_bad_options():
+    from fmjax.meanflow import MeanFlowGuidance
+
+    x1 = jnp.zeros((4, 2))
+    labels = jnp.zeros((4,), jnp.int32)
+    cases = [
+        (MeanFlowGuidance(null_label=NULL, kappa=-0.1), {"y": labels}, "kappa"),
+        (MeanFlowGuidance(null_label=NULL, interval=(0.8, 0.2)), {"y": labels}, "interval"),
+        (MeanFlowGuidance(null_label=NULL, omega=float("nan")), {"y": labels}, "omega"),
+        (MeanFlowGuidance(null_label=NULL), {}, "labels"),
+    ]
+    for guidance, example_kwargs, word in cases:
+        with pytest.raises(ValueError, match=word):
+            meanflow_loss(
+                _per_label, jnp.zeros((NULL + 1, 2)), jax.random.key(0), x1,
+                example_kwargs=example_kwargs, guidance=guidance,
+            )  # fmt: skip

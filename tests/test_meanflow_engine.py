@@ -67,6 +67,9 @@ def test_mean_flow_loss_curve_is_the_same_on_1_and_4_devices(tmp_path):
         ({"meanflow.equal_fraction": 1.5}, r"config\.meanflow\.equal_fraction=1\.5"),
         ({"meanflow.adaptive_power": -0.5}, r"config\.meanflow\.adaptive_power=-0\.5"),
         ({"path.prediction": "target"}, r"prediction='target'.*mean_flow"),
+        ({"meanflow.guidance_kappa": 0.5}, r"guidance_omega/guidance_kappa.*num_classes"),
+        ({"meanflow.guidance_kappa": -0.5}, r"config\.meanflow\.guidance_kappa=-0\.5"),
+        ({"meanflow.guidance_t_min": 0.7, "meanflow.guidance_t_max": 0.2}, r"guidance_t_min=0\.7"),
     ],
 )
 def test_bad_mean_flow_settings_are_refused(change, message):
@@ -162,3 +165,33 @@ def test_a_run_saved_before_the_objective_key_reads_as_flow_matching(tmp_path):
     assert config.objective == "flow_matching"
     assert config.meanflow.sample_steps == 1
     assert config.train.num_steps == saved["train"]["num_steps"]
+
+
+class ConditionalAverageVelocity(nn.Module):
+    """AverageVelocity with a label embedding (row 3 is the null label)."""
+
+    @nn.compact
+    def __call__(self, x, t, t_end=None, *, y, train=False):
+        b = x.shape[0]
+        t_end = t if t_end is None else t_end
+        times = jnp.stack([jnp.broadcast_to(t, (b,)), jnp.broadcast_to(t_end, (b,))], axis=1)
+        h = jnp.concatenate([x.reshape(b, -1), times, nn.Embed(4, 8)(y)], axis=1)
+        h = nn.silu(nn.Dense(32)(h))
+        return nn.Dense(x[0].size)(h).reshape(x.shape)
+
+
+def test_training_time_guidance_changes_the_objective_and_trains(tmp_path):
+    losses = {}
+    for name, kappa in (("plain", 0.0), ("guided", 0.5)):
+        config = _config(interval_sampler="uniform", equal_fraction=0.5, guidance_kappa=kappa)
+        config.model.num_classes = 3
+        config.data.label_drop_prob = 0.2
+        assert (configs.meanflow_guidance(config) is None) == (kappa == 0.0)
+        train.train_and_evaluate(
+            config, tmp_path / name, model=ConditionalAverageVelocity(), source=tiny_source(),
+            mesh=make_mesh(),
+        )  # fmt: skip
+        losses[name] = [m["loss"] for m in metrics_lines(tmp_path / name)]
+    assert np.all(np.isfinite(losses["guided"]))
+    # The first step's parameters are the same; only the target differs.
+    assert losses["guided"][0] != losses["plain"][0]
