@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from fmjax import couplings, models, paths, timesteps
 from fmjax.couplings import COUPLINGS, Coupling
-from fmjax.meanflow import INTERVAL_SAMPLERS, IntervalSampler, MeanFlowGuidance
+from fmjax.meanflow import INTERVAL_ORDERS, INTERVAL_SAMPLERS, IntervalSampler, MeanFlowGuidance
 from fmjax.paths import PREDICTIONS, SCHEDULERS
 from fmjax.sampling import SOLVERS
 from fmjax.timesteps import TIME_SAMPLERS, TimeSampler
@@ -162,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
     mf.logit_mean = 0.4  # logit-normal times, in fmjax's direction (the papers' -0.4)
     mf.logit_std = 1.0
     mf.equal_fraction = 0.75  # pairs with t_end = t (the instantaneous velocity)
+    # logit_normal only: t_end's own law (None: t's) and how the pair is ordered, "sort" or
+    # "clip" (fmjax.meanflow.logit_normal_intervals; py-meanflow's v1 sampler: 4.0, 1.6, clip).
+    mf.end_logit_mean = ml_collections.config_dict.placeholder(float)
+    mf.end_logit_std = ml_collections.config_dict.placeholder(float)
+    mf.order = "sort"
     mf.adaptive_power = 1.0  # p of the adaptive weight 1 / (|delta|^2 + c)^p; 0: plain MSE
     mf.adaptive_eps = 1e-3  # c
     mf.sample_steps = 1  # jumps of the sample grids and in-training scores
@@ -383,6 +388,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.objective == "mean_flow":
         mf = config.meanflow
         _choice("meanflow.interval_sampler", mf.interval_sampler, INTERVAL_SAMPLERS)
+        _choice("meanflow.order", mf.order, INTERVAL_ORDERS)
+        for name in ("logit_std", "end_logit_std"):
+            if mf[name] is not None and not mf[name] > 0:
+                raise ValueError(f"config.meanflow.{name}={mf[name]!r} must be > 0.")
         if p.prediction != "velocity":
             raise ValueError(
                 f"config.path.prediction={p.prediction!r} is not valid with "
@@ -556,7 +565,13 @@ def build_intervals(meanflow_config: ml_collections.ConfigDict) -> IntervalSampl
     """
     mf = meanflow_config
     options = {
-        "logit_normal": {"mean": mf.logit_mean, "std": mf.logit_std},
+        "logit_normal": {
+            "mean": mf.logit_mean,
+            "std": mf.logit_std,
+            "end_mean": mf.end_logit_mean,
+            "end_std": mf.end_logit_std,
+            "order": mf.order,
+        },
     }.get(mf.interval_sampler, {})
     return INTERVAL_SAMPLERS[mf.interval_sampler](equal_fraction=mf.equal_fraction, **options)
 

@@ -44,6 +44,7 @@ from fmjax.paths import AffinePath, CondOT
 from fmjax.sampling import SampleResult, uniform_time_grid
 
 __all__ = [
+    "INTERVAL_ORDERS",
     "INTERVAL_SAMPLERS",
     "IntervalSampler",
     "MeanFlowAux",
@@ -94,16 +95,34 @@ def uniform_intervals(*, equal_fraction: float = 0.0) -> IntervalSampler:
 
 
 def logit_normal_intervals(
-    mean: float = 0.4, std: float = 1.0, *, equal_fraction: float = 0.75
+    mean: float = 0.4,
+    std: float = 1.0,
+    *,
+    equal_fraction: float = 0.75,
+    end_mean: float | None = None,
+    end_std: float | None = None,
+    order: str = "sort",
 ) -> IntervalSampler:
-    r"""Intervals from two logit-normal times (:math:`\operatorname{logit}(s) \sim N(\text{mean},
-    \text{std}^2)`): ``t`` the smaller, ``t_end`` the larger; with probability
-    ``equal_fraction``, ``t_end = t``.
+    r"""Intervals from two logit-normal times, :math:`\operatorname{logit}(a) \sim N(\text{mean},
+    \text{std}^2)` and :math:`\operatorname{logit}(b) \sim N(\text{end\_mean},
+    \text{end\_std}^2)` (the same law when those are ``None``).
 
-    The MeanFlow recipes, converted to fmjax's direction (noise at 0): ImageNet 256
-    ``logit_normal_intervals(0.4, 1.0, equal_fraction=0.75)`` (the paper's mean -0.4 and 25%
-    of pairs with :math:`r \ne t`); py-meanflow's CIFAR-10 ``logit_normal_intervals(2.0, 2.0,
-    equal_fraction=0.25)`` (their mean -2.0, std 2.0, 75% with :math:`r \ne t`).
+    ``order="sort"`` (MeanFlow's paper): ``t = min(a, b)``, ``t_end = max(a, b)``, then with
+    probability ``equal_fraction`` ``t_end = t``. ``order="clip"`` (py-meanflow's improved
+    "v1" sampler): ``t = a``; with probability ``equal_fraction`` ``t_end = a``, otherwise
+    ``t_end = max(a, b)``, so ``t`` keeps its own law.
+
+    The recipes, converted to fmjax's direction (noise at 0; their time :math:`s` is our
+    :math:`1 - s`, so a logit-normal mean :math:`m` becomes :math:`-m`, their ``t`` (the
+    noisier end) our ``t`` and their ``r`` our ``t_end``, their ``ratio`` of pairs with
+    :math:`r \ne t` our ``1 - equal_fraction``):
+
+    - MeanFlow ImageNet 256: ``logit_normal_intervals(0.4, 1.0, equal_fraction=0.75)``;
+    - py-meanflow CIFAR-10, the paper's ``v0``: ``logit_normal_intervals(2.0, 2.0,
+      equal_fraction=0.25)``;
+    - py-meanflow CIFAR-10 ``v1`` (its 2.8-FID checkpoint): ``logit_normal_intervals(0.6, 1.6,
+      equal_fraction=0.25, end_mean=4.0, end_std=1.6, order="clip")`` (their
+      ``P_mean_t=-0.6``, ``P_mean_r=-4.0``, both std 1.6, ``ratio=0.75``).
 
     Example:
         >>> import jax
@@ -112,17 +131,32 @@ def logit_normal_intervals(
         >>> bool(times.mean() > 0.6)  # leans to the data end
         True
     """
-    if not (isinstance(std, int | float) and std > 0):
-        raise ValueError(f"logit_normal_intervals std={std!r} is not valid; expected > 0.")
+    end_mean = mean if end_mean is None else end_mean
+    end_std = std if end_std is None else end_std
+    for name, value in (("std", std), ("end_std", end_std)):
+        if not (isinstance(value, int | float) and value > 0):
+            raise ValueError(f"logit_normal_intervals {name}={value!r} is not valid; expected > 0.")
+    if order not in INTERVAL_ORDERS:
+        raise ValueError(
+            f"logit_normal_intervals order={order!r} is not valid; expected one of "
+            f"{list(INTERVAL_ORDERS)}."
+        )
     _check_fraction("equal_fraction", equal_fraction)
 
     def sampler(key: PRNGKeyArray, shape: Sequence[int] = ()) -> Float[Array, "... 2"]:
         k_a, k_b, k_equal = jax.random.split(key, 3)
         a = jax.nn.sigmoid(mean + std * jax.random.normal(k_a, shape))
-        b = jax.nn.sigmoid(mean + std * jax.random.normal(k_b, shape))
-        return _ordered(k_equal, a, b, equal_fraction)
+        b = jax.nn.sigmoid(end_mean + end_std * jax.random.normal(k_b, shape))
+        if order == "sort":
+            return _ordered(k_equal, a, b, equal_fraction)
+        equal = jax.random.bernoulli(k_equal, equal_fraction, jnp.shape(a))
+        return jnp.stack([a, jnp.where(equal, a, jnp.maximum(a, b))], axis=-1)
 
     return sampler
+
+
+INTERVAL_ORDERS = ("sort", "clip")
+"""How :func:`logit_normal_intervals` makes ``t <= t_end`` from its two draws."""
 
 
 INTERVAL_SAMPLERS: dict[str, Callable[..., IntervalSampler]] = {
@@ -278,7 +312,12 @@ def meanflow_loss(
     and the loss is the batch mean of :math:`w\,\lVert\Delta\rVert^2/D` with the adaptive
     weight :math:`w = \operatorname{sg}\bigl(1/(\lVert\Delta\rVert^2/D + c)^p\bigr)`
     (``adaptive_power`` :math:`p`, ``adaptive_eps`` :math:`c`; :math:`p = 0` is the plain
-    squared error, the papers use 1 on ImageNet and 0.75 on CIFAR-10). Pairs with
+    squared error, the papers use 1 on ImageNet and 0.75 on CIFAR-10). The papers weight the error
+    summed over the :math:`D` dimensions, :math:`1/(\lVert\Delta\rVert^2 + c')^p`: the same
+    weighting as this one with :math:`c = c'/D`, up to the constant factor :math:`D^{1-p}`
+    (which Adam ignores). MeanFlow's ImageNet :math:`c' = 0.01` on 32x32x4 latents is
+    :math:`c \approx 2.4 \times 10^{-6}`, py-meanflow's CIFAR-10 :math:`c' = 10^{-3}` is
+    :math:`c \approx 3.3 \times 10^{-7}`. Pairs with
     ``t_end = t`` regress the instantaneous velocity, as flow matching does.
 
     Args:

@@ -111,6 +111,8 @@ def test_conditional_smoke_samples_with_guidance(tmp_path):
         ("torchcfm", 35_746_307, 128),  # torchcfm's 35.7M U-Net
         ("conditional", 55_676_419 + 11 * 512, 512),  # + a 512-wide embedding of 10 + null
         ("torchcfm,conditional", 35_746_307 + 11 * 512, 128),
+        # Meta's U-Net with MeanFlow's second time MLP (128 -> 512 -> 512).
+        ("meanflow", 55_676_419 + 128 * 512 + 512 + 512 * 512 + 512, 1024),
     ],
 )
 def test_full_variants_are_valid_with_the_peers_model_sizes(variant, params, batch_size):

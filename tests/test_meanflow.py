@@ -237,3 +237,31 @@ def test_guidance_bad_options():
                 _per_label, jnp.zeros((NULL + 1, 2)), jax.random.key(0), x1,
                 example_kwargs=example_kwargs, guidance=guidance,
             )  # fmt: skip
+
+
+def test_the_clip_order_keeps_the_start_times_law_and_the_end_its_own():
+    # py-meanflow's v1 sampler: t ~ logit-normal(0.6, 1.6) whatever the pairing; t_end is
+    # t (25%) or max(t, b) with b ~ logit-normal(4.0, 1.6).
+    sampler = logit_normal_intervals(
+        0.6, 1.6, equal_fraction=0.25, end_mean=4.0, end_std=1.6, order="clip"
+    )
+    times = np.asarray(sampler(jax.random.key(3), (40_000,)))
+    t, t_end = times[:, 0], times[:, 1]
+    assert np.all(t <= t_end)
+    np.testing.assert_allclose(np.median(t), 1 / (1 + np.exp(-0.6)), atol=0.01)
+    # P(b <= t) = Phi(-3.4 / (1.6 sqrt 2)) = 0.0665 more pairs end where they start.
+    np.testing.assert_allclose(np.mean(t == t_end), 0.25 + 0.75 * 0.0665, atol=0.01)
+    logit_end = np.log(t_end / (1 - t_end))[t != t_end]
+    rng = np.random.default_rng(0)  # b's law given b > t, by direct simulation of logits
+    a, b = rng.normal(0.6, 1.6, 10**6), rng.normal(4.0, 1.6, 10**6)
+    assert abs(np.median(logit_end) - np.median(b[b > a])) < 0.05
+    # The paper's "sort" order takes t as the smaller draw: with b's law low, t follows b.
+    sort, clip = (
+        logit_normal_intervals(0.6, 1.6, end_mean=-4.0, end_std=1.6, order=order)(
+            jax.random.key(3), (40_000,)
+        )[:, 0]
+        for order in ("sort", "clip")
+    )
+    assert float(jnp.median(sort)) < 0.05 < 0.6 < float(jnp.median(clip))
+    with pytest.raises(ValueError, match="order='shuffle'"):
+        logit_normal_intervals(order="shuffle")

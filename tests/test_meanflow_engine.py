@@ -67,6 +67,7 @@ def test_mean_flow_loss_curve_is_the_same_on_1_and_4_devices(tmp_path):
         ({"meanflow.equal_fraction": 1.5}, r"config\.meanflow\.equal_fraction=1\.5"),
         ({"meanflow.adaptive_power": -0.5}, r"config\.meanflow\.adaptive_power=-0\.5"),
         ({"path.prediction": "target"}, r"prediction='target'.*mean_flow"),
+        ({"meanflow.order": "shuffle"}, r"config\.meanflow\.order='shuffle'"),
         ({"meanflow.guidance_kappa": 0.5}, r"guidance_omega/guidance_kappa.*num_classes"),
         ({"meanflow.guidance_kappa": -0.5}, r"config\.meanflow\.guidance_kappa=-0\.5"),
         ({"meanflow.guidance_t_min": 0.7, "meanflow.guidance_t_max": 0.2}, r"guidance_t_min=0\.7"),

@@ -12,6 +12,13 @@ Variants (``--config=experiments/configs/cifar10.py:VARIANT``); a variant is a r
   parameters), uniform times, Adam 2e-4 with a 5,000-step linear warmup, gradient clipping at
   1.0, EMA 0.9999 (no warmup), batch 128, 400,000 updates, random flips. Add
   ``--config.path.coupling=exact_ot`` for its OT-CFM.
+- ``meanflow``: py-meanflow's one-step CIFAR-10 recipe (its ``cifar10_v1.sh``, FID ~2.9 in
+  one step) on ``UNetCIFAR10Meta`` with ``mean_flow=True``: the mean-flow objective with
+  its v1 interval sampler (``t`` logit-normal (0.6, 1.6), ``t_end`` (4.0, 1.6), clipped,
+  25% of pairs with ``t_end = t``), adaptive weight power 0.75, Adam 6e-4 with betas (0.9,
+  0.999) after a 9,600-step linear warmup, dropout 0.2, EMA 0.9999, batch 1,024, random
+  flips, 768,000 updates (16,000 epochs of 48). Not reproduced: its network (EDM's DDPM++
+  ``SongUNet``) and EDM's augmentation pipeline.
 - ``conditional``: the recipe with 10 classes and 20% label dropout, so that sampling can
   use classifier-free guidance.
 - ``smoke``: shrinks the recipe to a CPU check in seconds: ``UNetTiny`` on 8x8 crops, batch
@@ -25,7 +32,7 @@ import ml_collections
 
 from fmjax.configs import base_config
 
-RECIPES = ("meta", "torchcfm")
+RECIPES = ("meta", "torchcfm", "meanflow")
 MODIFIERS = ("conditional", "smoke")
 
 # Meta's example reaches FID 2.07 after about 175k updates at batch 512 (REFERENCES.md), i.e.
@@ -59,6 +66,27 @@ def _torchcfm(c) -> None:
     )  # fmt: skip
 
 
+def _meanflow(c) -> None:
+    c.model.name = "unet_cifar10_meta"
+    c.model.mean_flow = True
+    c.model.dropout = 0.2
+    c.objective = "mean_flow"
+    c.meanflow.update(
+        interval_sampler="logit_normal", logit_mean=0.6, logit_std=1.6, end_logit_mean=4.0,
+        end_logit_std=1.6, order="clip", equal_fraction=0.25, adaptive_power=0.75,
+        # py-meanflow's eps 1e-3 weights the error summed over 32 * 32 * 3 dimensions; fmjax's
+        # is the mean (fmjax.meanflow.meanflow_loss).
+        adaptive_eps=1e-3 / (32 * 32 * 3), sample_steps=1,
+    )  # fmt: skip
+    c.train.update(num_steps=768_000, batch_size=1024, sample_steps=1)
+    # Adam without weight decay, a linear warmup over 200 epochs of 48 updates, then constant;
+    # no clipping; EMA 0.9999 (py-meanflow applies decay**16 every 16 updates).
+    c.optim.update(
+        optimizer="adam", learning_rate=6e-4, b1=0.9, b2=0.999, schedule="warmup_constant",
+        warmup_steps=9600, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False,
+    )  # fmt: skip
+
+
 def _conditional(c) -> None:
     c.model.num_classes = 10  # the null label of classifier-free guidance is 10
     c.data.label_drop_prob = 0.2
@@ -79,7 +107,7 @@ def _smoke(c) -> None:
 
 
 def get_config(variant: str | None = None):
-    """The CIFAR-10 config for ``variant``: ``"[meta|torchcfm][,conditional][,smoke]"``.
+    """The CIFAR-10 config for ``variant``: ``"[meta|torchcfm|meanflow][,conditional][,smoke]"``.
 
     Example:
         >>> from experiments.configs.cifar10 import get_config
@@ -123,7 +151,7 @@ def get_config(variant: str | None = None):
     # run starts from the same distribution of networks as the peer's script ("fmjax": zero
     # biases, Flax's embedding). See fmjax.models.UNet.initialization.
     c.model.init = "torch"
-    {"meta": _meta, "torchcfm": _torchcfm}[recipe](c)
+    {"meta": _meta, "torchcfm": _torchcfm, "meanflow": _meanflow}[recipe](c)
     # Modifiers in a fixed order, so that "smoke,conditional" is "conditional,smoke".
     if "conditional" in parts:
         _conditional(c)
