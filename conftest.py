@@ -49,6 +49,7 @@ CORE_MODULES = {
     "timesteps",
     "loss",
     "sampling",
+    "sde",
     "likelihood",
     "keys",
     "mesh",

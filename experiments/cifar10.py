@@ -56,6 +56,7 @@ replaces the run's checkpoint for ``--mode=sample|eval``; the config names the p
         --solver=dopri5 --rtol=1e-5 --atol=1e-5 --fid_stats=cifar10_train.npz --bpd_examples=0
 """
 
+import dataclasses
 import os
 import pathlib
 from collections.abc import Callable
@@ -66,11 +67,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from fmjax import models, sampling, train
-from fmjax.configs import build_model
+from fmjax import models, train
+from fmjax.configs import build_model, validate
 from fmjax.evaluate import EvalOptions, evaluate, fid_hook
-from fmjax.generate import SampleOutput, SamplingOptions, sample_run
-from fmjax.rundir import RunArtifacts
+from fmjax.generate import MEAN_FLOW_SAMPLER, SAMPLERS, SampleOutput, SamplingOptions, sample_run
+from fmjax.rundir import RunArtifacts, load_config
 
 __all__ = ["MODES", "imported_network", "run", "train_mode"]
 
@@ -93,8 +94,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
     flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
     flags.DEFINE_integer("num_samples", 64, "--mode=sample: how many samples.")
-    flags.DEFINE_enum("solver", "heun", list(sampling.SOLVERS), "--mode=sample: the ODE solver.")
-    flags.DEFINE_integer("steps", 50, "--mode=sample: steps of a fixed-step solver.")
+    flags.DEFINE_enum(
+        "solver",
+        "heun",
+        list(SAMPLERS),
+        "--mode=sample: the ODE solver, or meanflow: a mean-flow run's jumps (its default).",
+    )
+    flags.DEFINE_integer(
+        "steps", 50, "--mode=sample: steps of a fixed-step solver (jumps of meanflow: default 1)."
+    )
     flags.DEFINE_enum(
         "time_grid", "edm", ["edm", "uniform"], "--mode=sample: the grid of a fixed-step solver."
     )
@@ -166,6 +174,7 @@ def imported_network(
             f"Import a network from exactly one of --params ({params}) and --torch_checkpoint "
             f"({torch_checkpoint})."
         )
+    validate(config, num_devices=jax.device_count())  # every choice, before anything is built
     config = ml_collections.ConfigDict(config.to_dict())
     side = config.data.image_size or 32
     config.data.image_shape = (side, side, 3)
@@ -245,14 +254,17 @@ def run(
 
 
 def _options_from_flags() -> SamplingOptions:
+    solver, steps = FLAGS.solver, FLAGS.steps
+    if solver == MEAN_FLOW_SAMPLER and not FLAGS["steps"].present:
+        steps = 1
     try:
         labels = None if FLAGS.labels is None else [int(label) for label in FLAGS.labels]
     except ValueError:
         raise ValueError(f"--labels={','.join(FLAGS.labels)} must be integers.") from None
     return SamplingOptions(
         num_samples=FLAGS.num_samples,
-        solver=FLAGS.solver,
-        steps=FLAGS.steps,
+        solver=solver,
+        steps=steps,
         time_grid=FLAGS.time_grid,
         rtol=FLAGS.rtol,
         atol=FLAGS.atol,
@@ -289,11 +301,18 @@ def main(argv):
             torch_source=FLAGS.torch_source,
             torch_weights=FLAGS.torch_weights,
         )
+    options = _options_from_flags()
+    if FLAGS.mode != "train" and not FLAGS["solver"].present:
+        # A mean-flow run samples with its jumps (once, unless --steps says otherwise).
+        sampled = network.config if network else load_config(FLAGS.workdir)
+        if sampled.objective == "mean_flow":
+            steps = FLAGS.steps if FLAGS["steps"].present else 1
+            options = dataclasses.replace(options, solver=MEAN_FLOW_SAMPLER, steps=steps)
     run(
         FLAGS.config,
         FLAGS.workdir,
         FLAGS.mode,
-        _options_from_flags(),
+        options,
         eval_options,
         network=network,
     )

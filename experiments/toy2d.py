@@ -107,22 +107,19 @@ def velocity_mlp(
     angles = t[:, None] * (jnp.pi * jnp.asarray(_FREQUENCIES))[None, :]
     h = jnp.concatenate([x_t, jnp.sin(angles), jnp.cos(angles)], axis=1)
     for w, b in params[:-1]:
-        h = jax.nn.silu(h @ w + b)
+        h = jax.nn.silu(h @ w + b[None])
     w, b = params[-1]
-    return h @ w + b
+    return h @ w + b[None]
 
 
 def velocity_fn(params: list[tuple[Array, Array]]) -> Callable[[Array, Array], Array]:
-    """``velocity(x, t)`` with a scalar ``t``, for :func:`fmjax.sample` and log_likelihood.
+    """``velocity(x, t)`` (``t``: ``[batch]``, as in training) for :func:`fmjax.sample` and
+    log_likelihood.
 
     A ``jax.tree_util.Partial`` so that the parameters are traced: both couplings' models
     share one compiled sampler and one compiled likelihood solve.
     """
-    return jax.tree_util.Partial(_velocity_at_scalar_t, params)
-
-
-def _velocity_at_scalar_t(params, x, t):
-    return velocity_mlp(params, x, jnp.broadcast_to(t, x.shape[:1]))
+    return jax.tree_util.Partial(velocity_mlp, params)
 
 
 # --- training -------------------------------------------------------------------------------

@@ -9,13 +9,17 @@
 - reports failure in ``success`` instead of raising, and adds no host callback of its own
   (XLA keeps no program with one in JAX's persistent compilation cache).
 
-The argument checks run at trace time, before the solve. :func:`split_arrays` lets a
-top-level ``jit`` trace the arrays that a callable holds rather than hash them.
+Diffrax's time is a scalar; a user's ``velocity_fn`` gets it as one time per example
+(:func:`batch_times`), the convention of training. The argument checks run at trace time,
+before the solve, and :func:`check_velocity_output` probes the user's function once,
+abstractly, so that a function written for another convention fails with a message that
+states this one. :func:`split_arrays` lets a top-level ``jit`` trace the arrays that a
+callable (or ``model_kwargs``) holds rather than hash them.
 """
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import diffrax
@@ -26,11 +30,16 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from fmjax._checks import check_choice, check_float, check_positive_int, concrete
 
-VelocityFn = Callable[
-    [Float[Array, " batch *dims"], Float[Array, ""]], Float[Array, " batch *dims"]
-]
-"""``velocity_fn(x, t)``: ``x`` of shape ``[batch, *dims]`` and a scalar ``t`` to an array
-shaped and typed like ``x``."""
+VelocityFn = Callable[..., Float[Array, " batch *dims"]]
+"""``velocity_fn(x, t, **model_kwargs) -> velocity``: ``x`` of shape ``[batch, *dims]`` and ``t``
+of shape ``[batch]`` (one time per example) to an array shaped and typed like ``x``."""
+
+CONVENTION = (
+    "velocity_fn(x, t) -> velocity, with x of shape [batch, *dims], t of shape [batch] (one "
+    'time per example, as in training) and a result shaped and typed like x; see "The '
+    "network's time\" in docs/concepts.md"
+)
+"""The calling convention that error messages name."""
 
 
 class RK4(diffrax.AbstractERK):
@@ -95,19 +104,70 @@ def time_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(x), jnp.float32)
 
 
-def check_velocity_output(velocity_fn: VelocityFn, x: jax.Array, t: jax.Array) -> None:
-    """Raises `ValueError` at trace time unless ``velocity_fn(x, t)`` is shaped and typed like x."""
-    out = jax.eval_shape(velocity_fn, x, t)
-    if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (x.shape, x.dtype):
+def batch_times(t: ArrayLike, x: jax.Array) -> Float[Array, " batch"]:
+    """The solver's scalar time ``t`` as one time per example of ``x``, shape ``[batch]``."""
+    return jnp.broadcast_to(jnp.asarray(t), jnp.shape(x)[:1])
+
+
+def check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model_kwargs`` as a dict; raises `ValueError` unless it is a mapping with str keys."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping) or not all(
+        isinstance(name, str) for name in model_kwargs
+    ):
+        raise ValueError(
+            "model_kwargs must be a mapping from keyword names (str) to values, passed as "
+            f"velocity_fn(x, t, **model_kwargs); got {type(model_kwargs).__name__} "
+            f"{_short(model_kwargs)}."
+        )
+    return dict(model_kwargs)
+
+
+def check_velocity_output(
+    velocity_fn: VelocityFn,
+    x: jax.Array,
+    t_dtype: jnp.dtype,
+    model_kwargs: Mapping[str, Any],
+) -> None:
+    """Raises `ValueError` at trace time unless ``velocity_fn(x, t, **model_kwargs)``, called
+    as fmjax calls it (``t`` of shape ``[batch]``), runs and is shaped and typed like ``x``.
+
+    The probe is abstract (``jax.eval_shape``): nothing runs. An error that the call raises
+    (a function written for another signature or argument order, or for a scalar ``t``)
+    becomes a `ValueError` that states the convention, chained to the original.
+    """
+    x_spec = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    t_spec = jax.ShapeDtypeStruct(x_spec.shape[:1], t_dtype)
+    called = f"x: {x_spec.dtype}{list(x_spec.shape)} and t: {t_dtype}{list(t_spec.shape)}"
+    if model_kwargs:
+        called += f" and model_kwargs {sorted(model_kwargs)}"
+    try:
+        out = jax.eval_shape(lambda x, t: velocity_fn(x, t, **model_kwargs), x_spec, t_spec)
+    except Exception as err:
+        raise ValueError(
+            f"velocity_fn failed when called with {called} ({type(err).__name__}: {err}). "
+            f"fmjax expects {CONVENTION}."
+        ) from err
+    if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (
+        x_spec.shape,
+        x_spec.dtype,
+    ):
         got = (
             f"shape {out.shape} and dtype {out.dtype}"
             if isinstance(out, jax.ShapeDtypeStruct)
-            else f"{type(out).__name__} {out}"
+            else f"{type(out).__name__} {_short(out)}"
         )
         raise ValueError(
-            f"velocity_fn(x, t) must return an array of the shape {x.shape} and dtype {x.dtype} "
-            f"of x; got {got}."
+            f"velocity_fn(x, t) must return an array of the shape {x_spec.shape} and dtype "
+            f"{x_spec.dtype} of x; got {got} when called with {called}. fmjax expects "
+            f"{CONVENTION}."
         )
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def integrate(

@@ -25,7 +25,7 @@ from flax import linen as nn
 from fmjax import couplings, models, paths, timesteps
 from fmjax.couplings import COUPLINGS, Coupling
 from fmjax.meanflow import INTERVAL_ORDERS, INTERVAL_SAMPLERS, IntervalSampler, MeanFlowGuidance
-from fmjax.paths import PREDICTIONS, SCHEDULERS
+from fmjax.paths import BRIDGE_NOISES, PREDICTIONS, SCHEDULERS
 from fmjax.sampling import SOLVERS
 from fmjax.timesteps import TIME_SAMPLERS, TimeSampler
 
@@ -149,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
     p.polynomial_n = 2.0  # polynomial only
     p.coupling = "independent"  # independent | exact_ot | sinkhorn_ot (per-device batch)
     p.sinkhorn_epsilon = 0.1
+    p.bridge_noise = "none"  # none | constant (torchcfm's I-CFM) | brownian (SB-CFM)
+    p.bridge_sigma = 0.1  # the bridge noise's sigma (SB-CFM: sinkhorn_epsilon = 2 sigma^2)
     p.time_sampler = "uniform"  # uniform | logit_normal
     p.logit_mean = 0.0
     p.logit_std = 1.0
@@ -309,6 +311,22 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_bridge_noise(p: ml_collections.ConfigDict, objective: str) -> None:
+    _choice("path.bridge_noise", p.bridge_noise, ("none", *BRIDGE_NOISES))
+    if p.bridge_noise == "none":
+        return
+    if not (isinstance(p.bridge_sigma, int | float) and 0 < p.bridge_sigma < math.inf):
+        raise ValueError(
+            f"config.path.bridge_sigma={p.bridge_sigma!r} must be a positive finite number with "
+            f"config.path.bridge_noise={p.bridge_noise!r}."
+        )
+    if p.prediction != "velocity" or objective != "flow_matching":
+        raise ValueError(
+            f"config.path.bridge_noise={p.bridge_noise!r} needs config.path.prediction='velocity' "
+            f"and config.objective='flow_matching'; got {p.prediction!r} and {objective!r}."
+        )
+
+
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"config.{name}={value!r} is not valid; expected one of {list(choices)}.")
@@ -368,6 +386,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice("path.time_sampler", p.time_sampler, TIME_SAMPLERS)
     _choice("path.prediction", p.prediction, PREDICTIONS)
     _choice("path.loss_space", p.loss_space, ("prediction", "velocity"))
+    _check_bridge_noise(p, config.objective)
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
     # U-Net fields that the CIFAR-10 configs add (experiments/configs/cifar10.py).
     _choice(
@@ -508,9 +527,10 @@ def build_path(
 
     Each is built by its mapping's constructor with the options the section holds for it
     (``sigma_min`` for ``condot``, ``polynomial_n`` for ``polynomial``, ``sinkhorn_epsilon``
-    for ``sinkhorn_ot``, ``logit_mean``/``logit_std`` for ``logit_normal``, ``t_min`` for both
-    time samplers; ``logit_normal`` keeps at least ``1e-4`` from the ends, where a float32
-    sigmoid rounds to 0 or 1).
+    for ``sinkhorn_ot``, ``bridge_sigma`` for a ``bridge_noise`` other than ``"none"``,
+    ``logit_mean``/``logit_std`` for ``logit_normal``, ``t_min`` for both time samplers;
+    ``logit_normal`` keeps at least ``1e-4`` from the ends, where a float32 sigmoid rounds to 0
+    or 1).
     """
     p = path_config
     scheduler_options = {
@@ -525,7 +545,10 @@ def build_path(
     scheduler = paths.SCHEDULERS[p.scheduler](**scheduler_options.get(p.scheduler, {}))
     coupling = couplings.COUPLINGS[p.coupling](**coupling_options.get(p.coupling, {}))
     time_sampler = timesteps.TIME_SAMPLERS[p.time_sampler](**sampler_options[p.time_sampler])
-    return paths.AffinePath(scheduler), coupling, time_sampler
+    bridge = None
+    if p.bridge_noise != "none":
+        bridge = paths.BRIDGE_NOISES[p.bridge_noise](sigma=p.bridge_sigma)
+    return paths.AffinePath(scheduler, bridge=bridge), coupling, time_sampler
 
 
 def meanflow_guidance(config: ml_collections.ConfigDict) -> MeanFlowGuidance | None:

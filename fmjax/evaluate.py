@@ -22,10 +22,11 @@ from jax.sharding import PartitionSpec as P
 from fmjax import data, images, likelihood, sampling
 from fmjax.generate import (
     SamplingOptions,
+    check_sampler,
     class_labels,
     initial_noise,
     make_velocity,
-    solve_options,
+    solve,
     velocity_binder,
 )
 from fmjax.keys import Stream, stream_key
@@ -102,6 +103,7 @@ def evaluate(
     if run is None:
         run = load_run(workdir, model=model)
     config, mesh = run.config, make_mesh()
+    check_sampler(options, config)
     params = jax.device_put(run.ema_params, NamedSharding(mesh, P()))
     labels = class_labels(options, config.model.num_classes, options.batch_size)
     bind = velocity_binder(run.model, config, options.guidance_scale)
@@ -123,12 +125,7 @@ def evaluate(
         def sample_fn(index, batch_size):
             x0 = initial_noise(key, index * batch_size, (index + 1) * batch_size, image_shape)
             batch_labels = None if labels is None else jax.device_put(labels, batch_sharding)
-            result = sampling.sample(
-                bind(params, batch_labels),
-                jax.device_put(x0, batch_sharding),
-                solver=options.solver,
-                **solve_options(options),
-            )
+            result = solve(bind(params, batch_labels), jax.device_put(x0, batch_sharding), options)
             nfe.append(int(result.nfe))
             return result.x
 
@@ -192,7 +189,8 @@ def fid_hook(
     ``fid.batch_size`` sharded over ``mesh``, and scored against ``fid.stats`` with the
     Inception weights ``fid.inception`` (None: the cache). A conditional model gets labels
     cycling through the classes (guidance weight 1). The best-scoring state is kept in
-    ``workdir/checkpoints_best``. The weights and statistics are loaded here, so a bad path
+    ``workdir/checkpoints_best``; ``best.json`` records ``num_samples`` (FID is biased upwards
+    by few samples, so it reads higher than a final FID of 50,000). The weights and statistics are loaded here, so a bad path
     fails before anything is compiled.
 
     Raises:

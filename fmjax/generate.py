@@ -28,13 +28,17 @@ from fmjax.rundir import RunArtifacts, load_config, load_run
 from fmjax.step import TrainState
 
 __all__ = [
+    "MEAN_FLOW_SAMPLER",
+    "SAMPLERS",
     "SampleOutput",
     "SamplingOptions",
+    "check_sampler",
     "class_labels",
     "generate",
     "initial_noise",
     "make_velocity",
     "sample_run",
+    "solve",
     "solve_options",
     "velocity_binder",
     "write_grid",
@@ -46,27 +50,27 @@ log = logging.getLogger(__name__)
 def make_velocity(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
     """``f(params, labels, x, t) -> velocity`` for sampling, whatever the prediction type.
 
-    Bind the arrays with ``jax.tree_util.Partial(f, params, labels)`` to get the
-    ``velocity_fn(x, t)`` of :func:`fmjax.sampling.sample`; reusing one ``f`` means new
-    parameters do not recompile the sampler. ``labels`` is None for an unconditional model.
+    ``x`` is ``[batch, *dims]`` and ``t`` is ``[batch]``, as everywhere in fmjax. Bind the
+    arrays with ``jax.tree_util.Partial(f, params, labels)`` to get the ``velocity_fn(x, t)``
+    of :func:`fmjax.sampling.sample`; reusing one ``f`` means new parameters or labels do not
+    recompile the sampler. ``labels`` is None for an unconditional model.
 
-    A mean-flow run's (``config.objective == "mean_flow"``) ``f`` also takes ``t_end``:
-    ``f(params, labels, x, t, t_end)`` is the average velocity over ``[t, t_end]`` that
-    :func:`fmjax.meanflow.sample` jumps with, and without ``t_end`` the instantaneous velocity
-    ``u(x, t, t)`` that the ODE solvers and the likelihood integrate.
+    A mean-flow run's (``config.objective == "mean_flow"``) ``f`` also takes ``t_end``
+    (``[batch]``): ``f(params, labels, x, t, t_end)`` is the average velocity over
+    ``[t, t_end]`` that :func:`fmjax.meanflow.sample` jumps with, and without ``t_end`` the
+    instantaneous velocity ``u(x, t, t)`` that the ODE solvers and the likelihood integrate.
     """
     path, _, _ = build_path(config.path)
     prediction = config.path.prediction
     mean_flow = config.objective == "mean_flow"
 
     def velocity(params, labels, x, t, t_end=None):
-        t_batch = jnp.broadcast_to(t, (x.shape[0],))
         kwargs = {} if labels is None else {"y": labels}
         if mean_flow:
-            end = t_batch if t_end is None else jnp.broadcast_to(t_end, (x.shape[0],))
-            return model.apply({"params": params}, x, t_batch, t_end=end, **kwargs)
-        out = model.apply({"params": params}, x, t_batch, **kwargs)
-        return path.to_velocity(prediction, out, x, t_batch)
+            end = t if t_end is None else t_end
+            return model.apply({"params": params}, x, t, t_end=end, **kwargs)
+        out = model.apply({"params": params}, x, t, **kwargs)
+        return path.to_velocity(prediction, out, x, t)
 
     return velocity
 
@@ -110,14 +114,25 @@ def write_grid(
     images.save_grid(np.asarray(result.x), path, scale=max(1, 64 // config.data.image_shape[0]))
 
 
+MEAN_FLOW_SAMPLER = "meanflow"
+"""The ``SamplingOptions.solver`` of a mean-flow run's few-step jumps."""
+
+SAMPLERS = (*sampling.SOLVERS, MEAN_FLOW_SAMPLER)
+"""What ``SamplingOptions.solver`` may name: an ODE solver of :data:`fmjax.sampling.SOLVERS`
+or :data:`MEAN_FLOW_SAMPLER`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """How ``--mode=sample`` generates.
 
     Attributes:
         num_samples: how many samples.
-        solver: one of ``fmjax.sampling.SOLVERS``.
-        steps: steps of a fixed-step solver (``euler``, ``midpoint``, ``heun``, ``rk4``).
+        solver: one of ``fmjax.sampling.SOLVERS``, or ``"meanflow"`` for a mean-flow run
+            (``config.objective == "mean_flow"``): ``steps`` jumps of its average velocity
+            (:func:`fmjax.meanflow.sample`) on the uniform grid.
+        steps: steps of a fixed-step solver (``euler``, ``midpoint``, ``heun``, ``rk4``) or
+            jumps of ``meanflow``.
         time_grid: ``"edm"`` (:func:`fmjax.sampling.edm_time_grid`, Meta's choice: starts at
             t = 0.0123) or ``"uniform"`` (from t = 0), for a fixed-step solver.
         rtol, atol: tolerances of an adaptive solver (``tsit5``, ``dopri5``, ``dopri8``).
@@ -145,8 +160,8 @@ class SamplingOptions:
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"--{name}={value!r} must be a positive integer.")
-        if self.solver not in sampling.SOLVERS:
-            raise ValueError(f"--solver={self.solver!r}; expected one of {list(sampling.SOLVERS)}.")
+        if self.solver not in SAMPLERS:
+            raise ValueError(f"--solver={self.solver!r}; expected one of {list(SAMPLERS)}.")
         if self.time_grid not in ("edm", "uniform"):
             raise ValueError(f"--time_grid={self.time_grid!r}; expected 'edm' or 'uniform'.")
         if not (np.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
@@ -157,7 +172,10 @@ class SamplingOptions:
 
     @property
     def method(self) -> str:
-        """A short name of the solver and its settings, for file names: ``heun-edm50``."""
+        """A short name of the solver and its settings, for file names: ``heun-edm50``,
+        ``meanflow1``."""
+        if self.solver == MEAN_FLOW_SAMPLER:
+            return f"{self.solver}{self.steps}"
         if self.solver in sampling.FIXED_STEP_SOLVERS:
             return f"{self.solver}-{self.time_grid}{self.steps}"
         return f"{self.solver}-rtol{self.rtol:g}-atol{self.atol:g}"
@@ -206,7 +224,8 @@ def class_labels(
 def velocity_binder(
     model, config: ml_collections.ConfigDict, guidance_scale: float
 ) -> Callable[..., Callable]:
-    """``bind(params, labels) -> velocity_fn(x, t)`` for :func:`fmjax.sampling.sample`.
+    """``bind(params, labels) -> velocity_fn(x, t)`` (``t``: ``[batch]``) for
+    :func:`fmjax.sampling.sample`.
 
     The function inside every bound ``Partial`` is the same object, so each batch of samples
     reuses one compiled solver; only the arrays (parameters, labels) change.
@@ -292,20 +311,19 @@ def sample_run(
     if run is None:
         run = load_run(workdir, model=model)
     config = run.config
+    check_sampler(options, config)
     image_shape = tuple(config.data.image_shape)
     bind = velocity_binder(run.model, config, options.guidance_scale)
-    options_for_solve = solve_options(options)
 
     key = jax.random.key(options.seed)
     parts, nfe, success = [], [], []
     for start in range(0, options.num_samples, options.batch_size):
         stop = min(start + options.batch_size, options.num_samples)
         batch_labels = None if labels is None else jnp.asarray(labels[start:stop])
-        result = sampling.sample(
+        result = solve(
             bind(run.ema_params, batch_labels),
             initial_noise(key, start, stop, image_shape),
-            solver=options.solver,
-            **options_for_solve,
+            options,
         )
         parts.append(np.asarray(result.x))
         nfe.append(int(result.nfe))
@@ -342,6 +360,33 @@ def sample_run(
         f"wrote {png} and {npz}"
     )
     return SampleOutput(png=png, npz=npz, nfe=nfe)
+
+
+def check_sampler(options: SamplingOptions, config: ml_collections.ConfigDict) -> None:
+    """Refuses ``solver="meanflow"`` for a run that is not a mean flow, and sampling-time
+    guidance with it (a mean flow's guidance is trained in: ``config.meanflow.guidance_*``).
+    """
+    if options.solver != MEAN_FLOW_SAMPLER:
+        return
+    if config.objective != "mean_flow":
+        raise ValueError(
+            f"--solver={MEAN_FLOW_SAMPLER} jumps with an average velocity; this run's "
+            f"config.objective is {config.objective!r}. Pick an ODE solver of "
+            f"{list(sampling.SOLVERS)}."
+        )
+    if options.guidance_scale != 1.0:
+        raise ValueError(
+            f"--solver={MEAN_FLOW_SAMPLER} takes no --guidance_scale: a mean flow's guidance is "
+            "trained in (config.meanflow.guidance_omega, guidance_kappa)."
+        )
+
+
+def solve(velocity_fn: Callable, x0: jax.Array, options: SamplingOptions) -> sampling.SampleResult:
+    """Samples from ``x0`` as ``options`` say: an ODE solve of ``velocity_fn(x, t)``, or for
+    ``solver="meanflow"`` ``steps`` jumps of ``velocity_fn(x, t, t_end)``."""
+    if options.solver == MEAN_FLOW_SAMPLER:
+        return meanflow.sample(velocity_fn, x0, steps=options.steps)
+    return sampling.sample(velocity_fn, x0, solver=options.solver, **solve_options(options))
 
 
 def solve_options(options: SamplingOptions) -> dict:

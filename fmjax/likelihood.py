@@ -1,9 +1,10 @@
 r"""Exact log-likelihoods of a flow by the instantaneous change of variables, and bits/dim.
 
-For the flow :math:`dx_t/dt = u(x_t, t)` from the prior :math:`p_0 = N(0, I)` at :math:`t = 0`
-to the data at :math:`t = 1`, the density along a trajectory obeys
-:math:`\frac{d}{dt} \log p_t(x_t) = -\nabla\!\cdot u(x_t, t)` (Chen et al. 2018). So for data
-:math:`x_1`, solving backwards from :math:`t = 1` to :math:`0` the joint system
+For the flow :math:`dx_t/dt = u(x_t, t)` from the source :math:`p_0` at :math:`t = 0`
+(:math:`N(0, I)` unless ``log_p0`` says otherwise) to the data at :math:`t = 1`, the density
+along a trajectory obeys :math:`\frac{d}{dt} \log p_t(x_t) = -\nabla\!\cdot u(x_t, t)`
+(Chen et al. 2018). So for data :math:`x_1`, solving backwards from :math:`t = 1` to :math:`0`
+the joint system
 
 .. math::
 
@@ -14,16 +15,20 @@ gives the noise :math:`x_0` that :math:`x_1` flows from and
 
 .. math::
 
-    \log p_1(x_1) = \log N(x_0; 0, I) + \ell_0 = \log N(x_0; 0, I) - \int_0^1 \nabla\!\cdot u(x_t, t)\,dt.
+    \log p_1(x_1) = \log p_0(x_0) + \ell_0 = \log p_0(x_0) - \int_0^1 \nabla\!\cdot u(x_t, t)\,dt.
 
 The divergence is exact (the Jacobian trace, :math:`D` forward-mode products) for small
 dimensions, or Hutchinson's estimate :math:`\varepsilon^\top J \varepsilon` (one reverse-mode
 product per probe) for images; probes are drawn once and held fixed over the solve, so the
 estimate of :math:`\log p` is unbiased.
+
+The network is called as ``velocity_fn(x, t, **model_kwargs)`` with ``t`` of shape ``[batch]``,
+one time per example, as in training (see [the network's time](../concepts.md#the-networks-time)).
 """
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +44,8 @@ from fmjax._checks import (
 )
 from fmjax._integrate import (
     VelocityFn,
+    batch_times,
+    check_model_kwargs,
     check_solver_args,
     check_velocity_output,
     integrate,
@@ -57,6 +64,7 @@ __all__ = [
     "dequantize",
     "dequantized_bits_per_dim",
     "log_likelihood",
+    "standard_normal_log_prob",
 ]
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -71,7 +79,7 @@ class LikelihoodResult(NamedTuple):
         nfe: evaluations of the joint dynamics; each is one call of ``velocity_fn`` plus
             :math:`D` forward-mode products (exact) or ``num_probes`` reverse-mode products
             (Hutchinson).
-        x0: the noise that ``x1`` flows from, shaped like ``x1``.
+        x0: the source sample that ``x1`` flows from, shaped like ``x1``.
         success: whether the solve reached :math:`t = 0` with finite values.
     """
 
@@ -94,6 +102,8 @@ def log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    model_kwargs: Mapping[str, Any] | None = None,
+    log_p0: Callable[[Float[Array, " batch *dims"]], Float[Array, " batch"]] | None = None,
 ) -> LikelihoodResult:
     r"""The log-density :math:`\log p_1(x_1)` of data under the flow of ``velocity_fn``.
 
@@ -103,11 +113,19 @@ def log_likelihood(
     product and convolution in the solve runs at full float32 precision, even on accelerators
     whose default is bfloat16 passes (TPU) or TF32 (GPU), unless the model fixes its own.
 
-    ``velocity_fn`` must treat the examples of a batch independently (no batch statistics):
-    both divergences read each example's own block of the batch Jacobian.
+    ``velocity_fn`` is called as ``velocity_fn(x, t, **model_kwargs)`` with ``t`` of shape
+    ``[batch]`` (see [the network's time](../concepts.md#the-networks-time)). It must treat
+    the examples of a batch independently (no batch statistics): both divergences read each
+    example's own block of the batch Jacobian.
+
+    The source :math:`p_0` is :math:`N(0, I)` by default; ``log_p0`` gives another (the
+    distribution the training loss drew :math:`x_0` from). Arrays inside ``velocity_fn``, in
+    ``model_kwargs`` and inside ``log_p0`` (a ``jax.tree_util.Partial`` or an Equinox module)
+    are traced, so new values of the same shapes reuse the compiled solve.
 
     Args:
-        velocity_fn: ``velocity_fn(x, t)``, as for :func:`fmjax.sampling.sample`.
+        velocity_fn: ``velocity_fn(x, t, **model_kwargs)``, as for
+            :func:`fmjax.sampling.sample`.
         x1: the data, float, shape ``[batch, *dims]``.
         key: draws the Hutchinson probes (needed only for ``divergence="hutchinson"``).
         divergence: ``"exact"`` (:math:`\operatorname{tr} J` by :math:`D` Jacobian-vector
@@ -120,6 +138,11 @@ def log_likelihood(
         rtol: relative tolerance of an adaptive solver.
         atol: absolute tolerance of an adaptive solver.
         max_steps: the most steps an adaptive solver may take.
+        model_kwargs: keyword arguments of every call of ``velocity_fn`` (class labels,
+            conditioning), as for :func:`fmjax.sampling.sample`; they do not depend on ``x``,
+            so the divergence does not see them.
+        log_p0: ``log_p0(x0) -> [batch]``, the source's log-density of each example in nats;
+            ``None`` for the standard normal :math:`N(0, I)`.
 
     Returns:
         A :class:`LikelihoodResult`.
@@ -127,8 +150,10 @@ def log_likelihood(
     Raises:
         ValueError: at trace time, for an empty ``x1``, an unknown ``divergence``, ``probe``
             or ``solver``, Hutchinson without a ``key``, ``num_probes < 1``, the solver errors of
-            :func:`fmjax.sampling.sample`, or a ``velocity_fn`` output of the wrong shape or
-            dtype.
+            :func:`fmjax.sampling.sample`, a ``velocity_fn`` that fails when called with ``t``
+            of shape ``[batch]`` or returns the wrong shape or dtype, ``model_kwargs`` that
+            is not a mapping with str keys, or a ``log_p0`` that is not callable, fails, or
+            does not return one value per example.
 
     Example:
         >>> import jax.numpy as jnp
@@ -137,6 +162,12 @@ def log_likelihood(
         >>> out = log_likelihood(lambda x, t: jnp.zeros_like(x), jnp.zeros((3, 2)))
         >>> out.log_prob  # -log(2 pi)
         Array([-1.837877, -1.837877, -1.837877], dtype=float32)
+        >>> # The source N(0, 4 I): log N(0; 0, 4 I) = -log(2 pi) - 2 log 2.
+        >>> def log_p0(x0):
+        ...     return jnp.sum(-0.5 * (x0 / 2) ** 2 - jnp.log(2 * jnp.sqrt(2 * jnp.pi)), axis=1)
+        >>> zero_field = lambda x, t: jnp.zeros_like(x)
+        >>> log_likelihood(zero_field, jnp.zeros((1, 2)), log_p0=log_p0).log_prob
+        Array([-3.2241714], dtype=float32)
     """
     check_batched("x1", x1)
     check_nonempty("x1", x1)
@@ -149,7 +180,15 @@ def log_likelihood(
             'divergence="hutchinson" draws random probes: pass key=jax.random.key(...).'
         )
     check_solver_args(solver, steps, None, 1.0, 0.0, max_steps)
-    arrays, rest = split_arrays(velocity_fn)
+    model_kwargs = check_model_kwargs(model_kwargs)
+    if log_p0 is None:
+        log_p0 = standard_normal_log_prob
+    elif not callable(log_p0):
+        raise ValueError(
+            "log_p0 must be a function log_p0(x0) -> [batch] giving the source's log-density "
+            f"(or None for N(0, I)); got {type(log_p0).__name__}."
+        )
+    arrays, rest = split_arrays((velocity_fn, model_kwargs, log_p0))
     if divergence == "exact":
         key = None
     static = (rest, divergence, num_probes, probe, solver, steps, max_steps)
@@ -159,9 +198,9 @@ def log_likelihood(
 @functools.partial(solve_jit, static_argnames=("static",))
 def _log_likelihood_jit(arrays, x1, key, rtol, atol, *, static):
     rest, divergence, num_probes, probe, solver, steps, max_steps = static
-    velocity_fn = merge_arrays(arrays, rest)
-    t_dtype = time_dtype(x1)
-    check_velocity_output(velocity_fn, x1, jnp.ones((), t_dtype))
+    velocity_fn, model_kwargs, log_p0 = merge_arrays(arrays, rest)
+    check_velocity_output(velocity_fn, x1, time_dtype(x1), model_kwargs)
+    _check_log_p0(log_p0, x1)
     if divergence == "exact":
         field, probes = _exact_field, None
     else:
@@ -173,7 +212,7 @@ def _log_likelihood_jit(arrays, x1, key, rtol, atol, *, static):
     with jax.default_matmul_precision("highest"):
         solved = integrate(
             field,
-            (velocity_fn, probes),
+            (velocity_fn, model_kwargs, probes),
             (x1, log_det),
             solver=solver,
             steps=steps,
@@ -187,22 +226,56 @@ def _log_likelihood_jit(arrays, x1, key, rtol, atol, *, static):
         )
     x0, log_det = solved.y1
     return LikelihoodResult(
-        log_prob=_standard_normal_log_prob(x0) + log_det,
+        log_prob=log_p0(x0).astype(log_det.dtype) + log_det,
         nfe=solved.nfe,
         x0=x0,
         success=solved.success,
     )
 
 
-def _standard_normal_log_prob(x: Array) -> Array:
+def standard_normal_log_prob(x: Float[Array, " batch *dims"]) -> Float[Array, " batch"]:
+    r"""The log-density of each example under :math:`N(0, I)`:
+    :math:`-\tfrac12 \lVert x \rVert^2 - \tfrac D2 \log 2\pi` (the default ``log_p0`` of
+    :func:`log_likelihood`), in float32 or wider.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.likelihood import standard_normal_log_prob
+        >>> standard_normal_log_prob(jnp.zeros((2, 1)))  # -log(2 pi) / 2
+        Array([-0.9189385, -0.9189385], dtype=float32)
+    """
+    check_batched("x", x)
     x = x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
     return -0.5 * jnp.sum(jnp.square(x), axis=1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
 
 
+def _check_log_p0(log_p0: Callable, x: Array) -> None:
+    x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    expected = f"log_p0(x0) -> log-density of shape [batch]=({x.shape[0]},)"
+    try:
+        out = jax.eval_shape(log_p0, x_spec)
+    except Exception as err:
+        raise ValueError(
+            f"log_p0 failed when called with x0: {x.dtype}{list(x.shape)} "
+            f"({type(err).__name__}: {err}); fmjax expects {expected}."
+        ) from err
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and out.shape == x.shape[:1]
+        and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
+        got = f"{out.dtype}{list(out.shape)}" if isinstance(out, jax.ShapeDtypeStruct) else out
+        raise ValueError(
+            f"log_p0 must return one float log-density per example; expected {expected}, "
+            f"got {got} for x0: {x.dtype}{list(x.shape)}."
+        )
+
+
 def _exact_field(t, state, args):
-    velocity_fn, _ = args
+    velocity_fn, model_kwargs, _ = args
     x, log_det = state
-    v, jvp = jax.linearize(lambda y: velocity_fn(y, t), x)
+    t = batch_times(t, x)
+    v, jvp = jax.linearize(lambda y: velocity_fn(y, t, **model_kwargs), x)
     batch, dims = x.shape[0], math.prod(x.shape[1:])
     # Basis vector i in every example at once: column i of each example's Jacobian block.
     basis = jnp.eye(dims, dtype=x.dtype).reshape(dims, 1, *x.shape[1:])
@@ -212,9 +285,10 @@ def _exact_field(t, state, args):
 
 
 def _hutchinson_field(t, state, args):
-    velocity_fn, probes = args
+    velocity_fn, model_kwargs, probes = args
     x, log_det = state
-    v, vjp = jax.vjp(lambda y: velocity_fn(y, t), x)
+    t = batch_times(t, x)
+    v, vjp = jax.vjp(lambda y: velocity_fn(y, t, **model_kwargs), x)
     probe_jacobian = jax.vmap(lambda probe: vjp(probe)[0])(probes)
     estimates = jnp.sum((probe_jacobian * probes).reshape(*probes.shape[:2], -1), axis=2)
     return v, jnp.mean(estimates, axis=0).astype(log_det.dtype)
@@ -308,13 +382,14 @@ def dequantized_bits_per_dim(
     run one after another (``lax.map``), so memory is that of one solve.
 
     Args:
-        velocity_fn: ``velocity_fn(x, t)`` on images scaled to :math:`[-1, 1]`.
+        velocity_fn: ``velocity_fn(x, t, **model_kwargs)`` on images scaled to
+            :math:`[-1, 1]`, ``t`` of shape ``[batch]``.
         key: draws the dequantisation noise and, for Hutchinson, the probes of each draw.
         images: integers in :math:`[0, B)`, shape ``[batch, *dims]``.
         num_draws: :math:`K`.
         num_bins: :math:`B`.
         **likelihood_kwargs: passed to :func:`log_likelihood` (``divergence``, ``solver``,
-            ``rtol``...).
+            ``rtol``, ``model_kwargs``, ``log_p0``...).
 
     Returns:
         A :class:`BitsPerDim`.

@@ -29,6 +29,7 @@ mean :math:`-m`, and their pairs with :math:`r = t` are ours with :math:`t_\text
 the papers' recipes converted.
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fmjax._checks import check_batched, check_float, check_positive_int, concrete
+from fmjax._integrate import check_model_kwargs, merge_arrays, split_arrays
 from fmjax.couplings import Coupling, independent
 from fmjax.loss import draw_pairs
 from fmjax.paths import AffinePath, CondOT
@@ -420,16 +422,24 @@ def sample(
     *,
     steps: int = 1,
     time_grid: Float[Array, " n"] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> SampleResult:
     r"""Few-step generation with an average-velocity field:
     :math:`x_{t_{k+1}} = x_{t_k} + (t_{k+1} - t_k)\,u(x_{t_k}, t_k, t_{k+1})`.
 
+    The jumps run in one ``jax.jit``; arrays inside ``u_fn`` (a ``jax.tree_util.Partial``, an
+    Equinox module) and in ``model_kwargs`` are traced, so new parameters or labels of the
+    same shapes reuse the compiled program.
+
     Args:
-        u_fn: ``u(x, t, t_end)`` with ``t`` and ``t_end`` of shape ``[batch]``.
+        u_fn: ``u(x, t, t_end, **model_kwargs)`` with ``t`` and ``t_end`` of shape ``[batch]``
+            (see [the network's time](../concepts.md#the-networks-time)).
         x0: noise, ``[batch, *dims]``.
         steps: the number of jumps on the uniform grid from 0 to 1 (ignored with
             ``time_grid``).
         time_grid: increasing times from the start to the end, ``steps + 1`` of them.
+        model_kwargs: keyword arguments of every call of ``u_fn`` (class labels,
+            conditioning), as for :func:`fmjax.sampling.sample`.
 
     Returns:
         a :class:`fmjax.sampling.SampleResult` with ``nfe`` the number of jumps and
@@ -459,11 +469,18 @@ def sample(
             f"{values.tolist()}."
         )
     grid = grid.astype(jnp.promote_types(x0.dtype, jnp.float32))
+    arrays, rest = split_arrays((u_fn, check_model_kwargs(model_kwargs)))
+    return _jumps(arrays, x0, grid, rest=rest)
+
+
+@functools.partial(jax.jit, static_argnames=("rest",))
+def _jumps(arrays, x0, grid, *, rest):
+    u_fn, model_kwargs = merge_arrays(arrays, rest)
     batch = x0.shape[0]
 
     def jump(x, times):
         t, t_end = times
-        u = u_fn(x, jnp.full((batch,), t), jnp.full((batch,), t_end))
+        u = u_fn(x, jnp.full((batch,), t), jnp.full((batch,), t_end), **model_kwargs)
         if jnp.shape(u) != x.shape:
             raise ValueError(
                 f"u_fn must return an array shaped like x0 {x.shape}; got {jnp.shape(u)}."

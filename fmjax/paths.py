@@ -19,6 +19,21 @@ conversions between the three model parameterisations:
 
 The formulas of the named schedulers are those of the schedulers of the same names in Meta's
 ``flow_matching`` library.
+
+**Bridge noise.** A path may add Gaussian noise :math:`\gamma_t z`, :math:`z \sim N(0, I)`,
+to every point (a :class:`BridgeNoise`, e.g. ``AffinePath(CondOT(), bridge=BrownianBridge(0.5))``):
+
+.. math::
+
+    x_t = \alpha_t x_1 + \sigma_t x_0 + \gamma_t z, \qquad
+    \dot x_t = \dot\alpha_t x_1 + \dot\sigma_t x_0 + \dot\gamma_t z .
+
+With :class:`CondOT` these are torchcfm's paths: :class:`ConstantBridge` (:math:`\gamma_t =
+\sigma`) is its ``ConditionalFlowMatcher(sigma)`` (I-CFM), and :class:`BrownianBridge`
+(:math:`\gamma_t = \sigma\sqrt{t(1 - t)}`) with :func:`fmjax.couplings.sinkhorn_ot` of
+``epsilon`` :math:`= 2\sigma^2` its ``SchrodingerBridgeConditionalFlowMatcher(sigma,
+ot_method="sinkhorn")`` (SB-CFM). The parameterisation conversions below hold for paths
+without bridge noise; with it, the network predicts the velocity.
 """
 
 import abc
@@ -34,11 +49,15 @@ from jaxtyping import Array, ArrayLike, Float
 from fmjax._checks import broadcast_time, check_choice, check_float, check_same_shape
 
 __all__ = [
+    "BRIDGE_NOISES",
     "PREDICTIONS",
     "SCHEDULERS",
     "VP",
     "AffinePath",
+    "BridgeNoise",
+    "BrownianBridge",
     "CondOT",
+    "ConstantBridge",
     "Cosine",
     "FunctionScheduler",
     "LinearVP",
@@ -277,6 +296,89 @@ class LinearVP(Scheduler):
         return -t / jnp.sqrt(1.0 - t**2)
 
 
+class BridgeNoise(abc.ABC):
+    r"""Noise :math:`\gamma_t z` added to every point of a path, :math:`z \sim N(0, I)`.
+
+    Subclasses define the elementwise scale :meth:`gamma`; its derivative :meth:`d_gamma`
+    defaults to ``jax.jvp``. :class:`AffinePath` adds :math:`\gamma_t z` to ``x_t`` and
+    :math:`\dot\gamma_t z` to ``dx_t``: the conditional path is
+    :math:`N(\alpha_t x_1 + \sigma_t x_0, \gamma_t^2 I)` and :math:`\dot x_t` its conditional
+    velocity at the point drawn.
+    """
+
+    @abc.abstractmethod
+    def gamma(self, t: Float[Array, " *t"]) -> Float[Array, " *t"]:
+        r""":math:`\gamma_t`, elementwise in ``t``."""
+
+    def d_gamma(self, t: Float[Array, " *t"]) -> Float[Array, " *t"]:
+        r""":math:`\dot\gamma_t`; by default the exact derivative of :meth:`gamma` via ``jax.jvp``."""
+        return _elementwise_derivative(self.gamma, t)
+
+
+def _check_bridge_sigma(name: str, sigma: float) -> None:
+    if not (isinstance(sigma, int | float) and 0.0 < sigma < math.inf):
+        raise ValueError(f"{name} sigma must be a positive finite number; got sigma={sigma!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantBridge(BridgeNoise):
+    r"""Noise of constant scale, :math:`\gamma_t = \sigma` (so :math:`\dot\gamma_t = 0`).
+
+    With :class:`CondOT`: torchcfm's ``ConditionalFlowMatcher(sigma)`` (I-CFM), whose points
+    are :math:`t x_1 + (1 - t) x_0 + \sigma z` and target :math:`x_1 - x_0`. Its ends are
+    blurred too: the learnt flow carries :math:`x_0 + \sigma z` to :math:`x_1 + \sigma z`, and
+    sampling from the source itself (as torchcfm does) is exact only as :math:`\sigma \to 0`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.paths import ConstantBridge
+        >>> ConstantBridge(0.1).gamma(jnp.array([0.0, 0.5]))
+        Array([0.1, 0.1], dtype=float32)
+    """
+
+    sigma: float
+
+    def __post_init__(self):
+        _check_bridge_sigma("ConstantBridge", self.sigma)
+
+    def gamma(self, t):
+        return jnp.full_like(t, self.sigma)
+
+    def d_gamma(self, t):
+        return jnp.zeros_like(t)
+
+
+@dataclasses.dataclass(frozen=True)
+class BrownianBridge(BridgeNoise):
+    r"""The noise of a Brownian bridge, :math:`\gamma_t = \sigma\sqrt{t(1 - t)}`.
+
+    :math:`\dot\gamma_t = \frac{1 - 2t}{2t(1 - t)}\,\gamma_t`, computed as torchcfm's
+    ``SchrodingerBridgeConditionalFlowMatcher`` does, with ``1e-8`` added to the denominator, so
+    that it is 0 rather than 0/0 at the ends (where :math:`\gamma_t = 0`) and the same number
+    as torchcfm's elsewhere. With :class:`CondOT` and pairs from
+    :func:`fmjax.couplings.sinkhorn_ot` with ``epsilon`` :math:`= 2\sigma^2`, this is SB-CFM:
+    the Schrödinger bridge between the source and the data for the reference Brownian motion
+    :math:`\sigma W`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.paths import BrownianBridge
+        >>> BrownianBridge(2.0).gamma(jnp.array([0.0, 0.5, 1.0]))
+        Array([0., 1., 0.], dtype=float32)
+    """
+
+    sigma: float
+
+    def __post_init__(self):
+        _check_bridge_sigma("BrownianBridge", self.sigma)
+
+    def gamma(self, t):
+        return self.sigma * jnp.sqrt(t * (1.0 - t))
+
+    def d_gamma(self, t):
+        return (1.0 - 2.0 * t) / (2.0 * t * (1.0 - t) + 1e-8) * self.gamma(t)
+
+
 class PathSample(NamedTuple):
     r"""A draw from an affine path (arrays shaped like ``x1`` unless noted).
 
@@ -287,6 +389,7 @@ class PathSample(NamedTuple):
         t: the times, as given (scalar or ``[batch]``).
         x0: the noise end.
         x1: the data end.
+        z: the bridge noise :math:`z` of a path with :class:`BridgeNoise`, else ``None``.
     """
 
     x_t: Float[Array, " batch *dims"]
@@ -294,11 +397,16 @@ class PathSample(NamedTuple):
     t: Float[Array, " *batch"]
     x0: Float[Array, " batch *dims"]
     x1: Float[Array, " batch *dims"]
+    z: Float[Array, " batch *dims"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AffinePath:
     r"""The affine path :math:`x_t = \alpha_t x_1 + \sigma_t x_0` of a scheduler.
+
+    With ``bridge`` (a :class:`BridgeNoise`), :meth:`sample` adds :math:`\gamma_t z` to ``x_t``
+    and :math:`\dot\gamma_t z` to ``dx_t`` for the noise ``z`` it is given; the conversions
+    between parameterisations and :meth:`velocity_to_score` are those of the path without it.
 
     Every method takes ``t`` as a scalar or with shape ``[batch]`` (the leading axis of the
     arrays), broadcast over their trailing axes, whatever their rank. Outputs have the dtype of
@@ -324,6 +432,7 @@ class AffinePath:
     """
 
     scheduler: Scheduler = dataclasses.field(default_factory=CondOT)
+    bridge: BridgeNoise | None = None
 
     def _coefficients(self, t: Time, x: jax.Array) -> SchedulerOutput:
         t = jnp.asarray(t)
@@ -336,25 +445,83 @@ class AffinePath:
         x0: Float[Array, " batch *dims"],
         x1: Float[Array, " batch *dims"],
         t: Float[ArrayLike, " *batch"],
+        z: Float[Array, " batch *dims"] | None = None,
     ) -> PathSample:
-        """Draws ``x_t`` and ``dx_t`` for given noise ``x0``, data ``x1`` and times ``t``.
+        r"""Draws ``x_t`` and ``dx_t`` for given noise ``x0``, data ``x1`` and times ``t``.
 
         Args:
             x0: noise, shape ``[batch, *dims]``.
             x1: data, the same shape.
             t: a scalar or shape ``[batch]``.
+            z: the bridge noise :math:`z \sim N(0, I)`, the same shape; required by a path
+                with ``bridge``, refused by one without.
 
         Returns:
             A :class:`PathSample`.
+
+        Raises:
+            ValueError: for non-float or mismatched arrays, or ``z`` given to a path without
+                bridge noise or missing for one with it.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from fmjax.paths import AffinePath, BrownianBridge, CondOT
+            >>> path = AffinePath(CondOT(), bridge=BrownianBridge(1.0))
+            >>> x0 = jnp.zeros((1, 2)); x1 = jnp.ones((1, 2)); z = jnp.ones((1, 2))
+            >>> s = path.sample(x0, x1, jnp.array([0.5]), z)
+            >>> s.x_t, s.dx_t  # 0.5 + sqrt(0.25) z, 1 + 0 z
+            (Array([[1., 1.]], dtype=float32), Array([[1., 1.]], dtype=float32))
         """
         check_float("x0", x0)
         check_float("x1", x1)
         check_same_shape("x0", x0, "x1", x1)
+        if (z is None) != (self.bridge is None):
+            raise ValueError(
+                f"z, the bridge noise, is needed exactly when the path has bridge noise; got "
+                f"bridge={self.bridge!r} and z {'None' if z is None else 'given'}."
+            )
         c = self._coefficients(t, x1)
         dtype = jnp.result_type(x0, x1)
-        x_t = (c.alpha_t * x1 + c.sigma_t * x0).astype(dtype)
-        dx_t = (c.d_alpha_t * x1 + c.d_sigma_t * x0).astype(dtype)
-        return PathSample(x_t=x_t, dx_t=dx_t, t=jnp.asarray(t), x0=x0, x1=x1)
+        x_t = c.alpha_t * x1 + c.sigma_t * x0
+        dx_t = c.d_alpha_t * x1 + c.d_sigma_t * x0
+        if z is not None:
+            check_float("z", z)
+            check_same_shape("z", z, "x1", x1)
+            times = broadcast_time(jnp.asarray(t, c.alpha_t.dtype), x1)
+            x_t = x_t + self.bridge.gamma(times) * z
+            dx_t = dx_t + self.bridge.d_gamma(times) * z
+        return PathSample(
+            x_t=x_t.astype(dtype), dx_t=dx_t.astype(dtype), t=jnp.asarray(t), x0=x0, x1=x1, z=z
+        )
+
+    def velocity_to_score(
+        self, velocity: Batch, x_t: Batch, t: Float[ArrayLike, " *batch"]
+    ) -> Batch:
+        r"""The score :math:`\nabla_x \log p_t(x_t)` of the path's marginal, from its velocity.
+
+        For a standard normal source :math:`x_0 \sim N(0, I)` (and no bridge noise), Tweedie's
+        formula gives :math:`\nabla \log p_t(x) = -\mathbb E[x_0 \mid x_t = x] / \sigma_t`,
+        and the velocity is linear in that expectation (:meth:`velocity_to_epsilon`), so
+
+        .. math::
+
+            \nabla \log p_t(x) = \frac{\dot\alpha_t x - \alpha_t u(x, t)}
+                {\sigma_t\,(\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)} .
+
+        Divides by :math:`\sigma_t` (zero at ``t = 1`` unless ``sigma_min > 0``). For
+        :class:`CondOT` this is :math:`(t\,u - x) / (1 - t)`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from fmjax.paths import AffinePath, CondOT
+            >>> x = jnp.array([[2.0]])  # N(0, I) data: u(x, t) = (2t - 1) x / (t^2 + (1-t)^2)
+            >>> t = jnp.array([0.75]); u = (2 * 0.75 - 1) * x / (0.75**2 + 0.25**2)
+            >>> AffinePath(CondOT()).velocity_to_score(u, x, t)  # the score of N(0, 5/8): -x/(5/8)
+            Array([[-3.2]], dtype=float32)
+        """
+        c = self._coefficients(t, x_t)
+        det = c.sigma_t * (c.alpha_t * c.d_sigma_t - c.sigma_t * c.d_alpha_t)
+        return self._linear(c.d_alpha_t / det, -c.alpha_t / det, velocity, x_t)
 
     def _linear(self, a, b, u, x_t):
         check_same_shape("prediction", u, "x_t", x_t)
@@ -444,3 +611,10 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
 }
 """The named schedulers, name -> constructor (called with the scheduler's own keyword fields,
 e.g. ``SCHEDULERS["polynomial"](n=2)``); what ``config.path.scheduler`` may name."""
+
+BRIDGE_NOISES: dict[str, Callable[..., BridgeNoise]] = {
+    "constant": ConstantBridge,
+    "brownian": BrownianBridge,
+}
+"""The named bridge noises, name -> constructor (called with ``sigma``); what
+``config.path.bridge_noise`` may name besides ``"none"``."""

@@ -101,9 +101,10 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run saved as ``workdir/config.json``.
 
-    A top-level key that the run's config lacks (a run saved before the key existed, e.g.
-    ``objective``) reads as :func:`fmjax.configs.base_config`'s default, so the code that
-    reads a run never needs a fallback of its own.
+    A key that the run's config lacks (a run saved before the key existed, e.g. ``objective``
+    or ``path.bridge_noise``) reads as :func:`fmjax.configs.base_config`'s default, at the top
+    level and in its sections except ``model`` (whose fields are the model's own), so the code
+    that reads a run never needs a fallback of its own.
     """
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
@@ -113,7 +114,11 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a readable run config (JSON): {error}.") from None
     for key, value in json.loads(base_config().to_json()).items():
-        saved.setdefault(key, value)
+        if key != "model" and isinstance(value, dict) and isinstance(saved.get(key), dict):
+            for inner_key, inner_value in value.items():
+                saved[key].setdefault(inner_key, inner_value)
+        else:
+            saved.setdefault(key, value)
     return ml_collections.ConfigDict(saved)
 
 

@@ -12,6 +12,9 @@ reports the number of velocity evaluations (``nfe``) it actually spent. Helpers 
 grids (:func:`uniform_time_grid`, :func:`edm_time_grid`) and a classifier-free guided velocity
 field (:func:`classifier_free_guidance`).
 
+The network is called as ``velocity_fn(x, t, **model_kwargs)`` with ``t`` of shape ``[batch]``,
+one time per example, as in training (see [the network's time](../concepts.md#the-networks-time)).
+
 Nothing here is device-parallel: a caller that shards the batch calls :func:`sample` on its
 shard (under ``jit`` or inside ``shard_map``); each shard then chooses its own adaptive steps.
 """
@@ -20,6 +23,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
@@ -36,7 +40,9 @@ from fmjax._integrate import (
     FIXED_STEP_SOLVERS,
     SOLVERS,
     VelocityFn,
+    batch_times,
     check_distinct_ends,
+    check_model_kwargs,
     check_save_at,
     check_solver_args,
     check_times,
@@ -174,6 +180,10 @@ def classifier_free_guidance(
     :math:`(1 + s)\,u(\cdot \mid y) - s\,u(\cdot \mid \varnothing)`, i.e. :math:`w = 1 + s`.)
     Both branches run in one call on a doubled batch.
 
+    The field is a ``jax.tree_util.Partial`` holding ``params``, ``labels`` and the arrays of
+    ``model_kwargs``: :func:`sample` traces them, so guiding new labels (same shape) or new
+    parameters reuses the compiled solve.
+
     Args:
         apply_fn: the model, called as ``apply_fn(params, x, t, **{label_name: labels},
             **model_kwargs)`` with ``x`` of shape ``[2 * batch, *dims]`` and ``t`` of shape
@@ -184,15 +194,20 @@ def classifier_free_guidance(
             >= 0; fmjax's U-Net uses its ``num_classes``).
         scale: the guidance weight :math:`w \ge 0` (a number or a traced scalar).
         label_name: the keyword under which ``apply_fn`` takes labels.
-        model_kwargs: extra keyword arguments for ``apply_fn``.
+        model_kwargs: extra keyword arguments for ``apply_fn``, the same for both halves of the
+            doubled batch (so not per-example arrays). The keyword arguments that
+            :func:`sample` passes to the field (its ``model_kwargs``) join them.
 
     Returns:
-        ``velocity_fn(x, t)`` taking ``x`` of shape ``[batch, *dims]`` and a scalar ``t``.
+        ``velocity_fn(x, t, **kwargs)`` taking ``x`` of shape ``[batch, *dims]`` and ``t`` of
+        shape ``[batch]`` (see [the network's time](../concepts.md#the-networks-time)).
 
     Raises:
         ValueError: for labels that are not integers with a leading batch axis, a negative
-            ``null_label``, and, when they are concrete (not traced), a negative label or a
-            ``scale`` that is negative or not finite.
+            ``null_label``, ``model_kwargs`` that is not a mapping with str keys, and, when
+            they are concrete (not traced), a negative label or a ``scale`` that is negative
+            or not finite. When called: for ``x`` and ``labels`` of different batch sizes, or
+            ``t`` not of shape ``[batch]``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -200,35 +215,45 @@ def classifier_free_guidance(
         >>> def apply_fn(params, x, t, y):  # the "model" moves x towards its label
         ...     return (y[:, None] - x) * params
         >>> v = classifier_free_guidance(apply_fn, 1.0, jnp.array([3, 3]), null_label=0, scale=2.0)
-        >>> v(jnp.zeros((2, 1)), 0.5)
+        >>> v(jnp.zeros((2, 1)), jnp.full((2,), 0.5))
         Array([[6.],
                [6.]], dtype=float32)
     """
     _check_guidance_args(labels, null_label, scale)
     labels = jnp.asarray(labels)
     check_batched("labels", labels)
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = check_model_kwargs(model_kwargs)
+    # A Partial of a module-level function: the same static part on every call, arrays traced.
+    return jax.tree_util.Partial(
+        _guided_velocity, apply_fn, label_name, null_label, params, labels, scale, model_kwargs
+    )
+
+
+def _guided_velocity(
+    apply_fn, label_name, null_label, params, labels, scale, model_kwargs, x, t, **kwargs
+):
+    batch = jnp.shape(x)[0]
+    if batch != labels.shape[0]:
+        raise ValueError(
+            f"labels must have one entry per example: x has batch {batch}, "
+            f"labels has shape {labels.shape}."
+        )
+    if jnp.shape(t) != (batch,):
+        raise ValueError(
+            f"The guided velocity_fn(x, t) takes t of shape [batch]=({batch},), one time per "
+            f"example; got t of shape {jnp.shape(t)}."
+        )
+    both_x = jnp.concatenate([x, x])
+    both_t = jnp.concatenate([t, t])
     both_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-
-    def velocity_fn(x, t):
-        batch = jnp.shape(x)[0]
-        if batch != labels.shape[0]:
-            raise ValueError(
-                f"labels must have one entry per example: x has batch {batch}, "
-                f"labels has shape {labels.shape}."
-            )
-        both_x = jnp.concatenate([x, x])
-        both_t = jnp.broadcast_to(jnp.asarray(t, jnp.result_type(x)), (2 * batch,))
-        both = apply_fn(params, both_x, both_t, **{label_name: both_labels}, **model_kwargs)
-        if jnp.shape(both) != jnp.shape(both_x):
-            raise ValueError(
-                f"apply_fn must return an array shaped like its input {jnp.shape(both_x)}; "
-                f"got {jnp.shape(both)}."
-            )
-        conditional, unconditional = both[:batch], both[batch:]
-        return (unconditional + scale * (conditional - unconditional)).astype(jnp.result_type(x))
-
-    return velocity_fn
+    both = apply_fn(params, both_x, both_t, **{label_name: both_labels}, **model_kwargs, **kwargs)
+    if jnp.shape(both) != jnp.shape(both_x):
+        raise ValueError(
+            f"apply_fn must return an array shaped like its input {jnp.shape(both_x)}; "
+            f"got {jnp.shape(both)}."
+        )
+    conditional, unconditional = both[:batch], both[batch:]
+    return (unconditional + scale * (conditional - unconditional)).astype(jnp.result_type(x))
 
 
 def _check_guidance_args(labels: Any, null_label: Any, scale: Any) -> None:
@@ -268,8 +293,15 @@ def sample(
     t1: float = 1.0,
     save_at: Float[ArrayLike, " saves"] | None = None,
     max_steps: int = 4096,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> SampleResult:
     r"""Integrates :math:`dx/dt = u(x, t)` from ``x0`` at ``t0`` to ``t1``.
+
+    **The network's time.** ``velocity_fn`` is called as ``velocity_fn(x, t, **model_kwargs)``
+    with ``x`` of shape ``[batch, *dims]`` and ``t`` of shape ``[batch]`` (the solver's time,
+    the same for every example), as :func:`fmjax.loss.cfm_loss` calls a model in training
+    (see [the network's time](../concepts.md#the-networks-time)). A function of another
+    signature, argument order or shape fails at trace time with a ``ValueError`` that says so.
 
     **Solvers.** Fixed-step ``euler`` (order 1), ``midpoint``, ``heun`` (order 2) and ``rk4``
     (order 4) take ``steps`` equal steps from ``t0`` to ``t1``, or step exactly through the
@@ -293,9 +325,11 @@ def sample(
     count rejected steps too.
 
     **Compilation.** Everything runs in one ``jax.jit``; arrays inside ``velocity_fn`` (e.g.
-    the parameters of an Equinox module or of a ``jax.tree_util.Partial``) are traced, so a
-    second call with a new ``x0`` (same shape) or new parameters does not recompile. A new
-    Python closure is a new function and compiles again. JAX's persistent compilation cache
+    the parameters of an Equinox module or of a ``jax.tree_util.Partial``) and the arrays of
+    ``model_kwargs`` are traced, so a second call with a new ``x0``, new parameters or new
+    labels (same shapes) does not recompile. A new Python closure is a new function and
+    compiles again: pass what changes from call to call (labels, conditioning) in
+    ``model_kwargs`` rather than closing over it. JAX's persistent compilation cache
     keeps the compiled solve across processes, except with ``save_at``: Diffrax checks the
     save times with a host callback, and JAX stores no program that has one, so a solve with
     ``save_at`` compiles again in each new process. Inside a caller's ``jit`` the whole
@@ -310,9 +344,10 @@ def sample(
     own options.
 
     Args:
-        velocity_fn: ``velocity_fn(x, t)`` with ``x`` shaped like ``x0`` and ``t`` a scalar
-            array; returns an array of the shape and dtype of ``x``. It must treat examples
-            independently only for :mod:`fmjax.likelihood`; here any batch function works.
+        velocity_fn: ``velocity_fn(x, t, **model_kwargs)`` with ``x`` shaped like ``x0`` and
+            ``t`` of shape ``[batch]``; returns an array of the shape and dtype of ``x``. It
+            must treat examples independently only for :mod:`fmjax.likelihood`; here any
+            batch function works.
         x0: the initial state (usually noise), float, shape ``[batch, *dims]``.
         solver: one of :data:`SOLVERS`.
         steps: the number of equal steps of a fixed-step solver.
@@ -326,6 +361,9 @@ def sample(
             (interpolated by the solver's dense output).
         max_steps: the most steps (accepted plus rejected) an adaptive solver may take before
             giving up with ``success=False``.
+        model_kwargs: keyword arguments of every call of ``velocity_fn`` (class labels,
+            conditioning). Arrays are traced arguments of the compiled solve; other values
+            (Python numbers, strings, flags) are static, and a new value compiles again.
 
     Returns:
         A :class:`SampleResult`.
@@ -334,8 +372,10 @@ def sample(
         ValueError: at trace time, for an unknown solver; a fixed-step solver without
             ``steps`` or ``time_grid``, or with both; ``steps`` or ``time_grid`` given to an
             adaptive solver; ``t0 == t1``; a time grid that is not strictly monotone;
-            ``save_at`` outside the solve; a ``velocity_fn`` that returns the wrong shape or
-            dtype; a non-float, unbatched or empty ``x0``.
+            ``save_at`` outside the solve; a ``velocity_fn`` that fails when called as
+            ``velocity_fn(x, t, **model_kwargs)`` with ``t`` of shape ``[batch]``, or returns
+            the wrong shape or dtype; ``model_kwargs`` that is not a mapping with str keys; a
+            non-float, unbatched or empty ``x0``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -344,17 +384,25 @@ def sample(
         >>> out = sample(lambda x, t: jnp.ones_like(x), x0, solver="euler", steps=10)
         >>> bool(jnp.allclose(out.x, x0 + 1.0)), int(out.nfe), bool(out.success)
         (True, 10, True)
+        >>> # Model inputs beside x and t (t has shape [batch]: one time per example).
+        >>> def velocity(x, t, shift):
+        ...     return shift - x * t[:, None]
+        >>> shift = jnp.ones((4, 2))
+        >>> out = sample(velocity, x0, solver="heun", steps=4, model_kwargs={"shift": shift})
+        >>> out.x.shape
+        (4, 2)
     """
     check_batched("x0", x0)
     check_nonempty("x0", x0)
     check_float("x0", x0)
     check_solver_args(solver, steps, time_grid, t0, t1, max_steps)
+    model_kwargs = check_model_kwargs(model_kwargs)
     if time_grid is not None:
         time_grid = jnp.asarray(time_grid)
     if save_at is not None:
         save_at = check_times("save_at", save_at, min_length=1)
         check_save_at(save_at, time_grid, t0, t1)
-    arrays, rest = split_arrays(velocity_fn)
+    arrays, rest = split_arrays((velocity_fn, model_kwargs))
     return _sample_jit(
         arrays,
         x0,
@@ -371,12 +419,12 @@ def sample(
 @functools.partial(solve_jit, static_argnames=("static",))
 def _sample_jit(arrays, x0, time_grid, save_at, t0, t1, rtol, atol, *, static):
     rest, solver, steps, max_steps = static
-    velocity_fn = merge_arrays(arrays, rest)
+    velocity_fn, model_kwargs = merge_arrays(arrays, rest)
     t_dtype = time_dtype(x0)
-    check_velocity_output(velocity_fn, x0, jnp.zeros((), t_dtype))
+    check_velocity_output(velocity_fn, x0, t_dtype, model_kwargs)
     solved = integrate(
         _velocity_vector_field,
-        velocity_fn,
+        (velocity_fn, model_kwargs),
         x0,
         solver=solver,
         steps=steps,
@@ -397,6 +445,7 @@ def _sample_jit(arrays, x0, time_grid, save_at, t0, t1, rtol, atol, *, static):
     )
 
 
-def _velocity_vector_field(t, x, velocity_fn):
+def _velocity_vector_field(t, x, args):
     # Module-level (not a closure) so that Diffrax's ODETerm is the same object on every call.
-    return velocity_fn(x, t)
+    velocity_fn, model_kwargs = args
+    return velocity_fn(x, batch_times(t, x), **model_kwargs)

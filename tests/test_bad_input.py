@@ -24,7 +24,7 @@ import pytest
 from helpers import run_module, tiny_config
 
 from experiments import fid as fid_command
-from fmjax import couplings, data, generate, likelihood, loss, rundir, sampling, train
+from fmjax import couplings, data, generate, likelihood, loss, rundir, sampling, sde, train
 from fmjax.metrics import fid, inception
 
 # Lowering a jaxpr to MLIR is the first step of every compilation, eager ops included (a
@@ -212,7 +212,7 @@ def test_guidance_of_traced_values_is_not_checked_but_traces():
         v = sampling.classifier_free_guidance(
             lambda p, x, t, y: x * y[:, None], None, labels, null_label=0, scale=scale
         )
-        return v(jnp.ones((2, 1)), 0.5)
+        return v(jnp.ones((2, 1)), jnp.full((2,), 0.5))
 
     np.testing.assert_allclose(guided(2.0, jnp.array([1, 2])), [[2.0], [4.0]])
 
@@ -320,6 +320,7 @@ _EMPTY_ROWS = {
     "sinkhorn_ot": lambda: couplings.sinkhorn_ot(0.1)(_KEY, _EMPTY, _EMPTY),
     "log_likelihood": lambda: likelihood.log_likelihood(lambda x, t: x, _EMPTY),
     "sample": lambda: sampling.sample(lambda x, t: x, _EMPTY, solver="euler", steps=2),
+    "sample_sde": lambda: sde.sample_sde(lambda x, t: x, _EMPTY, _KEY, steps=2),
 }
 _EMPTY_MESSAGES = {
     "cfm_loss": r"x1 must hold at least one sample; got x1.shape=\(0, 2\)",
@@ -329,6 +330,7 @@ _EMPTY_MESSAGES = {
     "sinkhorn_ot": r"sinkhorn_ot needs samples to pair; got an empty batch",
     "log_likelihood": r"x1 must hold at least one sample; got x1.shape=\(0, 2\)",
     "sample": r"x0 must hold at least one sample; got x0.shape=\(0, 2\)",
+    "sample_sde": r"x0 must hold at least one sample; got x0.shape=\(0, 2\)",
 }
 
 
@@ -368,7 +370,8 @@ def test_a_workdir_held_by_another_run(tmp_path):
         (
             ["--config=experiments/configs/digits.py:nosuch"],
             "error: flag --config=experiments/configs/digits.py:nosuch: Unknown digits config "
-            "variant 'nosuch'; expected 'quick', 'meanflow', 'meanflow,quick' or none.",
+            "variant 'nosuch'; expected comma-separated modifiers of 'quick', 'meanflow' and "
+            "'dit' (e.g. 'meanflow,quick', 'dit,quick') or none.",
         ),
     ],
     ids=["key_typo", "section_typo", "not_an_int", "bad_variant"],

@@ -82,6 +82,21 @@ def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, ca
 
     with pytest.raises(ValueError, match="unconditional"):
         sample_run(workdir, SamplingOptions(guidance_scale=2.0))
+    with pytest.raises(ValueError, match=r"--solver=meanflow.*'flow_matching'"):
+        sample_run(workdir, SamplingOptions(solver="meanflow", steps=1))
+
+
+def test_meanflow_smoke_jumps_by_default_and_takes_ode_solvers(tmp_path, monkeypatch, capsys):
+    train("meanflow,smoke", tmp_path, num_steps=2)
+    run_main(monkeypatch, f"--workdir={tmp_path}", "--mode=sample", "--num_samples=4")
+    assert "(meanflow1): NFE 1 per solve" in capsys.readouterr().out
+    with np.load(tmp_path / "samples" / "sample_step00000002_meanflow1_n4_seed0.npz") as npz:
+        assert npz["images"].shape == (4, 8, 8, 3) and npz["nfe"].tolist() == [1]
+    # Two jumps, or an ODE solve of the instantaneous field u(x, t, t).
+    assert sample_run(tmp_path, SamplingOptions(num_samples=4, solver="meanflow", steps=2)).nfe == [
+        2
+    ]
+    assert sample_run(tmp_path, SamplingOptions(num_samples=4, steps=3)).nfe == [6]
 
 
 def test_conditional_smoke_samples_with_guidance(tmp_path):

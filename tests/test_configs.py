@@ -52,6 +52,22 @@ def test_build_path_passes_each_choice_its_options():
     assert float(time_sampler(jax.random.key(0), (10,)).max()) == pytest.approx(1 - 1e-4)
 
 
+def test_bridge_noise_validates_and_builds():
+    assert configs.build_path(_config().path)[0].bridge is None
+    for name, bridge in paths.BRIDGE_NOISES.items():
+        config = _config(bridge_noise=name, bridge_sigma=0.5)
+        configs.validate(config, num_devices=1)
+        assert configs.build_path(config.path)[0].bridge == bridge(sigma=0.5)
+    bad = [
+        (dict(bridge_noise="sb"), r"config\.path\.bridge_noise='sb'.*'none', 'constant'"),
+        (dict(bridge_noise="brownian", bridge_sigma=0.0), r"bridge_sigma=0\.0 must be a positive"),
+        (dict(bridge_noise="constant", prediction="target"), r"needs config\.path\.prediction"),
+    ]
+    for path, message in bad:
+        with pytest.raises(ValueError, match=message):
+            configs.validate(_config(**path), num_devices=1)
+
+
 @pytest.mark.parametrize("optimizer", list(configs.OPTIMIZERS))
 @pytest.mark.parametrize("schedule", list(configs.LR_SCHEDULES))
 def test_every_optimizer_and_schedule_builds_and_steps(optimizer, schedule):

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from fmjax.couplings import Coupled, exact_ot, independent
-from fmjax.loss import Pairs, cfm_loss, cfm_loss_on_pairs, draw_pairs
-from fmjax.paths import AffinePath, Cosine
+from fmjax.loss import cfm_loss, cfm_loss_on_pairs, draw_pairs
+from fmjax.paths import AffinePath, BrownianBridge, CondOT, ConstantBridge, Cosine
 from fmjax.timesteps import uniform
 
 B, D = 6, 3
@@ -203,7 +203,7 @@ def test_draw_pairs_ahead_for_many_steps_under_vmap():
     stacked = jax.jit(jax.vmap(functools.partial(draw_pairs, coupling=exact_ot)))(keys, x1)
     for i in range(5):
         single = draw_pairs(keys[i], x1[i], coupling=exact_ot)
-        jax.tree.map(np.testing.assert_array_equal, Pairs(*(a[i] for a in stacked)), single)
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a[i], b), stacked, single)
     # The coupling did reorder the noise: OT pairs cost less than the pairs as drawn.
     x0_drawn = jax.vmap(lambda k, x: draw_pairs(k, x).x0)(keys, x1)
     ot_cost = jnp.sum((stacked.x0 - stacked.x1) ** 2)
@@ -244,6 +244,107 @@ def test_bad_input_messages(data):
         cfm_loss(linear_model, w, key, x1[:1], coupling=exact_ot)
     with pytest.raises(ValueError, match="leading batch axis"):
         cfm_loss(linear_model, w, key, x1[0, 0])
+
+
+# --- sources other than N(0, I), and bridge noise ---------------------------------------------
+
+
+def test_a_gaussian_source_gives_the_conditional_expectation_as_minimiser():
+    # Source N(m0, s0^2), data N(m1, s1^2), t fixed: the loss over velocities w x_t + b is
+    # least at the regression of x1 - x0 on x_t = t x1 + (1 - t) x0, which for Gaussians is
+    # E[x1 - x0 | x_t]: slope (t s1^2 - (1 - t) s0^2) / (t^2 s1^2 + (1 - t)^2 s0^2) and
+    # intercept (m1 - m0) - slope (t m1 + (1 - t) m0). The standard normal source gives
+    # (-1.22, 2.73) here instead of (-1.37, 2.86).
+    m0, s0, m1, s1, t = -1.0, 2.0, 2.0, 0.5, 0.3
+    x1 = m1 + s1 * jax.random.normal(jax.random.key(0), (32768, 1))
+
+    def source(key, shape, dtype):
+        return m0 + s0 * jax.random.normal(key, shape, dtype)
+
+    def loss(theta):
+        return cfm_loss(
+            lambda theta, x_t, t: theta[0] * x_t + theta[1],
+            theta,
+            jax.random.key(1),
+            x1,
+            source=source,
+            time_sampler=lambda key, shape: jnp.full(shape, t),
+        )[0]
+
+    # The loss is quadratic in theta: one Newton step from 0 lands on its minimum.
+    zero = jnp.zeros(2)
+    theta = -jnp.linalg.solve(jax.hessian(loss)(zero), jax.grad(loss)(zero))
+    slope = (t * s1**2 - (1 - t) * s0**2) / (t**2 * s1**2 + (1 - t) ** 2 * s0**2)
+    intercept = (m1 - m0) - slope * (t * m1 + (1 - t) * m0)
+    # Standard errors: 0.003 for the slope, 0.004 for the intercept.
+    np.testing.assert_allclose(theta, [slope, intercept], atol=0.02)
+
+
+def test_source_and_bridge_noise_are_drawn_per_example():
+    x1 = jax.random.normal(jax.random.key(0), (B, D))
+    keys = jax.random.split(jax.random.key(1), B)
+
+    def source(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+    draw = functools.partial(draw_pairs, source=source, bridge_noise=True)
+    whole = draw(keys, x1)
+    halves = [draw(keys[i : i + 3], x1[i : i + 3]) for i in (0, 3)]
+    for name in ("x0", "x1", "t", "z"):
+        parts = [getattr(half, name) for half in halves]
+        np.testing.assert_array_equal(getattr(whole, name), np.concatenate(parts), err_msg=name)
+    # The documented contract: example i's key splits in 4, x0 from the first, z from the fourth.
+    split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+    np.testing.assert_array_equal(
+        whole.x0, jax.vmap(lambda k: source(k, (D,), x1.dtype))(split[:, 0])
+    )
+    np.testing.assert_array_equal(
+        whole.z, jax.vmap(lambda k: jax.random.normal(k, (D,)))(split[:, 3])
+    )
+    # Without bridge noise nothing more is drawn, and the other draws do not move.
+    plain = draw_pairs(keys, x1, source=source)
+    assert plain.z is None
+    np.testing.assert_array_equal(plain.x0, whole.x0)
+    np.testing.assert_array_equal(plain.t, whole.t)
+
+
+@pytest.mark.parametrize("bridge", [ConstantBridge(0.4), BrownianBridge(0.4)], ids=str)
+def test_bridge_noise_loss_equals_hand_computation(x64, data, bridge):
+    # torchcfm's points t x1 + (1 - t) x0 + gamma_t z and targets x1 - x0 + gamma'_t z.
+    x1, w = data
+    key = jax.random.key(2)
+    path = AffinePath(CondOT(), bridge=bridge)
+    loss, aux = cfm_loss(linear_model, w, key, x1, path=path)
+    pairs = draw_pairs(key, x1, bridge_noise=True)
+    t = pairs.t[:, None]
+    gamma = {"ConstantBridge": 0.4, "BrownianBridge": 0.4 * jnp.sqrt(t * (1 - t))}
+    d_gamma = {
+        "ConstantBridge": 0.0,
+        "BrownianBridge": (1 - 2 * t) / (2 * t * (1 - t)) * 0.4 * jnp.sqrt(t * (1 - t)),
+    }
+    name = type(bridge).__name__
+    x_t = t * pairs.x1 + (1 - t) * pairs.x0 + gamma[name] * pairs.z
+    target = pairs.x1 - pairs.x0 + d_gamma[name] * pairs.z
+    per_example = jnp.mean((linear_model(w, x_t, pairs.t) - target) ** 2, axis=1)
+    np.testing.assert_allclose(aux.per_example, per_example, rtol=1e-6)
+    np.testing.assert_allclose(loss, per_example.mean(), rtol=1e-6)
+
+
+def test_source_and_bridge_noise_errors(data):
+    x1, w = data
+    key = jax.random.key(0)
+    with pytest.raises(
+        ValueError,
+        match=r"source\(key, shape, dtype\) must return a float array of the shape asked for, \(3,\).*shape \(2,\)",
+    ):
+        cfm_loss(linear_model, w, key, x1, source=lambda k, shape, dtype: jnp.zeros(2))
+    bridged = AffinePath(CondOT(), bridge=BrownianBridge(1.0))
+    with pytest.raises(
+        ValueError, match=r"prediction='target' is not available on a path with bridge noise"
+    ):
+        cfm_loss(linear_model, w, key, x1, path=bridged, prediction="target")
+    with pytest.raises(ValueError, match=r"z, the bridge noise, is needed exactly when"):
+        cfm_loss_on_pairs(linear_model, w, draw_pairs(key, x1), path=bridged)
 
 
 # --- a tiny 2-D training run, plain JAX: the loss falls, and OT pairs make it lower ----------

@@ -161,10 +161,12 @@ def test_the_digits_mean_flow_variant_runs_end_to_end_and_scores_by_steps(tmp_pa
 def test_a_run_saved_before_the_objective_key_reads_as_flow_matching(tmp_path):
     saved = json.loads(tiny_config().to_json())
     del saved["objective"], saved["meanflow"]
+    del saved["path"]["bridge_noise"], saved["path"]["bridge_sigma"]  # nor the bridge noise's
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = rundir.load_config(tmp_path)
     assert config.objective == "flow_matching"
     assert config.meanflow.sample_steps == 1
+    assert config.path.bridge_noise == "none"
     assert config.train.num_steps == saved["train"]["num_steps"]
 
 

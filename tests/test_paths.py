@@ -7,7 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.paths import VP, AffinePath, CondOT, Cosine, FunctionScheduler, LinearVP, Polynomial
+from fmjax.paths import (
+    BRIDGE_NOISES,
+    VP,
+    AffinePath,
+    BrownianBridge,
+    CondOT,
+    ConstantBridge,
+    Cosine,
+    FunctionScheduler,
+    LinearVP,
+    Polynomial,
+)
 
 
 def _vp_closed_form(t, b=0.1, B=20.0):
@@ -201,3 +212,73 @@ def test_schedulers_mapping_builds_each_named_scheduler():
         # alpha_0 is exp(-5), not 0).
         assert float(out.alpha_t[0]) < 0.01 and abs(float(out.alpha_t[1]) - 1.0) < 1e-6, name
     assert SCHEDULERS["polynomial"](n=3.0) == Polynomial(3.0)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS, ids=IDS)
+def test_velocity_to_score_is_the_gaussian_marginals_score(x64, scheduler):
+    # x1 ~ N(mu, s^2), x0 ~ N(0, 1): x_t ~ N(alpha mu, V), V = alpha^2 s^2 + sigma^2, whose
+    # score is -(x - alpha mu) / V, and the exact velocity is alpha' E[x1 | x] + sigma' E[x0 | x]
+    # with E[x1 | x] = mu + alpha s^2 (x - alpha mu) / V and E[x0 | x] = sigma (x - alpha mu) / V.
+    mu, s = 1.5, 0.5
+    t = jnp.asarray(T_INTERIOR)
+    x = jax.random.normal(jax.random.key(4), (t.shape[0], 3), jnp.float64) * 2.0
+    c = jax.tree.map(lambda a: a[:, None], scheduler(t))
+    var = c.alpha_t**2 * s**2 + c.sigma_t**2
+    centred = x - c.alpha_t * mu
+    velocity = c.d_alpha_t * (mu + c.alpha_t * s**2 * centred / var) + c.d_sigma_t * (
+        c.sigma_t * centred / var
+    )
+    score = AffinePath(scheduler).velocity_to_score(velocity, x, t)
+    np.testing.assert_allclose(score, -centred / var, rtol=1e-9, atol=1e-9)
+
+
+def test_bridge_noises_match_closed_forms(x64):
+    t = jnp.asarray(T_INTERIOR)
+    brownian = BrownianBridge(0.7)
+    np.testing.assert_allclose(brownian.gamma(t), 0.7 * np.sqrt(t * (1 - t)), rtol=1e-12)
+    exact = 0.7 * (1 - 2 * t) / (2 * np.sqrt(t * (1 - t)))
+    np.testing.assert_allclose(brownian.d_gamma(t), exact, rtol=1e-6, atol=1e-12)  # 1e-8 term
+    np.testing.assert_allclose(
+        jax.jvp(brownian.gamma, (t,), (jnp.ones_like(t),))[1], exact, rtol=1e-12, atol=1e-12
+    )
+    # At the ends gamma = 0 and the derivative is taken as 0 (torchcfm's value), not NaN.
+    np.testing.assert_array_equal(brownian.d_gamma(jnp.array([0.0, 1.0])), [0.0, 0.0])
+    constant = ConstantBridge(0.3)
+    np.testing.assert_array_equal(constant.gamma(t), np.full(t.shape, 0.3))
+    np.testing.assert_array_equal(constant.d_gamma(t), np.zeros(t.shape))
+
+
+@pytest.mark.parametrize("bridge", [ConstantBridge(0.3), BrownianBridge(0.7)], ids=str)
+@pytest.mark.parametrize("scheduler", [CondOT(), Cosine()], ids=str)
+def test_bridge_dx_t_is_the_time_derivative_of_x_t(x64, scheduler, bridge):
+    # For fixed (x0, x1, z), dx_t is d/dt of x_t = alpha x1 + sigma x0 + gamma z.
+    path = AffinePath(scheduler, bridge=bridge)
+    k0, k1, kz = jax.random.split(jax.random.key(5), 3)
+    x0, x1, z = (jax.random.normal(k, (19, 2, 3), jnp.float64) for k in (k0, k1, kz))
+    t = jnp.asarray(T_INTERIOR)
+    s = path.sample(x0, x1, t, z)
+    x_t, derivative = jax.jvp(lambda t: path.sample(x0, x1, t, z).x_t, (t,), (jnp.ones_like(t),))
+    np.testing.assert_allclose(x_t, s.x_t, rtol=1e-12)
+    np.testing.assert_allclose(s.dx_t, derivative, rtol=1e-6, atol=1e-6)  # the 1e-8 term
+    c = scheduler(t[:, None, None])
+    np.testing.assert_allclose(
+        s.x_t, c.alpha_t * x1 + c.sigma_t * x0 + bridge.gamma(t)[:, None, None] * z, rtol=1e-12
+    )
+    assert s.z is z
+
+
+def test_bridge_noise_errors_and_mapping():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(
+        ValueError, match=r"z, the bridge noise, is needed exactly when.*bridge=None"
+    ):
+        AffinePath(CondOT()).sample(x, x, 0.5, x)
+    with pytest.raises(ValueError, match=r"needed exactly when.*BrownianBridge.*z None"):
+        AffinePath(CondOT(), bridge=BrownianBridge(1.0)).sample(x, x, 0.5)
+    with pytest.raises(ValueError, match=r"z and x1 must have the same shape"):
+        AffinePath(CondOT(), bridge=ConstantBridge(1.0)).sample(x, x, 0.5, jnp.zeros((2, 4)))
+    for bad in (0.0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match=r"sigma must be a positive finite number"):
+            BrownianBridge(bad)
+    assert BRIDGE_NOISES["constant"](sigma=0.2) == ConstantBridge(0.2)
+    assert BRIDGE_NOISES["brownian"](sigma=0.2) == BrownianBridge(0.2)

@@ -301,3 +301,64 @@ def test_bad_checkpoints_get_one_clear_error_each(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert.main([f"--in={good}", f"--out={tmp_path / 'x.npz'}", "--preset=unet_huge"])
     assert "--preset='unet_huge' is not a known model" in capsys.readouterr().err
+
+
+# --- bridge noise: torchcfm's I-CFM (sigma > 0) and SB-CFM on the same draws ----------------
+
+
+def _torchcfm_draws(matcher, x0, x1, seed):
+    """torchcfm's ``(t, x_t, u_t, eps)`` and the pairs its coupling drew (numpy's generator
+    draws the pairs first, then torch draws t and eps: replaying numpy's seed replays them)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - torchcfm draws pairs from numpy's global generator
+    t, x_t, u_t, eps = matcher.sample_location_and_conditional_flow(x0, x1, return_noise=True)
+    pairs = (x0, x1)
+    if hasattr(matcher, "ot_sampler"):
+        np.random.seed(seed)  # noqa: NPY002
+        pairs = matcher.ot_sampler.sample_plan(x0, x1)
+    return [np.asarray(a) for a in (*pairs, t, x_t, u_t, eps)]
+
+
+@pytest.mark.parametrize("kind", ["icfm", "sbcfm"])
+def test_bridge_noise_matches_torchcfm_on_the_same_draws(kind):
+    from torchcfm.conditional_flow_matching import (
+        ConditionalFlowMatcher,
+        SchrodingerBridgeConditionalFlowMatcher,
+    )
+
+    from fmjax.paths import AffinePath, BrownianBridge, CondOT, ConstantBridge
+
+    sigma = 0.5
+    if kind == "icfm":
+        matcher, bridge, shape = ConditionalFlowMatcher(sigma), ConstantBridge(sigma), (8, 3, 4, 4)
+    else:
+        matcher = SchrodingerBridgeConditionalFlowMatcher(sigma, ot_method="sinkhorn")
+        bridge, shape = BrownianBridge(sigma), (64, 2)
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randn(shape, generator=generator)
+    x1 = 2.0 * torch.randn(shape, generator=generator) + 1.0
+    x0, x1, t, x_t, u_t, eps = _torchcfm_draws(matcher, x0, x1, seed=2)
+    # torchcfm's eps is fmjax's bridge noise z; x0, x1 and t mean the same in both.
+    ours = AffinePath(CondOT(), bridge=bridge).sample(x0, x1, t, eps)
+    np.testing.assert_allclose(ours.x_t, x_t, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.dx_t, u_t, rtol=1e-5, atol=1e-5)
+
+
+def test_sinkhorn_plan_matches_torchcfm_sb_cfm_for_epsilon_two_sigma_squared():
+    # SchrodingerBridgeConditionalFlowMatcher(sigma, "sinkhorn") plans with POT's sinkhorn and
+    # reg = 2 sigma^2 on squared distances: sinkhorn_ot(epsilon=2 sigma^2)'s plan.
+    from torchcfm.conditional_flow_matching import SchrodingerBridgeConditionalFlowMatcher
+
+    from fmjax.couplings import sinkhorn_log_plan, squared_distances
+
+    sigma = 0.5
+    matcher = SchrodingerBridgeConditionalFlowMatcher(sigma, ot_method="sinkhorn")
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn((32, 2), generator=generator, dtype=torch.float64)
+    x1 = 2.0 * torch.randn((32, 2), generator=generator, dtype=torch.float64) + 1.0
+    theirs = matcher.ot_sampler.get_map(x0, x1)
+    with jax.enable_x64(True):
+        cost = squared_distances(jnp.asarray(x0.numpy()), jnp.asarray(x1.numpy()))
+        ours = np.exp(np.asarray(sinkhorn_log_plan(cost, 2 * sigma**2, num_iters=2000)))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 / 32**2)
+    assert np.abs(ours - theirs).max() < 1e-3 * theirs.max()

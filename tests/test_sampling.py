@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax.likelihood import log_likelihood
 from fmjax.sampling import (
     ADAPTIVE_SOLVERS,
     FIXED_STEP_SOLVERS,
@@ -25,11 +26,12 @@ def gaussian_flow(dtype=jnp.float32):
 
     The marginal velocity is u(x, t) = mu + (t s^2 - (1 - t)) / sigma_t^2 (x - t mu) with
     sigma_t^2 = t^2 s^2 + (1 - t)^2, and its flow is x_t = t mu + sigma_t x0: at t = 1,
-    x0 -> mu + s x0.
+    x0 -> mu + s x0. `velocity` takes t of shape [batch], `flow` a scalar t.
     """
     mu, s = jnp.asarray([MU], dtype), jnp.asarray([S], dtype)  # shape [1, dims]
 
     def velocity(x, t):
+        t = t[:, None]
         var = t**2 * s**2 + (1 - t) ** 2
         return mu + (t * s**2 - (1 - t)) / var * (x - t * mu)
 
@@ -117,7 +119,9 @@ def test_nfe_equals_the_number_of_calls(solver, t0, t1):
 
 def test_nfe_counts_rejected_steps():
     # A sharp pulse in time makes the controller reject steps, the first one included.
-    fn, calls = counting(lambda x, t: 50.0 * jnp.exp(-((t - 0.01) ** 2) / 1e-5) * jnp.cos(x))
+    fn, calls = counting(
+        lambda x, t: 50.0 * jnp.exp(-((t[:, None] - 0.01) ** 2) / 1e-5) * jnp.cos(x)
+    )
     out = sample(fn, noise(), solver="dopri5", rtol=1e-7, atol=1e-7)
     out.x.block_until_ready()
     jax.effects_barrier()
@@ -169,9 +173,9 @@ def test_guidance_scales_zero_and_one_give_the_unconditional_and_conditional_fie
     w = jnp.eye(3) * 0.5
     x = noise(4)
     labels = jnp.array([1, 2, 3, 4])
-    t = jnp.asarray(0.3)
-    conditional = apply_fn(w, x, jnp.full((4,), t), labels)
-    unconditional = apply_fn(w, x, jnp.full((4,), t), jnp.zeros_like(labels))
+    t = jnp.full((4,), 0.3)
+    conditional = apply_fn(w, x, t, labels)
+    unconditional = apply_fn(w, x, t, jnp.zeros_like(labels))
     calls.clear()
     for scale, expected in [(0.0, unconditional), (1.0, conditional)]:
         v = classifier_free_guidance(apply_fn, w, labels, null_label=0, scale=scale)
@@ -248,7 +252,7 @@ def test_nan_is_reported_as_failure():
     x0 = noise()
 
     def blows_up(x, t):
-        return jnp.where(t > 0.5, jnp.nan, 1.0) * x
+        return jnp.where(t[:, None] > 0.5, jnp.nan, 1.0) * x
 
     for solver, kwargs in [("euler", {"steps": 10}), ("dopri5", {"max_steps": 64})]:
         out = sample(blows_up, x0, solver=solver, **kwargs)
@@ -293,7 +297,7 @@ def test_bad_velocity_or_state_raise():
         v = classifier_free_guidance(
             lambda p, x, t, y: x, None, jnp.arange(3), null_label=0, scale=1.0
         )
-        v(x0, 0.5)
+        v(x0, jnp.full((8,), 0.5))
 
 
 def test_solves_compile_without_host_callbacks():
@@ -304,7 +308,7 @@ def test_solves_compile_without_host_callbacks():
     from fmjax.likelihood import log_likelihood
 
     def velocity(x, t):
-        return -x * (1 + t)
+        return -x * (1 + t[:, None])
 
     x = jnp.ones((2, 3))
     for program in (
@@ -343,7 +347,7 @@ def _conv_velocity(x, t):
     kernel = jnp.cos(jnp.arange(3 * 3 * 4 * 4, dtype=x.dtype)).reshape(3, 3, 4, 4) / 6
     dims = ("NHWC", "HWIO", "NHWC")
     h = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
-    return jnp.tanh(h @ kernel[1, 1]) * (1 - t)
+    return jnp.tanh(h @ kernel[1, 1]) * (1 - t)[:, None, None, None]
 
 
 def test_top_level_solves_compile_with_the_solve_options_and_nested_ones_without(
@@ -402,3 +406,136 @@ def test_solve_options_leave_a_users_xla_flags_and_an_xla_without_them_alone(
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(xla, "CPU_OPTIONS", {"xla_no_such_option": 1})
     assert xla.solve_compiler_options() is None
+
+
+# --- the network's time: t of shape [batch], and errors that state it ----------------------
+
+
+def test_the_network_gets_one_time_per_example():
+    seen = []
+
+    def velocity(x, t):
+        seen.append(jnp.shape(t))
+        return jnp.broadcast_to(t[:, None], x.shape)  # dx/dt = t: x1 = x0 + 1/2
+
+    x0 = noise()
+    for solver, steps in [("heun", 4), ("dopri5", None)]:
+        out = sample(velocity, x0, solver=solver, steps=steps)
+        np.testing.assert_allclose(out.x, x0 + 0.5, atol=1e-5)
+    assert seen and set(seen) == {(8,)}
+
+
+@pytest.mark.parametrize(
+    ("velocity_fn", "match"),
+    [
+        # Diffrax's order and signature: vector_field(t, y, args).
+        (lambda t, y, args: -y, r"failed when called with x: float32\[8, 3\] and t: float32\[8\]"),
+        # (t, x) order: returns the shape of t.
+        (lambda t, x: -x, r"must return an array of the shape \(8, 3\).*got shape \(8,\)"),
+        # Written for a scalar t: [8, 3] * [8] does not broadcast.
+        (lambda x, t: x * jnp.sin(t), r"float32\[8\].*ValueError: .*broadcast"),
+        # Python control flow on t.
+        (lambda x, t: x if t < 0.5 else -x, r"truth value of an array"),
+    ],
+)
+def test_a_function_of_another_convention_gets_a_valueerror_that_states_fmjaxs(velocity_fn, match):
+    for solve in (
+        lambda: sample(velocity_fn, noise(), solver="euler", steps=2),
+        lambda: log_likelihood(velocity_fn, noise(), solver="euler", steps=2),
+    ):
+        with pytest.raises(ValueError, match=match) as info:
+            solve()
+        assert r"velocity_fn(x, t) -> velocity" in str(info.value)
+        assert "t of shape [batch]" in str(info.value)
+        assert "The network's time" in str(info.value)
+
+
+def test_the_original_error_is_chained():
+    def indexes_a_missing_axis(x, t):
+        return x * t[:, None, None]
+
+    with pytest.raises(ValueError, match=r"velocity_fn failed") as info:
+        sample(indexes_a_missing_axis, noise(), solver="euler", steps=2)
+    assert isinstance(info.value.__cause__, IndexError | ValueError)
+
+
+# --- model_kwargs ------------------------------------------------------------------------
+
+
+def test_model_kwargs_reach_the_function_and_new_values_do_not_retrace():
+    traces = [0]
+
+    def velocity(x, t, *, shift, rate):
+        traces[0] += 1
+        return rate * (shift - x)  # x_t = shift + (x0 - shift) exp(-rate t)
+
+    def solve(shift):
+        kwargs = {"shift": shift, "rate": jnp.asarray(2.0)}
+        return sample(velocity, x0, solver="dopri5", model_kwargs=kwargs).x
+
+    x0 = noise()
+    shifts = (jnp.arange(24.0).reshape(8, 3), -jnp.ones((8, 3)))
+    np.testing.assert_allclose(
+        solve(shifts[0]), shifts[0] + (x0 - shifts[0]) * np.exp(-2.0), rtol=1e-4
+    )
+    after_first = traces[0]
+    assert after_first > 0
+    np.testing.assert_allclose(
+        solve(shifts[1]), shifts[1] + (x0 - shifts[1]) * np.exp(-2.0), rtol=1e-4
+    )
+    assert traces[0] == after_first  # the second labels were an argument of the compiled solve
+
+
+def test_model_kwargs_under_jit_and_with_python_values():
+    def velocity(x, t, shift, sign=1):
+        return sign * (shift - x)
+
+    x0 = noise()
+    shift = jnp.ones((8, 3))
+    solve = jax.jit(
+        lambda x, s: sample(velocity, x, solver="rk4", steps=8, model_kwargs={"shift": s}).x
+    )
+    np.testing.assert_allclose(solve(x0, shift), 1 + (x0 - 1) * np.exp(-1.0), rtol=1e-4)
+    # A Python value is static: it reaches the function as itself.
+    out = sample(velocity, x0, solver="rk4", steps=8, model_kwargs={"shift": shift, "sign": -1})
+    np.testing.assert_allclose(out.x, 1 + (x0 - 1) * np.exp(1.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_kwargs", [[("y", 1)], {1: jnp.ones(3)}, "y"])
+def test_bad_model_kwargs_raise(model_kwargs):
+    with pytest.raises(ValueError, match=r"model_kwargs must be a mapping from keyword names"):
+        sample(lambda x, t, **kw: -x, noise(), solver="euler", steps=2, model_kwargs=model_kwargs)
+
+
+def test_guided_field_reuses_the_compiled_solve_for_new_labels():
+    traces = [0]
+
+    def apply_fn(w, x, t, y, offset):
+        traces[0] += 1
+        return (y[:, None].astype(x.dtype) + offset - x) * w
+
+    x0 = noise(4)
+    results = []
+    for labels in (jnp.array([1, 2, 3, 4]), jnp.array([4, 3, 2, 1])):
+        v = classifier_free_guidance(
+            apply_fn,
+            jnp.asarray(1.0),
+            labels,
+            null_label=0,
+            scale=2.0,
+            model_kwargs={"offset": jnp.asarray(0.5)},
+        )
+        results.append(sample(v, x0, solver="euler", steps=4).x)
+        if len(results) == 1:
+            first = traces[0]
+    assert traces[0] == first
+    # The guided target is 2 * (y + 0.5) - 0.5 (unconditional: 0 + 0.5): x moves towards it.
+    target = 2 * (jnp.array([4, 3, 2, 1], jnp.float32)[:, None] + 0.5) - 0.5
+    euler = target + (x0 - target) * (1 - 0.25) ** 4
+    np.testing.assert_allclose(results[1], euler, rtol=1e-5)
+
+
+def test_guided_field_takes_t_of_shape_batch():
+    v = classifier_free_guidance(lambda p, x, t, y: x, None, jnp.arange(4), null_label=0, scale=1.0)
+    with pytest.raises(ValueError, match=r"takes t of shape \[batch\]=\(4,\)"):
+        v(noise(4), 0.5)

@@ -149,10 +149,6 @@ def mlp(
     return h @ w + b[None, :]
 
 
-def _velocity_at_scalar_t(params, x, t):
-    return mlp(params, x, jnp.broadcast_to(t, x.shape[:1]))
-
-
 def heldout_nll(params: Params, heldout: Float[Array, "n 2"]) -> tuple[float, bool]:
     """Mean negative log-likelihood (nats) of ``heldout`` under the flow of ``params``, and
     whether the solve succeeded: :func:`fmjax.likelihood.log_likelihood`, exact divergence,
@@ -160,7 +156,7 @@ def heldout_nll(params: Params, heldout: Float[Array, "n 2"]) -> tuple[float, bo
 
     ``params`` travel in a ``jax.tree_util.Partial``, so every model shares one compiled solve.
     """
-    velocity = jax.tree_util.Partial(_velocity_at_scalar_t, params)
+    velocity = jax.tree_util.Partial(mlp, params)
     result = log_likelihood(velocity, heldout, rtol=NLL_TOLERANCE, atol=NLL_TOLERANCE)
     return float(-jnp.mean(result.log_prob)), bool(result.success)
 

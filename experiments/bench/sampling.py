@@ -31,7 +31,8 @@ def gaussian_flow():
     mu = jnp.linspace(-2.0, 2.0, DIMS)[None]
     s = jnp.linspace(0.3, 2.5, DIMS)[None]
 
-    def velocity(x, t):
+    def velocity(x, t):  # t: [batch]
+        t = t[:, None]
         return mu + (t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t) ** 2) * (x - t * mu)
 
     return velocity, lambda x0: mu + s * x0
@@ -108,11 +109,10 @@ def _apply_conv(p, x, stride=1):
     return y + p["b"]
 
 
-def _time_features(t, batch, width=32):
+def _time_features(t, width=32):  # t: [batch] -> [batch, width]
     frequencies = jnp.exp(jnp.linspace(0.0, math.log(1000.0), width // 2))
-    angles = 1000.0 * t * frequencies
-    features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
-    return jnp.broadcast_to(features, (batch, width))
+    angles = 1000.0 * t[:, None] * frequencies[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
 
 
 def mlp(key, dims=2, width=256, depth=3):
@@ -122,7 +122,7 @@ def mlp(key, dims=2, width=256, depth=3):
     params += [_dense(keys[-1], width, dims)]
 
     def velocity(params, x, t):
-        h = jnp.concatenate([x, _time_features(t, x.shape[0])], axis=1)
+        h = jnp.concatenate([x, _time_features(t)], axis=1)
         for layer in params[:-1]:
             h = jax.nn.silu(h @ layer["w"] + layer["b"])
         return h @ params[-1]["w"] + params[-1]["b"]
@@ -145,9 +145,7 @@ def conv_net(key, width=64):
     }
 
     def velocity(params, x, t):
-        embedding = jax.nn.silu(
-            _time_features(t, x.shape[0]) @ params["time"]["w"] + params["time"]["b"]
-        )
+        embedding = jax.nn.silu(_time_features(t) @ params["time"]["w"] + params["time"]["b"])
         h = _apply_conv(params["stem"], x) + embedding[:, None, None, :width]
         for p in params["high"]:
             h = h + jax.nn.silu(_apply_conv(p, h))
@@ -184,7 +182,10 @@ def overhead_rows(quick: bool) -> list[dict]:
         def with_fori_loop(params, x0, velocity=velocity):
             dt = 1.0 / steps
             return jax.lax.fori_loop(
-                0, steps, lambda i, x: x + dt * velocity(params, x, i * dt), x0
+                0,
+                steps,
+                lambda i, x: x + dt * velocity(params, x, jnp.full(x.shape[:1], i * dt)),
+                x0,
             )
 
         # The same computation up to float rounding of the times (i * dt vs a linspace),
