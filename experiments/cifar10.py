@@ -158,7 +158,7 @@ def imported_network(
     score: from an ``.npz`` of :func:`fmjax.models.save_params` (``params``) or a peer's
     PyTorch checkpoint (``torch_checkpoint``, read by
     :func:`fmjax.models.load_torch_checkpoint`; ``torch_source`` defaults to ``"meta"`` for
-    the Meta preset, ``"torchcfm"`` otherwise). ``config.data.image_shape`` becomes
+    the Meta preset, ``"sit"`` for a transformer, ``"torchcfm"`` otherwise). ``config.data.image_shape`` becomes
     ``(image_size or 32, image_size or 32, 3)``.
 
     Raises:
@@ -183,7 +183,10 @@ def imported_network(
         loaded = models.load_params(params, model, preset=config.model.name)
     else:
         if torch_source is None:
-            torch_source = "meta" if config.model.name == "unet_cifar10_meta" else "torchcfm"
+            if isinstance(model, models.DiT):
+                torch_source = "sit"
+            else:
+                torch_source = "meta" if config.model.name == "unet_cifar10_meta" else "torchcfm"
         state_dict = models.load_torch_checkpoint(
             torch_checkpoint, source=torch_source, weights=torch_weights
         )

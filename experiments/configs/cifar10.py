@@ -1,7 +1,7 @@
 """CIFAR-10 (32x32x3, 50,000 training images) with the peers' recipes.
 
 Variants (``--config=experiments/configs/cifar10.py:VARIANT``); a variant is a recipe
-(``meta``, the default, or ``torchcfm``) followed by modifiers, separated by commas, e.g.
+(``meta``, the default, ``torchcfm``, ``meanflow`` or ``sit``) followed by modifiers, separated by commas, e.g.
 ``torchcfm,conditional`` or ``conditional,smoke``:
 
 - default / ``meta``: Meta ``flow_matching``'s example (FID 2.07 in ``REFERENCES.md``):
@@ -19,10 +19,14 @@ Variants (``--config=experiments/configs/cifar10.py:VARIANT``); a variant is a r
   0.999) after a 9,600-step linear warmup, dropout 0.2, EMA 0.9999, batch 1,024, random
   flips, 768,000 updates (16,000 epochs of 48). Not reproduced: its network (EDM's DDPM++
   ``SongUNet``) and EDM's augmentation pipeline.
+- ``sit``: a transformer, ``sit_s_2`` (SiT-S/2, 32.5M parameters here) on the 32x32 pixels
+  (2x2 patches, 256 tokens) with SiT's recipe: CondOT path, velocity prediction, uniform
+  times, AdamW 1e-4 without weight decay, constant LR, EMA 0.9999, global batch 256, random
+  flips; 400,000 updates (SiT's schedule is ImageNet's; this length is untuned).
 - ``conditional``: the recipe with 10 classes and 20% label dropout, so that sampling can
   use classifier-free guidance.
-- ``smoke``: shrinks the recipe to a CPU check in seconds: ``UNetTiny`` on 8x8 crops, batch
-  8, 4 updates, a checkpoint every 2, float32.
+- ``smoke``: shrinks the recipe to a CPU check in seconds: ``UNetTiny`` (``dit_tiny`` for
+  ``sit``) on 8x8 crops, batch 8, 4 updates, a checkpoint every 2, float32.
 
 Every run needs CIFAR-10 prepared for tfds once (``tfds build cifar10
 --file_format=array_record``; see README.md, "CIFAR-10").
@@ -32,7 +36,7 @@ import ml_collections
 
 from fmjax.configs import base_config
 
-RECIPES = ("meta", "torchcfm", "meanflow")
+RECIPES = ("meta", "torchcfm", "meanflow", "sit")
 MODIFIERS = ("conditional", "smoke")
 
 # Meta's example reaches FID 2.07 after about 175k updates at batch 512 (REFERENCES.md), i.e.
@@ -87,13 +91,27 @@ def _meanflow(c) -> None:
     )  # fmt: skip
 
 
+def _sit(c) -> None:
+    c.model.name = "sit_s_2"
+    # The U-Net's keys: a DiT has no GroupNorm and starts as SiT's networks do.
+    del c.model["group_norm"]
+    del c.model["init"]
+    c.train.num_steps = 400_000
+    c.train.batch_size = 256
+    c.path.time_sampler = "uniform"
+    c.optim.update(
+        optimizer="adamw", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
+        schedule="constant", grad_clip=0.0, ema_decay=0.9999, ema_warmup=False,
+    )  # fmt: skip
+
+
 def _conditional(c) -> None:
     c.model.num_classes = 10  # the null label of classifier-free guidance is 10
     c.data.label_drop_prob = 0.2
 
 
 def _smoke(c) -> None:
-    c.model.name = "unet_tiny"
+    c.model.name = "dit_tiny" if c.model.name.startswith("sit_") else "unet_tiny"
     c.model.dtype = "float32"
     c.data.image_size = 8
     c.train.update(
@@ -107,7 +125,8 @@ def _smoke(c) -> None:
 
 
 def get_config(variant: str | None = None):
-    """The CIFAR-10 config for ``variant``: ``"[meta|torchcfm|meanflow][,conditional][,smoke]"``.
+    """The CIFAR-10 config for ``variant``:
+    ``"[meta|torchcfm|meanflow|sit][,conditional][,smoke]"``.
 
     Example:
         >>> from experiments.configs.cifar10 import get_config
@@ -151,7 +170,7 @@ def get_config(variant: str | None = None):
     # run starts from the same distribution of networks as the peer's script ("fmjax": zero
     # biases, Flax's embedding). See fmjax.models.UNet.initialization.
     c.model.init = "torch"
-    {"meta": _meta, "torchcfm": _torchcfm, "meanflow": _meanflow}[recipe](c)
+    {"meta": _meta, "torchcfm": _torchcfm, "meanflow": _meanflow, "sit": _sit}[recipe](c)
     # Modifiers in a fixed order, so that "smoke,conditional" is "conditional,smoke".
     if "conditional" in parts:
         _conditional(c)

@@ -6,6 +6,9 @@ Variants (``--config=experiments/configs/digits.py:VARIANT``):
 - ``meanflow``: the same U-Net trained as a mean flow (``fmjax.meanflow``) for one- and
   few-step generation, with MeanFlow's ImageNet interval sampler and adaptive weight
   converted to fmjax's time direction (docs/one-step.md). ``meanflow,quick`` checks it runs.
+- ``dit``: a diffusion transformer (``dit_digits``: 2x2 patches, 6 blocks of width 96)
+  instead of the U-Net (docs/transformers.md); combines with the others (``dit,quick`` checks
+  it runs, with ``dit_tiny``; ``dit,meanflow`` trains it as a mean flow).
 """
 
 import ml_collections
@@ -14,13 +17,13 @@ from fmjax.configs import base_config
 
 
 def get_config(variant: str | None = None):
-    """The digits config; ``variant`` is None (default), "quick", "meanflow" or
-    "meanflow,quick"."""
+    """The digits config; ``variant`` is None (default) or comma-separated modifiers of
+    "quick", "meanflow" and "dit" (e.g. "meanflow,quick" or "dit,quick")."""
     parts = set() if variant is None else set(variant.split(","))
-    if parts - {"quick", "meanflow"}:
+    if parts - {"quick", "meanflow", "dit"}:
         raise ValueError(
-            f"Unknown digits config variant {variant!r}; expected 'quick', 'meanflow', "
-            "'meanflow,quick' or none."
+            f"Unknown digits config variant {variant!r}; expected comma-separated modifiers of "
+            "'quick', 'meanflow' and 'dit' (e.g. 'meanflow,quick', 'dit,quick') or none."
         )
     c = base_config()
     c.model.name = "unet_digits"
@@ -44,9 +47,12 @@ def get_config(variant: str | None = None):
     c.optim.final_lr_fraction = 0.05
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.999
+    if "dit" in parts:
+        c.model.name = "dit_digits"
+        c.optim.learning_rate = 1e-3  # transformers want a gentler step than the U-Net's 2e-3
     if "meanflow" in parts:
         c.objective = "mean_flow"
-        c.model.mean_flow = True  # the U-Net's second time input (t_end)
+        c.model.mean_flow = True  # the network's second time input (t_end)
         # MeanFlow's ImageNet interval sampler (in fmjax's direction): on the digits it scored
         # better than py-meanflow's CIFAR-10 one (docs/benchmarks.md, the mean-flow objective).
         c.meanflow.update(
@@ -60,6 +66,7 @@ def get_config(variant: str | None = None):
         )  # fmt: skip
         c.train.num_grid_samples = 16
         c.optim.schedule = "constant"  # independent of num_steps: a longer rerun reuses the compile
-        c.model.name = "unet_tiny"  # compiles in a fraction of the time
+        # Compiles in a fraction of the time.
+        c.model.name = "dit_tiny" if "dit" in parts else "unet_tiny"
         c.eval.bpd_examples = 16
     return c

@@ -3,11 +3,15 @@
 :class:`UNet` is a guided-diffusion U-Net whose ``apply`` is directly an ``apply_fn`` of
 :func:`fmjax.loss.cfm_loss`; the presets reproduce the CIFAR-10 networks of Meta's
 ``flow_matching`` example and of torchcfm, plus small models for digits and tests.
+:class:`DiT` is the diffusion transformer of DiT and SiT, called the same way, with SiT's
+presets (``sit_s_2`` ... ``sit_xl_8``) and small ones.
 
-Modules: ``unet`` (the architecture and its presets), and the layers it is built from:
+Modules: ``unet`` (the architecture and its presets), ``dit`` (the transformer and its
+presets), and the layers they are built from:
 ``conv`` (convolutions), ``group_norm``, ``attention``, ``dropout`` (feature and label
 dropout), ``embeddings`` (time and label) and ``initializers``; ``torch_params`` maps the
-peers' PyTorch state dicts to these networks' parameters and back, and ``param_files`` reads
+peers' PyTorch state dicts to these networks' parameters and back (``dit_params``, SiT's and
+DiT's layout), and ``param_files`` reads
 their checkpoints and keeps converted parameters.
 """
 
@@ -21,6 +25,17 @@ from fmjax.models.conv import (
     conv_general_dilated,
     upsample_nearest,
     upsampled_conv_general_dilated,
+)
+from fmjax.models.dit import (
+    DIT_PRESETS,
+    DiT,
+    DiTDigits,
+    DiTTiny,
+    SiTB2,
+    SiTL2,
+    SiTS2,
+    SiTXL2,
+    sincos_position_embedding,
 )
 from fmjax.models.dropout import drop_labels
 from fmjax.models.embeddings import LabelEmbedding, sinusoidal_embedding
@@ -46,13 +61,21 @@ from fmjax.models.unet import (
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "DIT_PRESETS",
     "GROUP_NORM_IMPLEMENTATIONS",
     "INITIALIZATIONS",
     "PEERS",
     "PRESETS",
     "TORCH_SOURCES",
     "TORCH_WEIGHTS",
+    "DiT",
+    "DiTDigits",
+    "DiTTiny",
     "LabelEmbedding",
+    "SiTB2",
+    "SiTL2",
+    "SiTS2",
+    "SiTXL2",
     "UNet",
     "UNetCIFAR10Meta",
     "UNetCIFAR10TorchCFM",
@@ -70,6 +93,7 @@ __all__ = [
     "params_from_torch",
     "params_to_torch",
     "save_params",
+    "sincos_position_embedding",
     "sinusoidal_embedding",
     "upsample_nearest",
     "upsampled_conv_general_dilated",
@@ -94,10 +118,13 @@ PRESETS = {
     "unet_cifar10_torchcfm": _preset(UNetCIFAR10TorchCFM),
     "unet_digits": _preset(UNetDigits),
     "unet_tiny": _preset(UNetTiny),
+    **DIT_PRESETS,
 }
 """Model constructors by the name ``config.model.name`` uses; each takes the preset's fields as
-keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``), and ``init``
-(``config.model.init``, one of :data:`INITIALIZATIONS`) for the U-Net's ``initialization``.
+keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``), and a U-Net's ``init``
+(``config.model.init``, one of :data:`INITIALIZATIONS`) for its ``initialization``. The
+transformers (:data:`DIT_PRESETS`: ``sit_{s,b,l,xl}_{2,4,8}``, ``dit_digits``, ``dit_tiny``)
+start as SiT's networks do and take no ``init``.
 
 Example:
     >>> from fmjax.models import PRESETS

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from fmjax.models.dit import DiT
 from fmjax.models.torch_params import (
     PEERS,
     _architecture,
@@ -37,10 +38,10 @@ __all__ = [
     "save_params",
 ]
 
-TORCH_SOURCES = PEERS
+TORCH_SOURCES = (*PEERS, "sit")
 """The checkpoint layouts :func:`load_torch_checkpoint` reads: ``"torchcfm"`` (``{"net_model",
-"ema_model", ...}``) and ``"meta"`` (``{"model": EMA-wrapper state dict, "optimizer", "args",
-...}``)."""
+"ema_model", ...}``), ``"meta"`` (``{"model": EMA-wrapper state dict, "optimizer", "args",
+...}``) and ``"sit"`` (SiT's and DiT's ``train.py``: ``{"model", "ema", "opt", "args"}``)."""
 
 TORCH_WEIGHTS = ("ema", "raw")
 """Which weights of a training checkpoint: the EMA (what the peers sample and score) or the raw
@@ -111,7 +112,10 @@ def load_torch_checkpoint(
       "optimizer", "args", ...}``, ``model`` the EMA wrapper's state dict: the trained
       network under ``model.<name>``, ``num_updates``, and the EMA weights as
       ``shadow_params.<i>`` in the order of the network's parameters).
-    - A file holding a bare state dict (names to tensors) is returned as it is.
+    - ``source="sit"``: SiT's (and DiT's) ``train.py`` checkpoints (``{"model", "ema",
+      "opt", "args"}``); ``weights`` picks ``ema`` or ``model``.
+    - A file holding a bare state dict (names to tensors) is returned as it is: the released
+      ``SiT-XL-2-256x256.pt`` and ``DiT-XL-2-256x256.pt`` are such files.
 
     Pass the result to :func:`params_from_torch` with ``peer=source``.
 
@@ -138,6 +142,14 @@ def load_torch_checkpoint(
             raise ValueError(
                 f"{path} has no {key!r} entry, so it is not a torchcfm training checkpoint "
                 f"(entries: {sorted(map(str, checkpoint))}); --source=meta for Meta's."
+            )
+        return _numpy_state_dict(checkpoint[key], f"{path}[{key!r}]")
+    if source == "sit":
+        key = {"ema": "ema", "raw": "model"}[weights]
+        if key not in checkpoint:
+            raise ValueError(
+                f"{path} has no {key!r} entry, so it is not a SiT or DiT training checkpoint "
+                f"(entries: {sorted(map(str, checkpoint))})."
             )
         return _numpy_state_dict(checkpoint[key], f"{path}[{key!r}]")
     if "model" not in checkpoint:
@@ -172,7 +184,7 @@ def load_torch_checkpoint(
 
 
 def save_params(
-    path: str | os.PathLike, params: Mapping[str, Any], model: UNet, *, preset: str
+    path: str | os.PathLike, params: Mapping[str, Any], model: UNet | DiT, *, preset: str
 ) -> None:
     """Writes ``params`` of ``model`` to an ``.npz`` (keys ``params/<flax path>``) with the
     preset name and the model's configuration recorded (``meta/preset``,
@@ -202,7 +214,7 @@ def save_params(
     os.replace(f.name, path)
 
 
-def load_params(path: str | os.PathLike, model: UNet, *, preset: str | None = None) -> dict:
+def load_params(path: str | os.PathLike, model: UNet | DiT, *, preset: str | None = None) -> dict:
     """The parameters :func:`save_params` wrote to ``path`` (read without pickle), checked
     against ``model``: the recorded configuration, then every name and shape.
 
@@ -251,7 +263,9 @@ def load_params(path: str | os.PathLike, model: UNet, *, preset: str | None = No
         )
     flat = {tuple(k.split("/")[1:]): v for k, v in stored.items() if k.startswith("params/")}
     params = traverse_util.unflatten_dict(flat)
-    in_channels = flat.get(("conv_in", "kernel"), np.zeros((1, 1, 1, 1))).shape[2]
+    first = ("patch_embed", "kernel") if isinstance(model, DiT) else ("conv_in", "kernel")
+    in_channels = flat.get(first, np.zeros((1, 1, 1, 1))).shape[2]
+    side = model.patch_size if isinstance(model, DiT) else 1
     # Names and shapes: exactly the export's check.
-    params_to_torch(params, model, (1, 1, in_channels))
+    params_to_torch(params, model, (side, side, in_channels))
     return params

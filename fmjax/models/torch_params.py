@@ -18,6 +18,9 @@ configuration computes the same function once its state dict is renamed and re-l
 
 :func:`params_from_torch` and :func:`params_to_torch` are exact inverses (up to that dropped
 row). :mod:`fmjax.models.param_files` reads and writes the files they come from and go to.
+
+A :class:`fmjax.models.DiT` maps to SiT's and DiT's layout (``peer="sit"``), described in
+:mod:`fmjax.models.dit_params`.
 """
 
 import dataclasses
@@ -30,6 +33,13 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import ArrayLike
 
+from fmjax.models.dit import DiT
+from fmjax.models.dit_params import (
+    DIT_ARCHITECTURE,
+    dit_layers,
+    dit_state_dict,
+    position_embedding,
+)
 from fmjax.models.unet import UNet
 
 __all__ = [
@@ -41,7 +51,8 @@ __all__ = [
 PEERS = ("torchcfm", "meta")
 """The peers whose guided-diffusion U-Nets :func:`params_from_torch` maps: ``"torchcfm"``
 (``QKVAttentionLegacy``, ``num_classes`` label rows) and ``"meta"`` (the new attention order,
-``num_classes + 1`` label rows)."""
+``num_classes + 1`` label rows). A :class:`~fmjax.models.DiT` has one layout, ``"sit"``
+(SiT's and DiT's)."""
 
 # The configuration fields of a UNet that decide its function and parameters (its dtype and
 # kernels do not; dropout and initialisation matter only in training).
@@ -67,13 +78,25 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; expected one of {list(choices)}.")
 
 
-def _check_model(model: Any) -> UNet:
-    if not isinstance(model, UNet):
+def _check_model(model: Any) -> UNet | DiT:
+    if not isinstance(model, UNet | DiT):
         raise ValueError(
-            f"model must be an fmjax.models.UNet (a preset such as UNetCIFAR10TorchCFM()); got "
-            f"{type(model).__name__}: no other network has a PyTorch mapping yet."
+            f"model must be an fmjax.models.UNet or DiT (a preset such as "
+            f"UNetCIFAR10TorchCFM() or SiTXL2()); got {type(model).__name__}: no other network "
+            "has a PyTorch mapping yet."
         )
     return model
+
+
+def _peer(model: UNet | DiT, peer: str | None) -> str:
+    """The state dict's layout: ``peer``, checked against the model's; None is the model's
+    default (``"torchcfm"`` for a U-Net, ``"sit"`` for a DiT)."""
+    if isinstance(model, DiT):
+        _check_choice("peer", "sit" if peer is None else peer, ("sit",))
+        return "sit"
+    peer = "torchcfm" if peer is None else peer
+    _check_choice("peer", peer, PEERS)
+    return peer
 
 
 # --- the name mapping ----------------------------------------------------------------------
@@ -183,14 +206,19 @@ class _Leaf:
     to_torch: Callable[[np.ndarray], np.ndarray]
 
 
-def _leaves(model: UNet, input_shape: tuple[int, ...], peer: str) -> list[_Leaf]:
+def _leaves(model: UNet | DiT, input_shape: tuple[int, ...], peer: str) -> list[_Leaf]:
     if len(input_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in input_shape):
         raise ValueError(
             f"input_shape={tuple(input_shape)!r} is not valid; expected (height, width, "
             "channels), positive integers."
         )
-    # Only the channels decide the parameters: trace the smallest image the levels can halve.
-    side = 2 ** (len(model.channel_mult) - 1)
+    # Only the channels decide the parameters: trace the smallest image the levels can halve
+    # (one patch for a DiT).
+    if isinstance(model, DiT):
+        model.check_image_shape(input_shape)
+        side = model.patch_size
+    else:
+        side = 2 ** (len(model.channel_mult) - 1)
     x = jax.ShapeDtypeStruct((1, side, side, input_shape[2]), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     tree = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
@@ -199,8 +227,12 @@ def _leaves(model: UNet, input_shape: tuple[int, ...], peer: str) -> list[_Leaf]
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
     legacy = peer == "torchcfm"
+    if isinstance(model, DiT):
+        layers = [_Layer(*layer) for layer in dit_layers(model)]
+    else:
+        layers = list(_layers(model, shapes))
     out = []
-    for layer in _layers(model, shapes):
+    for layer in layers:
         for flax_leaf, torch_leaf in _LEAVES[layer.kind]:
             path = (*layer.flax, flax_leaf)
             shape = shapes[path]
@@ -275,23 +307,26 @@ def _strip_prefix(names: list[str]) -> dict[str, str]:
 
 def params_from_torch(
     state_dict: Mapping[str, ArrayLike],
-    model: UNet,
+    model: UNet | DiT,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     *,
-    peer: str = "torchcfm",
+    peer: str | None = None,
 ) -> dict:
     """The Flax parameters of ``model`` from a peer's PyTorch state dict.
 
     Args:
         state_dict: PyTorch parameter names to arrays, e.g. ``{k: v.numpy() for k, v in
             module.state_dict().items()}`` of torchcfm's ``UNetModelWrapper`` or Meta's
-            ``UNetModel`` (guided-diffusion's names; DDP's ``module.`` prefix is stripped).
+            ``UNetModel`` (guided-diffusion's names), or of SiT's or DiT's network (DDP's
+            ``module.`` prefix is stripped).
         model: the fmjax network of the same configuration (``UNetCIFAR10TorchCFM()``,
-            ``UNetCIFAR10Meta(num_classes=10)``, ...).
-        input_shape: ``(height, width, channels)`` of its images; only the channels decide
-            the parameters.
-        peer: one of :data:`PEERS`: the attention layout and label rows of the state dict
-            (see the module docstring).
+            ``UNetCIFAR10Meta(num_classes=10)``, ``SiTXL2()``, ...).
+        input_shape: ``(height, width, channels)`` of its images; for a U-Net only the
+            channels decide the parameters; a DiT's ``pos_embed`` is checked against the token
+            grid of ``height x width`` (``(32, 32, 4)`` for ImageNet 256x256 latents).
+        peer: the layout of the state dict: for a U-Net one of :data:`PEERS` (the attention
+            layout and label rows, see the module docstring; None: ``"torchcfm"``), for a DiT
+            ``"sit"`` (or None).
 
     Returns:
         The ``params`` collection: ``model.apply({"params": params}, x_t, t)``.
@@ -315,9 +350,13 @@ def params_from_torch(
         ...
         ValueError: The state dict is not the torchcfm PyTorch network of this UNet ...
     """
-    _check_choice("peer", peer, PEERS)
-    leaves = _leaves(_check_model(model), tuple(input_shape), peer)
+    peer = _peer(_check_model(model), peer)
+    leaves = _leaves(model, tuple(input_shape), peer)
     given = _strip_prefix(list(state_dict))
+    if isinstance(model, DiT):
+        stripped = {name: state_dict[key] for name, key in given.items()}
+        state_dict = dit_state_dict(stripped, model, tuple(input_shape))
+        given = {name: name for name in state_dict}
     missing, misshaped, flat = [], [], {}
     for leaf in leaves:
         if leaf.torch not in given:
@@ -351,10 +390,10 @@ def params_from_torch(
 
 def params_to_torch(
     params: Mapping[str, Any],
-    model: UNet,
+    model: UNet | DiT,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     *,
-    peer: str = "torchcfm",
+    peer: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The peer's PyTorch state dict (NumPy float32 arrays under guided-diffusion's names) of
     the Flax parameters ``params`` of ``model``: the inverse of :func:`params_from_torch`.
@@ -362,6 +401,8 @@ def params_to_torch(
     Load it into the peer's network with ``net.load_state_dict({k: torch.from_numpy(v) for
     k, v in state_dict.items()})``. For ``peer="torchcfm"`` a conditional model's null-label
     row is dropped (torchcfm's embedding has none), so only that row does not round-trip.
+    A DiT's state dict also holds SiT's ``pos_embed`` buffer for images of ``input_shape``, and
+    its output layer has the model's channels (SiT's ``learn_sigma=False``).
 
     Raises:
         ValueError: naming every missing, unexpected and mis-shaped parameter.
@@ -374,8 +415,8 @@ def params_to_torch(
         >>> sd["time_embed.0.weight"].shape  # Linear(8, 32): [out, in]
         (32, 8)
     """
-    _check_choice("peer", peer, PEERS)
-    leaves = _leaves(_check_model(model), tuple(input_shape), peer)
+    peer = _peer(_check_model(model), peer)
+    leaves = _leaves(model, tuple(input_shape), peer)
     flat = {
         tuple(k.key for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -395,19 +436,22 @@ def params_to_torch(
             f"params are not those of this {type(model).__name__} ({_describe(model)}): "
             f"missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}."
         )
-    return {
+    out = {
         leaf.torch: np.ascontiguousarray(leaf.to_torch(np.asarray(flat[leaf.flax], np.float32)))
         for leaf in leaves
     }
+    if isinstance(model, DiT):
+        out["pos_embed"] = position_embedding(model, tuple(input_shape))
+    return out
 
 
-def _architecture(model: UNet) -> dict[str, Any]:
+def _architecture(model: UNet | DiT) -> dict[str, Any]:
     out = {}
-    for name in _ARCHITECTURE:
+    for name in DIT_ARCHITECTURE if isinstance(model, DiT) else _ARCHITECTURE:
         value = getattr(model, name)
         out[name] = list(value) if isinstance(value, tuple | list) else value
     return out
 
 
-def _describe(model: UNet) -> str:
+def _describe(model: UNet | DiT) -> str:
     return ", ".join(f"{k}={v}" for k, v in _architecture(model).items())
