@@ -17,8 +17,10 @@ import os
 import re
 import socket
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 from absl import app, flags
@@ -37,19 +39,65 @@ busy workdir :class:`fmjax.rundir.WorkdirBusyError`."""
 _LIBRARY_LOG_CAP = 10_000  # records kept in memory while the workdir does not exist yet
 
 
+class _NoTpuProbe(logging.Filter):
+    """Drops JAX's record that no TPU backend could be initialised: JAX tries every platform
+    it knows, so each run on a machine without a TPU would print it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unable to initialize backend 'tpu'")
+
+
+def quiet_tpu_probe() -> None:
+    """Silences JAX's ``Unable to initialize backend 'tpu'`` line (a log record of
+    ``jax._src.xla_bridge``); platform selection is unchanged. Idempotent."""
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoTpuProbe) for f in logger.filters):
+        logger.addFilter(_NoTpuProbe())
+
+
 def setup() -> None:
     """Logging and a persistent compilation cache for an entry point.
 
     fmjax's progress lines show at INFO; the libraries' own chatter (Orbax's per-save lines,
-    absl) only from WARNING up. Compiled programs are cached under ``$FMJAX_JAX_CACHE``
+    absl) only from WARNING up, and JAX's note that no TPU is present not at all
+    (:func:`quiet_tpu_probe`). Compiled programs are cached under ``$FMJAX_JAX_CACHE``
     (default ``~/.cache/fmjax/jax``), so running or resuming the same job again starts in
     seconds instead of recompiling.
     """
+    quiet_tpu_probe()
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("fmjax").setLevel(logging.INFO)
     cache = os.environ.get("FMJAX_JAX_CACHE", os.path.expanduser("~/.cache/fmjax/jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 20.0) -> Iterator[None]:
+    """Logs ``<what>: still running (N s)`` every ``every`` seconds until the block ends, so
+    that a long blocking call (a solve, its first compilation) never leaves the terminal
+    silent; a block shorter than ``every`` logs nothing. JAX releases the GIL while it
+    compiles and computes, so the lines come on time.
+
+    Example::
+
+        with heartbeat("Bits/dim of test digits 1-25"):
+            result = likelihood.dequantized_bits_per_dim(...)
+    """
+    done = threading.Event()
+    began = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            logging.info("%s: still running (%.0f s)", what, time.perf_counter() - began)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class ErrorLog(logging.Filter):
@@ -283,17 +331,21 @@ def _flag_error_message(error: Exception) -> str:
 
 
 def parse_flags(argv: list[str], config_flag: str = "config") -> list[str]:
-    """Parses ``argv`` into absl's flags; a mistake ends the program with one ``error: …``
-    line and exit status 2: an unknown flag, a value of the wrong type
-    (``--config.train.batch_size=abc``), a config file that fails to load, or an override
-    naming no config key (``--config.train.num_step=5``: the closest valid key is named).
+    """Parses ``argv`` into absl's flags (``--help`` prints the usage and exits 0); a mistake
+    ends the program with one ``error: …`` line and exit status 2: an unknown flag, a value
+    of the wrong type (``--config.train.batch_size=abc``), a config file that fails to load,
+    or an override naming no config key (``--config.train.num_step=5``: the closest valid key
+    is named).
 
     Example::
 
         app.run(main, flags_parser=parse_flags)  # what run(main) does
     """
     try:
-        rest = FLAGS(argv)
+        try:
+            rest = FLAGS(argv)
+        except SystemExit as exit_:  # absl's --help (--helpfull...) prints the usage, exits 1
+            sys.exit(0 if exit_.code == 1 else exit_.code)
         if config_flag in FLAGS:
             configs.flat_keys(FLAGS[config_flag].value)  # a config file that fails to load
         return rest
@@ -344,13 +396,15 @@ def run(
 ) -> None:
     """Runs an entry point's ``main`` as absl's ``app.run`` does, with ``--verbose`` added,
     flag mistakes turned into one ``error: …`` line (:func:`define_flags_or_exit`,
-    :func:`parse_flags`), and failures ended as :func:`user_errors_exit` says.
+    :func:`parse_flags`), ``--help`` ending with status 0, and failures ended as
+    :func:`user_errors_exit` says.
 
     Example::
 
         if __name__ == "__main__":
             common.run(main, define_flags)
     """
+    quiet_tpu_probe()
     if define_flags is not None:
         define_flags_or_exit(define_flags, config_flag)
     if "verbose" not in FLAGS:

@@ -243,4 +243,9 @@ def fid_hook(
         )
         return {"fid": result.fid}
 
-    return EvalHook(every=config.train.eval_every, fn=score, keep_best="fid")
+    return EvalHook(
+        every=config.train.eval_every,
+        fn=score,
+        keep_best="fid",
+        details={"num_samples": config.train.eval_samples},
+    )

@@ -18,7 +18,7 @@ import pathlib
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -467,7 +467,9 @@ def lines_up_to(path: pathlib.Path, step: int) -> int:
 
 
 class BestCheckpoint:
-    """The best-scoring state so far under ``checkpoints_best/``, described by ``best.json``."""
+    """The best-scoring state so far under ``checkpoints_best/``, described by ``best.json``:
+    ``step``, ``metric``, ``mode``, ``value``, and the fields of the hook's ``record`` (such as
+    ``num_samples``, the samples behind the value)."""
 
     def __init__(self, workdir: pathlib.Path, is_main: bool):
         self._workdir, self._is_main = workdir, is_main
@@ -486,12 +488,14 @@ class BestCheckpoint:
         improves: Callable[[float, float | None], bool],
         mode: str,
         flush: Callable[[], object],
-    ) -> None:
+        record: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Keeps ``state`` if ``value`` of ``metric`` is finite and ``improves(value, best)``;
-        ``flush()`` first checks that the state is finite (it raises if not)."""
+        ``flush()`` first checks that the state is finite (it raises if not). ``record``: more
+        fields for ``best.json``. Whether the state was kept."""
         value = float(value)
         if not (np.isfinite(value) and improves(value, self.value)):
-            return
+            return False
         flush()  # never keep a non-finite state
         if self._checkpoints is None:
             self._checkpoints = checkpoint.Checkpoints(
@@ -501,10 +505,11 @@ class BestCheckpoint:
         self._checkpoints.wait()  # best.json must never name a checkpoint still being written
         self.value = value
         if self._is_main:
-            record = {"step": step, "metric": metric, "mode": mode, "value": value}
+            fields = {"step": step, "metric": metric, "mode": mode, "value": value}
             tmp = self._record.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(record))
+            tmp.write_text(json.dumps({**fields, **(record or {})}))
             os.replace(tmp, self._record)
+        return True
 
     def close(self) -> None:
         if self._checkpoints is not None:

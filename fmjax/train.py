@@ -19,7 +19,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -64,12 +65,19 @@ class EvalHook:
     of those metrics, the state with its best value so far (the lowest, or the highest with
     ``mode="max"``) is kept in ``workdir/checkpoints_best`` and described in
     ``workdir/best.json``, beside the latest checkpoints.
+
+    ``details`` says what the metrics are measured on, e.g. ``{"num_samples": 500}`` (a score
+    of a few samples differs from one of many): it is shown on the evaluation's log line and
+    recorded in ``best.json``. Each evaluation logs one line with its metrics, the details
+    and the seconds it took; the training rate and the ETA of the progress lines leave that
+    time out.
     """
 
     every: int
     fn: Callable[[int, TrainState], dict[str, float]]
     keep_best: str | None = None
     mode: str = "min"
+    details: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if not (isinstance(self.every, int) and self.every > 0):
@@ -124,6 +132,10 @@ def _format_duration(seconds: float) -> str:
         if seconds >= 3600
         else f"{seconds // 60}m{seconds % 60:02d}s"
     )
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else _format_duration(seconds)
 
 
 def train_and_evaluate(
@@ -355,6 +367,9 @@ def _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_
     velocity = make_velocity(model, config)
     pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched from the device
     last_log_time, last_log_step = time.perf_counter(), start
+    # Seconds since the last log line spent compiling, evaluating and drawing grids: the rate
+    # (and so the ETA) counts training steps only.
+    paused = 0.0
 
     def flush_metrics() -> list[tuple[int, dict]]:
         fetched = [(s, jax.device_get(m)) for s, m in pending]
@@ -368,10 +383,10 @@ def _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_
         return fetched
 
     def log_line(step: int) -> None:
-        nonlocal last_log_time, last_log_step
+        nonlocal last_log_time, last_log_step, paused
         fetched = flush_metrics()
         now = time.perf_counter()
-        rate = (step - last_log_step) / (now - last_log_time)
+        rate = (step - last_log_step) / max(now - last_log_time - paused, 1e-9)
         values = {
             "loss": float(np.mean([m["loss"] for _, m in fetched])),
             "grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
@@ -387,11 +402,54 @@ def _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_
             step, t.num_steps, values["loss"], rate, values["images_per_sec"],
             _format_duration((t.num_steps - step) / max(rate, 1e-9)),
         )  # fmt: skip
-        last_log_time, last_log_step = now, step
+        last_log_time, last_log_step, paused = now, step, 0.0
+
+    def evaluate(hook: EvalHook, step: int, state: TrainState) -> float:
+        """Runs ``hook`` at ``step``, records its metrics (and the best state) and logs a line;
+        the seconds it took."""
+        flush_metrics()  # a hook never sees a non-finite state; the steps so far are done
+        began = time.perf_counter()
+        scores = hook.fn(step, state)
+        writer.write(step, scores)
+        kept = False
+        if hook.keep_best is not None:
+            if hook.keep_best not in scores:
+                raise ValueError(
+                    f"EvalHook keep_best={hook.keep_best!r} is not among the metrics "
+                    f"its fn returned: {sorted(scores)}."
+                )
+            kept = best.offer(
+                step,
+                state,
+                hook.keep_best,
+                scores[hook.keep_best],
+                hook.improves,
+                hook.mode,
+                flush_metrics,
+                record=hook.details,
+            )
+        seconds = time.perf_counter() - began
+        notes = [f"{k}={v}" for k, v in (hook.details or {}).items()]
+        notes += ["best so far"] if kept else []
+        log.info(
+            "step %d/%d | %s%s | evaluated in %s",
+            step,
+            t.num_steps,
+            ", ".join(f"{name} {float(value):.4g}" for name, value in scores.items()),
+            f" ({'; '.join(notes)})" if notes else "",
+            _format_seconds(seconds),
+        )
+        return seconds
 
     try:
         for step in range(start + 1, t.num_steps + 1):
+            if step == start + 1:
+                log.info("Compiling the train step (or loading it from the compilation cache).")
+            began = time.perf_counter()
             state, metrics = train_step(state, place(next(batches)))
+            if step == start + 1:  # the call compiles (or loads from the cache), then dispatches
+                paused += time.perf_counter() - began
+                log.info("Compiled the train step in %s.", _format_seconds(paused))
             pending.append((step, metrics))
             last = step == t.num_steps
             # A line at every checkpoint too: a run resumed from one then logs exactly the
@@ -401,26 +459,11 @@ def _train(config, model, workdir, source, hooks, mesh, preemption, lease, init_
                 log_line(step)
             for hook in hooks:
                 if step % hook.every == 0 or last:
-                    flush_metrics()  # a hook never sees a non-finite state
-                    scores = hook.fn(step, state)
-                    writer.write(step, scores)
-                    if hook.keep_best is not None:
-                        if hook.keep_best not in scores:
-                            raise ValueError(
-                                f"EvalHook keep_best={hook.keep_best!r} is not among the metrics "
-                                f"its fn returned: {sorted(scores)}."
-                            )
-                        best.offer(
-                            step,
-                            state,
-                            hook.keep_best,
-                            scores[hook.keep_best],
-                            hook.improves,
-                            hook.mode,
-                            flush_metrics,
-                        )
+                    paused += evaluate(hook, step, state)
             if t.sample_every and (step % t.sample_every == 0 or last) and is_main:
+                began = time.perf_counter()
                 write_grid(config, velocity, state, workdir / "samples" / f"step_{step:08d}.png")
+                paused += time.perf_counter() - began
             # Multi-process, asking is a collective: only on log steps.
             stop = (
                 preemption.agreed()

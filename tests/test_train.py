@@ -367,7 +367,7 @@ def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
     assert Image.open(tmp_path / "samples" / grids[-1]).size == ((3 * 4 + 4) * 16,) * 2
 
 
-def test_the_best_checkpoint_follows_the_best_logged_score(tmp_path):
+def test_the_best_checkpoint_follows_the_best_logged_score(tmp_path, caplog):
     scores = {2: 5.0, 4: 3.0, 6: 4.0, 8: 2.0, 10: 6.0}  # goes down, up, down, up
     ema_at = {}
 
@@ -375,19 +375,40 @@ def test_the_best_checkpoint_follows_the_best_logged_score(tmp_path):
         ema_at[step] = jax.device_get(state.ema_params)
         return {"score": scores[step]}
 
-    hook = train.EvalHook(every=2, fn=score, keep_best="score")
-    train_tiny(
-        tiny_config(num_steps=10), tmp_path, source=tiny_source(), mesh=mesh_of(1), hooks=[hook]
-    )
+    hook = train.EvalHook(every=2, fn=score, keep_best="score", details={"num_samples": 7})
+    with caplog.at_level("INFO", logger="fmjax.train"):
+        train_tiny(
+            tiny_config(num_steps=10), tmp_path, source=tiny_source(), mesh=mesh_of(1),
+            hooks=[hook],
+        )  # fmt: skip
     assert json.loads((tmp_path / "best.json").read_text()) == {
-        "step": 8, "metric": "score", "mode": "min", "value": 2.0
+        "step": 8, "metric": "score", "mode": "min", "value": 2.0, "num_samples": 7
     }  # fmt: skip
     logged = [m["score"] for m in metrics_lines(tmp_path) if "score" in m]
     assert logged == [5.0, 3.0, 4.0, 2.0, 6.0]
+    # One line per evaluation: its value, its details, whether the state was kept, its time.
+    lines = [r.getMessage() for r in caplog.records if "evaluated in" in r.getMessage()]
+    for line, (step, value) in zip(lines, scores.items(), strict=True):
+        kept = "; best so far" if step in (2, 4, 8) else ""
+        assert line.startswith(f"step {step}/10 | score {value:g} (num_samples=7{kept}) | "), line
     best = rundir.load_run(tmp_path, best=True, model=TinyVelocity())
     assert best.step == 8
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.ema_params), ema_at[8])
     assert rundir.load_run(tmp_path, model=TinyVelocity()).step == 10
+
+
+def test_the_training_rate_leaves_out_evaluations_and_compilation(tmp_path):
+    def slow_score(step, state):
+        time.sleep(2.0)
+        return {"score": 1.0}
+
+    config = tiny_config(num_steps=8, log_every=4, checkpoint_every=8)
+    hooks = [train.EvalHook(every=4, fn=slow_score)]
+    train_tiny(config, tmp_path, source=tiny_source(), mesh=mesh_of(1), hooks=hooks)
+    rates = [m["steps_per_sec"] for m in metrics_lines(tmp_path) if "loss" in m]
+    # Counting the 2 s evaluation at step 4 would put the second window under 2 steps/s; a
+    # step of the tiny model takes milliseconds.
+    assert len(rates) == 2 and min(rates) > 10, rates
 
 
 def test_eval_hook_validates():
