@@ -55,7 +55,7 @@ CORE_MODULES = {
     "mesh",
     "meanflow",
 }
-CORE_TESTS = {f"test_{name}" for name in CORE_MODULES} | {"test_readme"}
+CORE_TESTS = {f"test_{name}" for name in CORE_MODULES} | {"test_readme", "test_migration"}
 
 
 def pytest_ignore_collect(collection_path: pathlib.Path, config):

@@ -42,6 +42,18 @@ def check_batched(name: str, x: jax.Array) -> None:
         )
 
 
+def check_examples(name: str, x: jax.Array) -> None:
+    """Raises `ValueError` unless `x` is ``[batch, *dims]`` with at least one data axis, so a
+    single example (``(2,)``: one 2-D point, or two scalars?) is not silently read as a batch.
+    """
+    if jnp.ndim(x) < 2:
+        raise ValueError(
+            f"{name} must have shape [batch, *dims] with at least one data axis; got shape "
+            f"{jnp.shape(x)}. For one example add the batch axis ({name}[None]); for a batch of "
+            f"scalars add a data axis ({name}[:, None])."
+        )
+
+
 def check_nonempty(name: str, x: jax.Array) -> None:
     """Raises `ValueError` unless `x` (batched) holds at least one sample."""
     if jnp.shape(x)[0] < 1:
@@ -72,7 +84,15 @@ def broadcast_time(t: jax.Array, x: jax.Array, name: str = "t") -> jax.Array:
     return t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
 
 
-def check_positive_int(name: str, value: object) -> None:
+def describe(value: object) -> str:
+    """`value` for an error message: arrays by shape and dtype, never by their contents."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and tuple(shape) != ():
+        return f"an array of shape {tuple(shape)} and dtype {getattr(value, 'dtype', '?')}"
+    return repr(value)
+
+
+def check_positive_int(name: str, value: object, hint: str = "") -> None:
     """Raises `ValueError` unless `value` is a Python (or NumPy) integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {name}={value!r}.")
+        raise ValueError(f"{name} must be a positive integer{hint}; got {name}={describe(value)}.")

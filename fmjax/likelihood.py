@@ -38,6 +38,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from fmjax._checks import (
     check_batched,
     check_choice,
+    check_examples,
     check_float,
     check_nonempty,
     check_positive_int,
@@ -169,7 +170,7 @@ def log_likelihood(
         >>> log_likelihood(zero_field, jnp.zeros((1, 2)), log_p0=log_p0).log_prob
         Array([-3.2241714], dtype=float32)
     """
-    check_batched("x1", x1)
+    check_examples("x1", x1)
     check_nonempty("x1", x1)
     check_float("x1", x1)
     check_choice("divergence", divergence, DIVERGENCES)
@@ -323,7 +324,7 @@ def bits_per_dim(
         >>> float(bits_per_dim(-3 * math.log(2.0), num_dims=3))
         8.0
     """
-    check_positive_int("num_dims", num_dims)
+    check_positive_int("num_dims", num_dims, " (the size of one example, e.g. x[0].size)")
     check_positive_int("num_bins", num_bins)
     return -jnp.asarray(log_prob) / (num_dims * math.log(2.0)) + math.log2(num_bins / 2)
 

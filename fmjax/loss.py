@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from fmjax._checks import (
-    check_batched,
     check_choice,
+    check_examples,
     check_float,
     check_nonempty,
     check_same_shape,
@@ -151,7 +151,7 @@ def draw_pairs(
         >>> bool(jnp.all(draw_pairs(jax.random.key(0), x1, source=source).x0 > 4.0))
         True
     """
-    check_batched("x1", x1)
+    check_examples("x1", x1)
     check_nonempty("x1", x1)
     check_float("x1", x1)
     splits = 4 if bridge_noise else 3
@@ -210,6 +210,8 @@ def cfm_loss(
             **example_kwargs)`` with ``x_t`` shaped like ``x1`` and ``t`` shaped ``[batch]``;
             returns an array shaped like ``x1``. Any JAX function: a Flax ``apply``, an Equinox
             module's call, a plain function. Dropout keys travel in ``model_kwargs``.
+            :func:`fmjax.sampling.sample` calls the same network with the same shapes (see
+            [the network's time](../concepts.md#the-networks-time)).
         params: the model parameters (any pytree).
         key: a PRNG key, or ``[batch]`` keys.
         x1: the data, float, shape ``[batch, *dims]``.
@@ -308,7 +310,7 @@ def cfm_loss_on_pairs(
     """
     _check_loss_options(prediction, loss_space, path)
     x0, x1, t, i1, z = pairs
-    check_batched("pairs.x1", x1)
+    check_examples("pairs.x1", x1)
     check_nonempty("pairs.x1", x1)
     check_float("pairs.x1", x1)
     check_same_shape("pairs.x0", x0, "pairs.x1", x1)

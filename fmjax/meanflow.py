@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fmjax._checks import check_batched, check_float, check_positive_int, concrete
+from fmjax._checks import check_examples, check_float, check_positive_int, concrete
 from fmjax._integrate import check_model_kwargs, merge_arrays, split_arrays
 from fmjax.couplings import Coupling, independent
 from fmjax.loss import draw_pairs
@@ -361,7 +361,7 @@ def meanflow_loss(
         >>> loss.shape, aux.t.shape, bool((aux.t <= aux.t_end).all())
         ((), (8,), True)
     """
-    check_batched("x1", x1)
+    check_examples("x1", x1)
     check_float("x1", x1)
     if not (isinstance(adaptive_power, int | float) and adaptive_power >= 0):
         raise ValueError(f"adaptive_power={adaptive_power!r} is not valid; expected a number >= 0.")
@@ -454,7 +454,7 @@ def sample(
         >>> result.x[0], int(result.nfe)
         (Array([ 3., -1.], dtype=float32), 1)
     """
-    check_batched("x0", x0)
+    check_examples("x0", x0)
     check_float("x0", x0)
     if time_grid is None:
         check_positive_int("steps", steps)

@@ -30,6 +30,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from fmjax._checks import (
     check_batched,
+    check_examples,
     check_float,
     check_nonempty,
     check_positive_int,
@@ -392,7 +393,7 @@ def sample(
         >>> out.x.shape
         (4, 2)
     """
-    check_batched("x0", x0)
+    check_examples("x0", x0)
     check_nonempty("x0", x0)
     check_float("x0", x0)
     check_solver_args(solver, steps, time_grid, t0, t1, max_steps)

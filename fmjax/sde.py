@@ -33,8 +33,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from fmjax._checks import (
-    check_batched,
     check_choice,
+    check_examples,
     check_float,
     check_nonempty,
     check_positive_int,
@@ -277,7 +277,7 @@ def sample_sde(
         >>> round(float(out.x.mean()), 2), round(float(out.x.std()), 2), int(out.nfe)
         (3.0, 0.0, 50)
     """
-    check_batched("x0", x0)
+    check_examples("x0", x0)
     check_nonempty("x0", x0)
     check_float("x0", x0)
     keys = example_keys(key, x0.shape[0])

@@ -143,6 +143,11 @@ def test_bits_per_dim():
     np.testing.assert_allclose(bits_per_dim(jnp.array([-10 * math.log(2.0)]), 10), [8.0])
     # A 1-bit image has 2 levels mapped to [-1, 1] with no Jacobian term: bpd = -log2 p / D.
     np.testing.assert_allclose(bits_per_dim(-2.0 * math.log(2.0), 2, num_bins=2), 1.0)
+    # The data passed by mistake for num_dims: named by shape, not printed whole.
+    x = jnp.zeros((500, 2))
+    with pytest.raises(ValueError, match=r"size of one example.*array of shape \(500, 2\)") as e:
+        bits_per_dim(jnp.zeros(500), x)
+    assert len(str(e.value)) < 200
 
 
 def test_dequantize_formula_and_range():

@@ -242,8 +242,9 @@ def test_bad_input_messages(data):
         cfm_loss(lambda w, x, t: x[:, :2], w, key, x1)
     with pytest.raises(ValueError, match="at least 2 samples"):
         cfm_loss(linear_model, w, key, x1[:1], coupling=exact_ot)
-    with pytest.raises(ValueError, match="leading batch axis"):
-        cfm_loss(linear_model, w, key, x1[0, 0])
+    for one_example in (x1[0, 0], x1[0]):  # a scalar; one example read as a batch of scalars
+        with pytest.raises(ValueError, match=r"x1 must have shape \[batch, \*dims\]"):
+            cfm_loss(linear_model, w, key, one_example)
 
 
 # --- sources other than N(0, I), and bridge noise ---------------------------------------------

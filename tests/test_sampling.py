@@ -291,8 +291,11 @@ def test_bad_velocity_or_state_raise():
         sample(lambda x, t: x.astype(jnp.float16), x0)
     with pytest.raises(ValueError, match=r"x0 must be a floating-point array"):
         sample(lambda x, t: x, jnp.ones((2, 3), jnp.int32))
-    with pytest.raises(ValueError, match=r"x0 must have a leading batch axis"):
+    with pytest.raises(ValueError, match=r"x0 must have shape \[batch, \*dims\]"):
         sample(lambda x, t: x, jnp.float32(1.0))
+    # One 2-D point is not two scalar examples: the message says how to write either.
+    with pytest.raises(ValueError, match=r"got shape \(2,\).*x0\[None\].*x0\[:, None\]"):
+        sample(lambda x, t: x, jnp.ones((2,)))
     with pytest.raises(ValueError, match=r"labels must have one entry per example"):
         v = classifier_free_guidance(
             lambda p, x, t, y: x, None, jnp.arange(3), null_label=0, scale=1.0
