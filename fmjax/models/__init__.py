@@ -4,15 +4,16 @@
 :func:`fmjax.loss.cfm_loss`; the presets reproduce the CIFAR-10 networks of Meta's
 ``flow_matching`` example and of torchcfm, plus small models for digits and tests.
 :class:`DiT` is the diffusion transformer of DiT and SiT, called the same way, with SiT's
-presets (``sit_s_2`` ... ``sit_xl_8``) and small ones.
+presets (``sit_s_2`` ... ``sit_xl_8``) and small ones. :class:`AutoencoderKL` is the Stable
+Diffusion VAE, whose latent space latent flow models learn in (:data:`VAE_PRESETS`).
 
 Modules: ``unet`` (the architecture and its presets), ``dit`` (the transformer and its
-presets), and the layers they are built from:
+presets), ``vae`` (the autoencoder and its presets), and the layers they are built from:
 ``conv`` (convolutions), ``group_norm``, ``attention``, ``dropout`` (feature and label
 dropout), ``embeddings`` (time and label) and ``initializers``; ``torch_params`` maps the
 peers' PyTorch state dicts to these networks' parameters and back (``dit_params``, SiT's and
-DiT's layout), and ``param_files`` reads
-their checkpoints and keeps converted parameters.
+DiT's layout; ``vae_params``, diffusers' VAE layout and its safetensors files), and
+``param_files`` reads their checkpoints and keeps converted parameters.
 """
 
 import functools
@@ -58,6 +59,14 @@ from fmjax.models.unet import (
     UNetTinyConditional,
     param_count,
 )
+from fmjax.models.vae import (
+    SD_VAE_SCALING_FACTOR,
+    SDVAE,
+    VAE_PRESETS,
+    AutoencoderKL,
+    VAETiny,
+)
+from fmjax.models.vae_params import load_vae_safetensors
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -66,8 +75,12 @@ __all__ = [
     "INITIALIZATIONS",
     "PEERS",
     "PRESETS",
+    "SDVAE",
+    "SD_VAE_SCALING_FACTOR",
     "TORCH_SOURCES",
     "TORCH_WEIGHTS",
+    "VAE_PRESETS",
+    "AutoencoderKL",
     "DiT",
     "DiTDigits",
     "DiTTiny",
@@ -82,6 +95,7 @@ __all__ = [
     "UNetDigits",
     "UNetTiny",
     "UNetTinyConditional",
+    "VAETiny",
     "bias_init",
     "check_attention",
     "conv_general_dilated",
@@ -89,6 +103,7 @@ __all__ = [
     "embedding_init",
     "load_params",
     "load_torch_checkpoint",
+    "load_vae_safetensors",
     "param_count",
     "params_from_torch",
     "params_to_torch",
@@ -124,7 +139,8 @@ PRESETS = {
 keyword overrides (e.g. ``num_classes=10``, ``dtype=jnp.bfloat16``), and a U-Net's ``init``
 (``config.model.init``, one of :data:`INITIALIZATIONS`) for its ``initialization``. The
 transformers (:data:`DIT_PRESETS`: ``sit_{s,b,l,xl}_{2,4,8}``, ``dit_digits``, ``dit_tiny``)
-start as SiT's networks do and take no ``init``.
+start as SiT's networks do and take no ``init``. The autoencoders, which are not flow models,
+are :data:`VAE_PRESETS`.
 
 Example:
     >>> from fmjax.models import PRESETS

@@ -20,7 +20,8 @@ configuration computes the same function once its state dict is renamed and re-l
 row). :mod:`fmjax.models.param_files` reads and writes the files they come from and go to.
 
 A :class:`fmjax.models.DiT` maps to SiT's and DiT's layout (``peer="sit"``), described in
-:mod:`fmjax.models.dit_params`.
+:mod:`fmjax.models.dit_params`; an :class:`fmjax.models.AutoencoderKL` to diffusers' layout
+(``peer="diffusers"``), described in :mod:`fmjax.models.vae_params`.
 """
 
 import dataclasses
@@ -41,6 +42,8 @@ from fmjax.models.dit_params import (
     position_embedding,
 )
 from fmjax.models.unet import UNet
+from fmjax.models.vae import AutoencoderKL
+from fmjax.models.vae_params import vae_params_from_torch, vae_params_to_torch
 
 __all__ = [
     "PEERS",
@@ -307,7 +310,7 @@ def _strip_prefix(names: list[str]) -> dict[str, str]:
 
 def params_from_torch(
     state_dict: Mapping[str, ArrayLike],
-    model: UNet | DiT,
+    model: UNet | DiT | AutoencoderKL,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     *,
     peer: str | None = None,
@@ -318,15 +321,16 @@ def params_from_torch(
         state_dict: PyTorch parameter names to arrays, e.g. ``{k: v.numpy() for k, v in
             module.state_dict().items()}`` of torchcfm's ``UNetModelWrapper`` or Meta's
             ``UNetModel`` (guided-diffusion's names), or of SiT's or DiT's network (DDP's
-            ``module.`` prefix is stripped).
+            ``module.`` prefix is stripped), or of diffusers' ``AutoencoderKL``.
         model: the fmjax network of the same configuration (``UNetCIFAR10TorchCFM()``,
-            ``UNetCIFAR10Meta(num_classes=10)``, ``SiTXL2()``, ...).
+            ``UNetCIFAR10Meta(num_classes=10)``, ``SiTXL2()``, ``SDVAE()``, ...).
         input_shape: ``(height, width, channels)`` of its images; for a U-Net only the
             channels decide the parameters; a DiT's ``pos_embed`` is checked against the token
-            grid of ``height x width`` (``(32, 32, 4)`` for ImageNet 256x256 latents).
+            grid of ``height x width`` (``(32, 32, 4)`` for ImageNet 256x256 latents); for an
+            AutoencoderKL only the channels count (its images').
         peer: the layout of the state dict: for a U-Net one of :data:`PEERS` (the attention
             layout and label rows, see the module docstring; None: ``"torchcfm"``), for a DiT
-            ``"sit"`` (or None).
+            ``"sit"``, for an AutoencoderKL ``"diffusers"`` (or None).
 
     Returns:
         The ``params`` collection: ``model.apply({"params": params}, x_t, t)``.
@@ -350,6 +354,9 @@ def params_from_torch(
         ...
         ValueError: The state dict is not the torchcfm PyTorch network of this UNet ...
     """
+    if isinstance(model, AutoencoderKL):
+        _check_choice("peer", "diffusers" if peer is None else peer, ("diffusers",))
+        return vae_params_from_torch(state_dict, model, input_shape[2])
     peer = _peer(_check_model(model), peer)
     leaves = _leaves(model, tuple(input_shape), peer)
     given = _strip_prefix(list(state_dict))
@@ -390,7 +397,7 @@ def params_from_torch(
 
 def params_to_torch(
     params: Mapping[str, Any],
-    model: UNet | DiT,
+    model: UNet | DiT | AutoencoderKL,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     *,
     peer: str | None = None,
@@ -415,6 +422,9 @@ def params_to_torch(
         >>> sd["time_embed.0.weight"].shape  # Linear(8, 32): [out, in]
         (32, 8)
     """
+    if isinstance(model, AutoencoderKL):
+        _check_choice("peer", "diffusers" if peer is None else peer, ("diffusers",))
+        return vae_params_to_torch(params, model, input_shape[2])
     peer = _peer(_check_model(model), peer)
     leaves = _leaves(model, tuple(input_shape), peer)
     flat = {
