@@ -45,6 +45,8 @@ Sampling (one process; heun on the EDM grid, 50 steps: 100 NFE)::
     python -m experiments.cifar10 --workdir=runs/cifar10 --mode=sample --num_samples=64
     python -m experiments.cifar10 --workdir=runs/cifar10 --mode=sample --solver=dopri5 --rtol=1e-5 --atol=1e-5
     python -m experiments.cifar10 --workdir=runs/cifar10_cond --mode=sample --guidance_scale=2 --labels=3,5
+    python -m experiments.cifar10 --workdir=runs/cifar10_cond --mode=sample --guidance_scale=2 \
+        --guidance_interval=0.3,1.0  # guided only from t = 0.3 (noise at t = 0) on
 
 A network imported from a peer (docs/pretrained.md): ``--params=PARAMS.npz`` (from ``python -m
 experiments.convert``) or ``--torch_checkpoint=CKPT.pt`` (converted on the fly; needs PyTorch)
@@ -110,6 +112,12 @@ def define_flags() -> None:
     flags.DEFINE_float("atol", 1e-5, "--mode=sample: absolute tolerance of an adaptive solver.")
     flags.DEFINE_list("labels", None, "--mode=sample, conditional runs: classes to cycle through.")
     flags.DEFINE_float("guidance_scale", 1.0, "--mode=sample: classifier-free guidance weight w.")
+    flags.DEFINE_list(
+        "guidance_interval",
+        None,
+        "--mode=sample: t_min,t_max (noise at t = 0): guide only at these times, e.g. 0.3,1.0 "
+        "(REPA's guidance_high=0.7).",
+    )
     flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed of the initial noise.")
     flags.DEFINE_integer("sample_batch_size", 500, "--mode=sample: samples per ODE solve.")
     flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
@@ -264,6 +272,14 @@ def _options_from_flags() -> SamplingOptions:
         labels = None if FLAGS.labels is None else [int(label) for label in FLAGS.labels]
     except ValueError:
         raise ValueError(f"--labels={','.join(FLAGS.labels)} must be integers.") from None
+    interval = FLAGS.guidance_interval
+    if interval is not None:
+        try:
+            interval = tuple(float(end) for end in interval)
+        except ValueError:
+            raise ValueError(
+                f"--guidance_interval={','.join(interval)} must be two numbers t_min,t_max."
+            ) from None
     return SamplingOptions(
         num_samples=FLAGS.num_samples,
         solver=solver,
@@ -273,6 +289,7 @@ def _options_from_flags() -> SamplingOptions:
         atol=FLAGS.atol,
         labels=labels,
         guidance_scale=FLAGS.guidance_scale,
+        guidance_interval=interval,
         seed=FLAGS.sample_seed,
         batch_size=FLAGS.sample_batch_size,
     )

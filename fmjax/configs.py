@@ -12,6 +12,7 @@ choice is looked up in one mapping, the same for checking and for building:
 """
 
 import difflib
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -502,12 +503,25 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     Every other key overrides a field of the preset; ``dtype`` is a name ("bfloat16"). A model
     that no preset names is passed to :func:`fmjax.train.train_and_evaluate` as an object.
 
+    A key that the preset does not take is an error, not ignored: the U-Net's ``init``,
+    ``group_norm`` or ``dropout`` set on a transformer preset (``sit_*``, ``dit_*``) would
+    otherwise be silently dropped. Delete such keys when switching a config from a U-Net to a
+    transformer, as the ``sit`` recipe of ``experiments/configs/cifar10.py`` does.
+
+    Raises:
+        ValueError: for an unknown preset, or a key that is not a field of the preset (naming
+            the key, its value and the preset's fields).
+
     Example:
         >>> import ml_collections
         >>> from fmjax.configs import build_model
         >>> model = build_model(ml_collections.ConfigDict({"name": "unet_tiny", "dtype": "bfloat16"}))
         >>> model.model_channels, model.dtype
         (8, dtype(bfloat16))
+        >>> build_model(ml_collections.ConfigDict({"name": "dit_tiny", "init": "torch"}))
+        Traceback (most recent call last):
+        ...
+        ValueError: config.model.init='torch' is not a field of the preset 'dit_tiny' (DiT); ...
     """
     fields = dict(model_config)
     name = fields.pop("name")
@@ -516,8 +530,30 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"config.model.name={name!r} is not a known model; expected one of "
             f"{sorted(models.PRESETS)}, or pass the model object to train_and_evaluate(model=...)."
         )
+    constructor = models.PRESETS[name]
+    accepted = _keyword_fields(constructor)
+    unknown = sorted(set(fields) - accepted)
+    if unknown:
+        key, module = unknown[0], inspect.unwrap(constructor)
+        module = getattr(module, "func", module).__name__
+        raise ValueError(
+            f"config.model.{key}={fields[key]!r} is not a field of the preset {name!r} "
+            f"({module}); its fields are {sorted(accepted)}. Delete the key "
+            f"(`del config.model[{key!r}]`), e.g. a U-Net's key when switching to a transformer."
+        )
     fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-    return models.PRESETS[name](**fields)
+    return constructor(**fields)
+
+
+def _keyword_fields(constructor: Callable[..., nn.Module]) -> set[str]:
+    """The keywords a preset constructor takes: a ``functools.partial`` of a Flax module
+    takes the module's fields; a wrapper with ``**fields`` (``functools.wraps``) its own
+    keywords and those of what it wraps. Flax's ``parent`` and ``name`` are not fields."""
+    parameters = inspect.signature(constructor, follow_wrapped=False).parameters.values()
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters) and hasattr(constructor, "__wrapped__"):
+        names |= _keyword_fields(constructor.__wrapped__)
+    return names - {"parent", "name"}
 
 
 def build_path(

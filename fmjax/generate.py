@@ -139,6 +139,11 @@ class SamplingOptions:
         labels: classes of a conditional run, cycled over the samples; None: 0, 1, ..., 9, 0...
         guidance_scale: classifier-free guidance weight :math:`w` (1: the conditional field,
             0: the unconditional one, > 1: guided). Conditional runs only.
+        guidance_interval: ``(t_min, t_max)``, ``0 <= t_min <= t_max <= 1``: guide only at
+            times in this interval (fmjax's time: noise at 0), the conditional field elsewhere
+            (``interval`` of :func:`fmjax.sampling.classifier_free_guidance`, which converts
+            REPA's ``guidance_high``); None: at every time. Needs a guidance scale other
+            than 1.
         seed: the noise of sample ``i`` is drawn from ``fold_in(key(seed), i)``, so samples do
             not depend on ``batch_size``.
         batch_size: samples per ODE solve (bounds memory; each solve reports its own NFE).
@@ -152,6 +157,7 @@ class SamplingOptions:
     atol: float = 1e-5
     labels: Sequence[int] | None = None
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
     seed: int = 0
     batch_size: int = 500
 
@@ -169,6 +175,25 @@ class SamplingOptions:
                 f"--guidance_scale={self.guidance_scale!r}; expected a finite number >= 0 "
                 "(0: unconditional, 1: conditional, > 1: guided)."
             )
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            text = ",".join(map(str, interval)) if isinstance(interval, tuple | list) else interval
+            if not (
+                isinstance(interval, tuple | list)
+                and len(interval) == 2
+                and all(isinstance(end, int | float) for end in interval)
+                and 0.0 <= interval[0] <= interval[1] <= 1.0
+            ):
+                raise ValueError(
+                    f"--guidance_interval={text!r}; expected t_min,t_max with "
+                    "0 <= t_min <= t_max <= 1 (noise at t = 0, e.g. 0.3,1.0)."
+                )
+            if self.guidance_scale == 1.0:
+                raise ValueError(
+                    f"--guidance_interval={text!r} limits guidance, but --guidance_scale=1 "
+                    "is the conditional field at every time; set --guidance_scale too."
+                )
+            object.__setattr__(self, "guidance_interval", tuple(map(float, interval)))
 
     @property
     def method(self) -> str:
@@ -222,10 +247,15 @@ def class_labels(
 
 
 def velocity_binder(
-    model, config: ml_collections.ConfigDict, guidance_scale: float
+    model,
+    config: ml_collections.ConfigDict,
+    guidance_scale: float,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[..., Callable]:
     """``bind(params, labels) -> velocity_fn(x, t)`` (``t``: ``[batch]``) for
-    :func:`fmjax.sampling.sample`.
+    :func:`fmjax.sampling.sample`; a conditional model with ``guidance_scale`` other than 1
+    is guided (:func:`fmjax.sampling.classifier_free_guidance`), only at times in
+    ``guidance_interval`` when it is given.
 
     The function inside every bound ``Partial`` is the same object, so each batch of samples
     reuses one compiled solver; only the arrays (parameters, labels) change.
@@ -243,6 +273,7 @@ def velocity_binder(
             labels,
             null_label=num_classes,
             scale=guidance_scale,
+            interval=guidance_interval,
         )
         return field(x, t)
 
@@ -281,13 +312,15 @@ def sample_run(
     from the already loaded ``run`` (e.g. a network imported from PyTorch, whose ``config``
     needs ``data.image_shape``), writing into ``workdir`` either way.
 
-    Writes ``workdir/samples/sample_step{STEP}_{METHOD}_n{N}_seed{SEED}[_w{SCALE}].png`` (a
-    grid; one column per class for a conditional run with the default labels) and ``.npz``
-    with ``images`` (float32 ``[N, 32, 32, 3]``, clipped to [-1, 1]), ``images_uint8``,
-    ``labels`` (int32 ``[N]``, conditional runs), ``nfe`` (int32, one entry per ODE solve of
-    ``options.batch_size`` samples), ``success`` (per solve), ``step`` (of the checkpoint),
-    ``method``, ``guidance_scale`` and ``seed``. With guidance, one velocity evaluation runs
-    the network on twice the batch (the conditional and the unconditional half).
+    Writes ``workdir/samples/sample_step{STEP}_{METHOD}_n{N}_seed{SEED}[_w{SCALE}][_t{A}-{B}]``
+    ``.png`` (a grid; one column per class for a conditional run with the default labels;
+    ``_t{A}-{B}``: the guidance interval) and ``.npz`` with ``images`` (float32
+    ``[N, 32, 32, 3]``, clipped to [-1, 1]), ``images_uint8``, ``labels`` (int32 ``[N]``,
+    conditional runs), ``nfe`` (int32, one entry per ODE solve of ``options.batch_size``
+    samples), ``success`` (per solve), ``step`` (of the checkpoint), ``method``,
+    ``guidance_scale``, ``guidance_interval`` (when given) and ``seed``. With guidance, one
+    velocity evaluation runs the network on twice the batch (the conditional and the
+    unconditional half; outside the guidance interval once on the batch).
 
     The run's saved config decides the model (unless ``model`` is given, as for
     :func:`fmjax.rundir.load_run`) and the data shape; run it on one process.
@@ -313,7 +346,7 @@ def sample_run(
     config = run.config
     check_sampler(options, config)
     image_shape = tuple(config.data.image_shape)
-    bind = velocity_binder(run.model, config, options.guidance_scale)
+    bind = velocity_binder(run.model, config, options.guidance_scale, options.guidance_interval)
 
     key = jax.random.key(options.seed)
     parts, nfe, success = [], [], []
@@ -347,6 +380,9 @@ def sample_run(
         stem += f"_w{options.guidance_scale:g}"
         arrays["labels"] = labels
         arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
+        if options.guidance_interval is not None:
+            stem += "_t{:g}-{:g}".format(*options.guidance_interval)
+            arrays["guidance_interval"] = np.asarray(options.guidance_interval, np.float32)
         ncols = config.model.num_classes if options.labels is None else None
     out_dir = pathlib.Path(workdir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +390,8 @@ def sample_run(
     images.save_grid(x, png, ncols=ncols, scale=max(1, 64 // image_shape[0]))
     _write_npz(npz, arrays)
     guidance = "" if labels is None else f", guidance scale {options.guidance_scale:g}"
+    if options.guidance_interval is not None:
+        guidance += " for t in [{:g}, {:g}]".format(*options.guidance_interval)
     print(
         f"{options.num_samples} samples from step {run.step} ({options.method}{guidance}): "
         f"NFE {nfe[0] if len(set(nfe)) == 1 else nfe} per solve of up to {options.batch_size}; "

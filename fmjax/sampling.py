@@ -164,6 +164,7 @@ def classifier_free_guidance(
     *,
     null_label: int,
     scale: float | Float[ArrayLike, ""],
+    interval: tuple[float, float] | None = None,
     label_name: str = "y",
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> VelocityFn:
@@ -181,6 +182,30 @@ def classifier_free_guidance(
     :math:`(1 + s)\,u(\cdot \mid y) - s\,u(\cdot \mid \varnothing)`, i.e. :math:`w = 1 + s`.)
     Both branches run in one call on a doubled batch.
 
+    **Guidance interval.** With ``interval`` :math:`(t_{\min}, t_{\max})` an example is
+    guided only while its time is inside the closed interval, and follows the conditional
+    field elsewhere:
+
+    .. math::
+
+        \hat u(x, t) = \begin{cases} \tilde u(x, t) & t_{\min} \le t \le t_{\max} \\
+            u(x, t \mid y) & \text{otherwise,} \end{cases}
+
+    compared per example (``t`` is ``[batch]``) in the dtype of ``t``. Guidance limited to
+    part of the path (Kynkäänniemi et al., 2024) is what REPA's SiT samplers use. Their time
+    runs the other way (noise at 1, data at 0: ``samplers.py`` of REPA guides a step when
+    ``guidance_low <= t <= guidance_high``), so their interval is ``(1 - guidance_high,
+    1 - guidance_low)`` here: REPA's SiT-XL/2 setting ``cfg_scale=1.8, guidance_high=0.7``
+    (``guidance_low=0``) is ``scale=1.8, interval=(0.3, 1.0)``: no guidance over the first
+    30% of the path, from the noise. (REPA's Heun step decides both of its evaluations by the
+    step's start time; here each evaluation decides by its own time.)
+
+    Cost: an evaluation at which no example is inside the interval runs the model once on the
+    batch (a ``jax.lax.cond``), so with :func:`sample`'s shared time the steps outside the
+    interval cost half; when some are, the doubled batch runs for all and the conditional
+    half is kept outside. Under ``jax.vmap`` a ``cond`` becomes a select and both branches
+    run at every evaluation.
+
     The field is a ``jax.tree_util.Partial`` holding ``params``, ``labels`` and the arrays of
     ``model_kwargs``: :func:`sample` traces them, so guiding new labels (same shape) or new
     parameters reuses the compiled solve.
@@ -194,6 +219,9 @@ def classifier_free_guidance(
         null_label: the label the model was trained to read as "no label" (an integer
             >= 0; fmjax's U-Net uses its ``num_classes``).
         scale: the guidance weight :math:`w \ge 0` (a number or a traced scalar).
+        interval: ``(t_min, t_max)`` with :math:`0 \le t_{\min} \le t_{\max} \le 1`
+            (Python numbers, fmjax's time: noise at 0, data at 1): guide only there; None
+            guides at every time.
         label_name: the keyword under which ``apply_fn`` takes labels.
         model_kwargs: extra keyword arguments for ``apply_fn``, the same for both halves of the
             doubled batch (so not per-example arrays). The keyword arguments that
@@ -207,7 +235,8 @@ def classifier_free_guidance(
         ValueError: for labels that are not integers with a leading batch axis, a negative
             ``null_label``, ``model_kwargs`` that is not a mapping with str keys, and, when
             they are concrete (not traced), a negative label or a ``scale`` that is negative
-            or not finite. When called: for ``x`` and ``labels`` of different batch sizes, or
+            or not finite; an ``interval`` that is not two numbers with
+            ``0 <= t_min <= t_max <= 1``. When called: for ``x`` and ``labels`` of different batch sizes, or
             ``t`` not of shape ``[batch]``.
 
     Example:
@@ -219,19 +248,51 @@ def classifier_free_guidance(
         >>> v(jnp.zeros((2, 1)), jnp.full((2,), 0.5))
         Array([[6.],
                [6.]], dtype=float32)
+        >>> # Guided from t = 0.3 on; the first example (t = 0.1) gets the conditional field.
+        >>> v = classifier_free_guidance(
+        ...     apply_fn, 1.0, jnp.array([3, 3]), null_label=0, scale=2.0, interval=(0.3, 1.0)
+        ... )
+        >>> v(jnp.zeros((2, 1)), jnp.array([0.1, 0.5]))
+        Array([[3.],
+               [6.]], dtype=float32)
     """
     _check_guidance_args(labels, null_label, scale)
+    interval = _check_interval(interval)
     labels = jnp.asarray(labels)
     check_batched("labels", labels)
     model_kwargs = check_model_kwargs(model_kwargs)
     # A Partial of a module-level function: the same static part on every call, arrays traced.
     return jax.tree_util.Partial(
-        _guided_velocity, apply_fn, label_name, null_label, params, labels, scale, model_kwargs
+        _guided_velocity,
+        apply_fn,
+        label_name,
+        null_label,
+        interval,
+        params,
+        labels,
+        scale,
+        model_kwargs,
     )
 
 
+def _check_interval(interval: Any) -> tuple[float, float] | None:
+    if interval is None:
+        return None
+    try:
+        t_min, t_max = (float(end) for end in interval)
+        valid = 0.0 <= t_min <= t_max <= 1.0  # False for a NaN
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"The guidance interval must be (t_min, t_max) with 0 <= t_min <= t_max <= 1 "
+            f"(fmjax's time: noise at 0, data at 1); got interval={interval!r}."
+        )
+    return t_min, t_max
+
+
 def _guided_velocity(
-    apply_fn, label_name, null_label, params, labels, scale, model_kwargs, x, t, **kwargs
+    apply_fn, label_name, null_label, interval, params, labels, scale, model_kwargs, x, t, **kwargs
 ):
     batch = jnp.shape(x)[0]
     if batch != labels.shape[0]:
@@ -244,17 +305,34 @@ def _guided_velocity(
             f"The guided velocity_fn(x, t) takes t of shape [batch]=({batch},), one time per "
             f"example; got t of shape {jnp.shape(t)}."
         )
-    both_x = jnp.concatenate([x, x])
-    both_t = jnp.concatenate([t, t])
-    both_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-    both = apply_fn(params, both_x, both_t, **{label_name: both_labels}, **model_kwargs, **kwargs)
-    if jnp.shape(both) != jnp.shape(both_x):
-        raise ValueError(
-            f"apply_fn must return an array shaped like its input {jnp.shape(both_x)}; "
-            f"got {jnp.shape(both)}."
+    dtype = jnp.result_type(x)
+    inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
+
+    def model(x, t, labels):
+        out = apply_fn(params, x, t, **{label_name: labels}, **model_kwargs, **kwargs)
+        if jnp.shape(out) != jnp.shape(x):
+            raise ValueError(
+                f"apply_fn must return an array shaped like its input {jnp.shape(x)}; "
+                f"got {jnp.shape(out)}."
+            )
+        return out
+
+    def guided():
+        both = model(
+            jnp.concatenate([x, x]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
         )
-    conditional, unconditional = both[:batch], both[batch:]
-    return (unconditional + scale * (conditional - unconditional)).astype(jnp.result_type(x))
+        conditional, unconditional = both[:batch], both[batch:]
+        out = unconditional + scale * (conditional - unconditional)
+        if inside is not None:
+            out = jnp.where(inside.reshape(batch, *[1] * (x.ndim - 1)), out, conditional)
+        return out.astype(dtype)
+
+    if inside is None:
+        return guided()
+    # Only the branch taken runs: no doubled batch where no example is inside the interval.
+    return jax.lax.cond(jnp.any(inside), guided, lambda: model(x, t, labels).astype(dtype))
 
 
 def _check_guidance_args(labels: Any, null_label: Any, scale: Any) -> None:

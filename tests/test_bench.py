@@ -500,3 +500,55 @@ def test_objective_rows_time_both_objectives_relative_to_flow_matching():
     ]
     assert rows[0]["relative_to_flow_matching"] == 1.0
     assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_transformer_rows_name_their_fields_and_remat_counts_the_recomputation():
+    row = bench_train.step_row(
+        "dit_tiny",
+        (8, 8, 1),
+        2,
+        1,
+        1e12,
+        "float32",
+        {"remat": True, "num_classes": 10},
+        timed=False,
+    )
+    assert (row["preset"], row["image_shape"], row["classes"]) == ("dit_tiny", "8x8x1", 10)
+    assert row["model_fields"] == "remat=True num_classes=10"
+    assert 0.04 < row["params_m"] < 0.06 and row["peak_memory_mb"] > 0
+    assert "step_ms" not in row  # compiled and counted, not run
+    # Remat runs each block's forward pass again in the backward pass: more FLOPs, not twice.
+    step, state, batch, config = bench_train.build_step(
+        "dit_tiny", (8, 8, 1), 2, "float32", model_fields={"num_classes": 10}
+    )
+    plain, counted = bench_train.step_flops(step, None, state, batch)
+    assert counted == "loop-free (CUDA) lowering" and config.model.num_classes == 10
+    assert 1.1 < row["gflop_per_step_per_device"] * 1e9 / plain < 1.6
+
+
+def test_presets_keep_their_class_count_and_the_transformers_their_latent_shape():
+    assert bench_train.preset_shape("sit_b_2", None) == (32, 32, 4)
+    assert bench_train.preset_shape("sit_s_2", "32,32,3") == (32, 32, 3)
+    _, _, _, config = bench_train.build_step("dit_tiny", (8, 8, 1), 1, "float32")
+    assert config.model.num_classes is None  # the preset's own
+    cases = {case.preset: case for case in bench_train.TRANSFORMERS_ACCELERATOR}
+    assert cases["sit_xl_2"].model == {"remat": True} and cases["sit_b_2"].image_shape[2] == 4
+    on_cpu = {case.preset: case for case in bench_train.TRANSFORMERS_CPU}
+    assert not on_cpu["sit_xl_2"].timed and on_cpu["sit_s_2"].image_shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--remat"], "name it with --preset"),
+        (["--num-classes", "-1"], r"--num-classes=-1 must be >= 0"),
+        (["--transformers", "--preset", "sit_s_2"], "drop --preset"),
+        (
+            ["--preset", "unet_tiny", "--remat", "--flops-only", "--repeats", "1"],
+            r"config.model.remat=True is not a field of the preset 'unet_tiny' \(UNet\)",
+        ),
+    ],
+)
+def test_train_bench_refuses_bad_transformer_flags(argv, message):
+    with pytest.raises(ValueError, match=message):
+        bench_train.main(argv)

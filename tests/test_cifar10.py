@@ -99,7 +99,7 @@ def test_meanflow_smoke_jumps_by_default_and_takes_ode_solvers(tmp_path, monkeyp
     assert sample_run(tmp_path, SamplingOptions(num_samples=4, steps=3)).nfe == [6]
 
 
-def test_conditional_smoke_samples_with_guidance(tmp_path):
+def test_conditional_smoke_samples_with_guidance(tmp_path, monkeypatch, capsys):
     train("conditional,smoke", tmp_path, num_steps=2)
     out = sample_run(tmp_path, SamplingOptions(num_samples=12, steps=2, guidance_scale=2.0))
     assert out.npz.name == "sample_step00000002_heun-edm2_n12_seed0_w2.npz"
@@ -117,6 +117,19 @@ def test_conditional_smoke_samples_with_guidance(tmp_path):
         assert npz["labels"].tolist() == [3, 5] * 6
     with pytest.raises(ValueError, match=r"classes in \[0, 9\]"):
         sample_run(tmp_path, SamplingOptions(labels=(10,)))
+
+    # A guidance interval, from the command line: recorded in the file's name and arrays.
+    run_main(
+        monkeypatch, f"--workdir={tmp_path}", "--mode=sample", "--num_samples=4", "--steps=2",
+        "--guidance_scale=2", "--guidance_interval=0.5,1",
+    )  # fmt: skip
+    assert "guidance scale 2 for t in [0.5, 1]" in capsys.readouterr().out
+    stem = "sample_step00000002_heun-edm2_n4_seed0_w2_t0.5-1"
+    with np.load(tmp_path / "samples" / f"{stem}.npz") as npz:
+        assert npz["guidance_interval"].tolist() == [0.5, 1.0] and npz["nfe"].tolist() == [4]
+        assert np.isfinite(npz["images"]).all()
+    with pytest.raises(ValueError, match=r"--guidance_interval=0.5,x must be two numbers"):
+        run_main(monkeypatch, f"--workdir={tmp_path}", "--mode=sample", "--guidance_interval=0.5,x")
 
 
 @pytest.mark.parametrize(
@@ -185,6 +198,11 @@ def test_bad_sampling_options_raise():
         SamplingOptions(solver="rk45")
     with pytest.raises(ValueError, match="--num_samples=0"):
         SamplingOptions(num_samples=0)
+    for interval in ((0.7, 0.3), (0.0, 1.5), (0.3,)):
+        with pytest.raises(ValueError, match=r"--guidance_interval=.*0 <= t_min <= t_max <= 1"):
+            SamplingOptions(guidance_scale=2.0, guidance_interval=interval)
+    with pytest.raises(ValueError, match=r"--guidance_interval='0.3,1'.*--guidance_scale=1"):
+        SamplingOptions(guidance_interval=(0.3, 1))
     with pytest.raises(ValueError, match="--mode='bogus'"):
         cifar10.run(None, "unused", "bogus")
 

@@ -76,6 +76,16 @@ def test_build_model_builds_a_transformer_preset():
     assert isinstance(model, DiT) and model.num_classes == 10 and model.dtype == jnp.bfloat16
 
 
+def test_build_model_names_a_unet_field_set_on_a_transformer():
+    # The CIFAR-10 U-Net recipes set config.model.init; switching the name alone keeps it.
+    config = ml_collections.ConfigDict({"name": "sit_s_2", "init": "torch", "dtype": "float32"})
+    with pytest.raises(
+        ValueError,
+        match=r"config.model.init='torch' is not a field of the preset 'sit_s_2' \(DiT\)",
+    ):
+        configs.build_model(config)
+
+
 # --- the network ---------------------------------------------------------------------------
 
 

@@ -542,3 +542,64 @@ def test_guided_field_takes_t_of_shape_batch():
     v = classifier_free_guidance(lambda p, x, t, y: x, None, jnp.arange(4), null_label=0, scale=1.0)
     with pytest.raises(ValueError, match=r"takes t of shape \[batch\]=\(4,\)"):
         v(noise(4), 0.5)
+
+
+def _toward_label(calls):
+    """A toy model ``u(x, t | y) = y - x`` (the null label 0: ``-x``) that records the batch
+    of every evaluation that runs (a debug callback runs only in the branch taken)."""
+
+    def apply_fn(params, x, t, y):
+        jax.debug.callback(lambda n: calls.append(int(n)), x.shape[0])
+        return y[:, None].astype(x.dtype) - x
+
+    return apply_fn
+
+
+def test_guidance_interval_euler_closed_form_and_skipped_doubling():
+    # Guided u = -x + w y inside [0.25, 0.75], conditional u = y - x outside. Euler on the
+    # grid k / 10 is x <- (1 - h) x + h s_k y with s_k = w for k = 3..7 and 1 otherwise:
+    # x_10 = (1 - h)^10 x0 + h y sum_k s_k (1 - h)^(9 - k).
+    calls, w, h = [], 3.0, 0.1
+    x0, labels = noise(4), jnp.array([1, 2, 3, 4])
+    v = classifier_free_guidance(
+        _toward_label(calls), None, labels, null_label=0, scale=w, interval=(0.25, 0.75)
+    )
+    out = sample(v, x0, solver="euler", steps=10)
+    s = np.where((np.arange(10) >= 3) & (np.arange(10) <= 7), w, 1.0)
+    weight = h * np.sum(s * (1 - h) ** (9 - np.arange(10)))
+    expected = (1 - h) ** 10 * np.asarray(x0) + weight * np.asarray(labels, np.float32)[:, None]
+    np.testing.assert_allclose(out.x, expected, rtol=1e-5)
+    assert int(out.nfe) == 10
+    # Outside the interval one evaluation on the batch, inside one on the doubled batch.
+    assert sorted(calls) == [4] * 5 + [8] * 5
+
+
+def test_guidance_interval_is_per_example_and_closed():
+    calls = []
+    labels = jnp.array([2, 2, 2, 2])
+    v = classifier_free_guidance(
+        _toward_label(calls), None, labels, null_label=0, scale=3.0, interval=(0.25, 0.75)
+    )
+    x = jnp.ones((4, 1))
+    t = jnp.array([0.1, 0.25, 0.75, 0.9])  # the ends belong to the interval
+    np.testing.assert_allclose(v(x, t), [[1.0], [5.0], [5.0], [1.0]])  # y - x; -x + 3 y
+    assert calls == [8]
+    calls.clear()
+    np.testing.assert_allclose(v(x, jnp.full((4,), 0.8)), jnp.ones((4, 1)))
+    assert calls == [4]
+    # The whole range is plain guidance.
+    full = classifier_free_guidance(
+        _toward_label([]), None, labels, null_label=0, scale=3.0, interval=(0.0, 1.0)
+    )
+    plain = classifier_free_guidance(_toward_label([]), None, labels, null_label=0, scale=3.0)
+    np.testing.assert_array_equal(full(x, t), plain(x, t))
+
+
+@pytest.mark.parametrize(
+    "interval", [(0.5, 0.2), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0), (0.3,), "ab", 0.3]
+)
+def test_bad_guidance_intervals_raise(interval):
+    with pytest.raises(ValueError, match=r"0 <= t_min <= t_max <= 1.*got interval="):
+        classifier_free_guidance(
+            lambda p, x, t, y: x, None, jnp.arange(4), null_label=0, scale=2.0, interval=interval
+        )

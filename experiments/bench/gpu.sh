@@ -3,8 +3,8 @@
 #
 #   bash experiments/bench/gpu.sh [RESULTS_DIR]            # default: $OUT, else ./bench-results
 #   bash experiments/bench/gpu.sh --dry-run [RESULTS_DIR]  # the same steps, tiny, on any backend
-#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, kernels, variants,
-#                                                             # sampling, ot
+#   bash experiments/bench/gpu.sh --only train [RESULTS_DIR]  # some of: train, transformers,
+#                                                             # kernels, variants, sampling, ot
 #
 # From the repository root of a clone whose virtual environment (.venv, or $PYTHON) has the
 # project installed (`pip install -r requirements.txt && pip install -e . --no-deps`). It
@@ -18,6 +18,9 @@
 #     as training runs them, and each step alone), images/s, GFLOP/step, the
 #     fraction of a bfloat16 matmul peak measured on the same GPU, and the projected
 #     GPU-hours of the Meta recipe (175k steps x 512); then torchcfm's preset the same way,
+#  3b. times the transformers' train steps the same way (part "transformers",
+#     experiments/bench/train.py --transformers): SiT-S/2 on CIFAR-10 pixels (32x32x3, batch
+#     128), SiT-B/2 and SiT-XL/2 (with remat) on 32x32x4 latents at batch 256, 1,000 classes,
 #  4. traces the Meta preset's train step (experiments/bench/kernels.py): device time by kind
 #     of kernel, idle time, the longest kernels, and the Euler sampling cost of the same U-Net
 #     (ms per velocity evaluation at batch 500, projected FID-50k time); the raw trace and the
@@ -35,13 +38,14 @@
 # --dry-run skips the install and nvidia-smi and runs steps 3-5 at tiny sizes (8x8 images,
 # batch 1, one timed step, --quick sampling) on whatever backend JAX has: a check of this
 # script on a CPU machine (there the variants part compares attention=xla with itself: cuDNN
-# needs a GPU). --only PARTS (comma-separated: train, kernels, variants, sampling, ot) runs
-# those parts of steps 3-5 alone, e.g. to split the work over two shorter sessions on a device.
+# needs a GPU; SiT-XL/2's compile alone takes minutes on a small CPU). --only PARTS
+# (comma-separated: train, transformers, kernels, variants, sampling, ot) runs those parts of
+# steps 3-5 alone, e.g. to split the work over two shorter sessions on a device.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-dry_run=0 parts=train,kernels,variants,sampling,ot results=
-all_parts="train, kernels, variants, sampling, ot"
+dry_run=0 parts=train,transformers,kernels,variants,sampling,ot results=
+all_parts="train, transformers, kernels, variants, sampling, ot"
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
@@ -58,7 +62,7 @@ while (($#)); do
   shift
 done
 for part in ${parts//,/ }; do
-  [[ "$part" =~ ^(train|kernels|variants|sampling|ot)$ ]] || {
+  [[ "$part" =~ ^(train|transformers|kernels|variants|sampling|ot)$ ]] || {
     echo "--only: unknown part '$part'; expected some of $all_parts" >&2
     exit 2
   }
@@ -85,6 +89,7 @@ fi
 if ((dry_run)); then
   shape=(--image-shape 8,8,3) batch=1 repeats=1 quick=(--quick)
   sample=(--sample-batch 1 --sample-steps 2) traced=1 attention=xla
+  transformers=(--image-shape 8,8,3 --batch-per-device 1)
 else
   jax_version=$(sed -n 's/^jax==//p' requirements.txt)
   read -r found backend < <("$python" -c 'import jax; print(jax.__version__, jax.default_backend())' \
@@ -98,6 +103,7 @@ else
   nvidia-smi | tee "$results/nvidia-smi.txt"
   shape=() batch=128 repeats=20 quick=()
   sample=(--sample-batch 500 --sample-steps 20) traced=3 attention=cudnn
+  transformers=()
 fi
 if ! "$python" -c 'import experiments.bench.kernels, experiments.bench.layers, experiments.bench.ot, experiments.bench.sampling'; then
   echo "== a package the benchmarks import is missing (above): pip install -r requirements.txt," \
@@ -113,6 +119,12 @@ if wants train; then
       --batch-per-device "$batch" --repeats "$repeats" "${shape[@]}" \
       --json "$results/train_${preset}_bf16.json"
   done
+fi
+if wants transformers; then
+  echo "== train step: transformers (sit_s_2 on pixels, sit_b_2 and sit_xl_2 on latents), bfloat16"
+  "$python" -m experiments.bench.train --transformers --dtype bfloat16 --repeats "$repeats" \
+    "${transformers[@]}" --json "$results/train_transformers_bf16.json" ||
+    echo "== transformers: the train-step rows failed (above); going on"
 fi
 if wants kernels; then
   echo "== kernels: unet_cifar10_meta, bfloat16, batch $batch; Euler sampling"

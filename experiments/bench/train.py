@@ -2,8 +2,10 @@
 
     python -m experiments.bench --only train [--quick]
     python -m experiments.bench.train [--preset NAME] [--batch-per-device N]
-        [--dtype float32|bfloat16] [--image-shape H,W,C] [--repeats N] [--json PATH]
+        [--dtype float32|bfloat16] [--image-shape H,W,C] [--num-classes N] [--remat]
+        [--flops-only] [--repeats N] [--json PATH]
         [--xla-option NAME=VALUE ... | --model-option 'NAME=VALUE [NAME=VALUE ...]' ...]
+    python -m experiments.bench.train --transformers [--dtype ...] [--repeats N]
 
 For each preset, the engine's own jitted step (`fmjax.step.make_train_step`) over every
 device present, at a fixed per-device batch and compute dtype (`config.model.dtype`;
@@ -15,6 +17,14 @@ FLOPs from XLA's cost analysis of the step lowered for CUDA, before XLA's rewrit
 the achieved FLOP/s as a fraction of a large matmul in the step's compute dtype measured in
 the same run on the same device (a practical peak), and peak memory (the device's allocator
 statistics where it keeps them, else XLA's memory analysis of the step).
+
+The transformers (``sit_*``, ``dit_*``: :class:`fmjax.models.DiT`) are built for 32x32x4
+latents (ImageNet 256x256 through SD's VAE) with 1,000 classes unless ``--image-shape`` and
+``--num-classes`` say otherwise; ``--remat`` recomputes each block in the backward pass
+(``config.model.remat``). ``--transformers`` times :data:`TRANSFORMERS_CPU` or
+:data:`TRANSFORMERS_ACCELERATOR`: SiT-S/2 on CIFAR-10 pixels (32x32x3), SiT-B/2 and SiT-XL/2
+(with remat) on latents. ``--flops-only`` compiles the step and reports its FLOPs and memory
+without running it (for a step too slow to time, e.g. SiT-XL/2 on a small CPU).
 
 For the Meta CIFAR-10 preset a row also projects the device-hours of the Meta recipe
 (`META_RECIPE_STEPS` steps at global batch `META_RECIPE_BATCH`, see
@@ -44,6 +54,7 @@ step checked against the default's from the same perturbed parameters
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -60,7 +71,7 @@ from experiments.bench import (
     print_header,
     print_report,
 )
-from fmjax import configs
+from fmjax import configs, models
 from fmjax.mesh import make_mesh
 from fmjax.step import init_state, make_train_step
 
@@ -70,14 +81,46 @@ META_RECIPE_STEPS = 175_000
 META_RECIPE_BATCH = 512
 """Its global batch."""
 
-# (preset, image shape, per-device batch) on CPU / on accelerators.
-QUICK = [("unet_tiny", (8, 8, 1), 32), ("unet_digits", (8, 8, 1), 64)]
-FULL_CPU = [*QUICK, ("unet_cifar10_torchcfm", (32, 32, 3), 4)]
+
+class Case(NamedTuple):
+    """One train-step benchmark: a preset at an image shape and per-device batch, with
+    ``model`` overriding fields of ``config.model`` (e.g. ``{"remat": True}``,
+    ``{"num_classes": None}``: unconditional); without ``timed`` only compiled and counted
+    (see :func:`step_row`)."""
+
+    preset: str
+    image_shape: tuple[int, int, int]
+    batch_per_device: int
+    model: Mapping[str, object] | None = None
+    timed: bool = True
+
+
+# On CPU / on accelerators.
+QUICK = [Case("unet_tiny", (8, 8, 1), 32), Case("unet_digits", (8, 8, 1), 64)]
+FULL_CPU = [*QUICK, Case("unet_cifar10_torchcfm", (32, 32, 3), 4)]
 FULL_ACCELERATOR = [
-    ("unet_digits", (8, 8, 1), 512),
-    ("unet_cifar10_torchcfm", (32, 32, 3), 128),
-    ("unet_cifar10_meta", (32, 32, 3), 128),
+    Case("unet_digits", (8, 8, 1), 512),
+    Case("unet_cifar10_torchcfm", (32, 32, 3), 128),
+    Case("unet_cifar10_meta", (32, 32, 3), 128),
 ]
+
+TRANSFORMERS_CPU = [
+    Case("sit_s_2", (32, 32, 3), 4, {"num_classes": None}),
+    Case("sit_b_2", (32, 32, 4), 2),
+    Case("sit_xl_2", (32, 32, 4), 2, {"remat": True}, timed=False),
+]
+"""The transformer rows on CPU: SiT-S/2 on CIFAR-10 pixels, unconditional (the ``sit``
+recipe of ``experiments/configs/cifar10.py``); SiT-B/2 and SiT-XL/2 (with remat) on
+32x32x4 latents with 1,000 classes; small batches. SiT-XL/2 is counted, not timed: a
+2-core CPU takes minutes to compile it and tens of seconds a step."""
+
+TRANSFORMERS_ACCELERATOR = [
+    Case("sit_s_2", (32, 32, 3), 128, {"num_classes": None}),
+    Case("sit_b_2", (32, 32, 4), 256),
+    Case("sit_xl_2", (32, 32, 4), 256, {"remat": True}),
+]
+"""The same on an accelerator, the latent models at SiT's batch of 256 on each device, SiT-XL/2
+with remat (a second forward pass of each block instead of its stored activations)."""
 
 
 PEAK_CHAIN = 10
@@ -167,6 +210,12 @@ def _peak_memory_bytes(compiled) -> int | None:
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
+    return _analysed_memory_bytes(compiled)
+
+
+def _analysed_memory_bytes(compiled) -> int | None:
+    """XLA's memory analysis of the compiled step: arguments, outputs and temporaries, less
+    the donated arguments the outputs reuse."""
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
@@ -187,31 +236,51 @@ def build_step(
     *,
     module: nn.Module | None = None,
     objective: str = "flow_matching",
+    model_fields: Mapping[str, object] | None = None,
+    abstract: bool = False,
 ):
     """The engine's jitted train step of ``preset`` over ``devices`` (default: all), a fresh
-    state and a fixed batch of ``per_device_batch`` images per device (random, in [-1, 1]):
-    ``(step, state, batch, config)``. ``step`` donates its state.
+    state and a fixed batch of ``per_device_batch`` images per device (random, in [-1, 1],
+    labels 0): ``(step, state, batch, config)``. ``step`` donates its state. With
+    ``abstract`` the state and batch are only their shapes (``jax.ShapeDtypeStruct``): enough
+    to lower, count and compile the step, with nothing allocated.
 
-    With ``module``, a Flax module that no preset names, the step trains it and ``preset``
-    only labels it (``config.model.name``). ``objective`` is ``config.objective``; for
-    ``"mean_flow"`` the preset is built with its second time input (``mean_flow=True``)."""
+    The preset keeps its own class count (1,000 for SiT's, none for the U-Nets) unless
+    ``model_fields`` (overrides of ``config.model``, e.g. ``{"remat": True}``) sets
+    ``num_classes``. With ``module``, a Flax module that no preset names, the step trains it
+    and ``preset`` only labels it (``config.model.name``). ``objective`` is
+    ``config.objective``; for ``"mean_flow"`` the preset is built with its second time input
+    (``mean_flow=True``)."""
     mesh = make_mesh(devices)
     config = configs.base_config()
     config.model.name = preset
     config.objective = objective
+    if module is None:
+        config.model.num_classes = models.PRESETS[preset]().num_classes
     if objective == "mean_flow" and module is None:
         config.model.mean_flow = True
+    config.model.update(model_fields or {})
     config.model.dtype = dtype or default_dtype()
     config.data.image_shape = image_shape
     config.train.batch_size = per_device_batch * mesh.size
     step, model, tx = engine_step(config, mesh, module)
-    state = jax.jit(lambda: init_state(config, model, tx), out_shardings=NamedSharding(mesh, P()))()
+    make_state = jax.jit(
+        lambda: init_state(config, model, tx), out_shardings=NamedSharding(mesh, P())
+    )
+    if abstract:
+        data = NamedSharding(mesh, P("data"))
+        batch = {
+            "image": jax.ShapeDtypeStruct((config.train.batch_size, *image_shape), np.float32),
+            "label": jax.ShapeDtypeStruct((config.train.batch_size,), np.int32),
+        }
+        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=data), batch)
+        return step, jax.eval_shape(make_state), batch, config
     batch = {
         "image": seed_images(image_shape, config.train.batch_size),
         "label": np.zeros(config.train.batch_size, np.int32),
     }
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    return step, state, batch, config
+    return step, make_state(), batch, config
 
 
 def engine_step(config, mesh, module: nn.Module | None = None):
@@ -272,41 +341,60 @@ def step_row(
     repeats: int,
     peak: float,
     dtype: str | None = None,
+    model_fields: Mapping[str, object] | None = None,
+    *,
+    timed: bool = True,
 ) -> dict:
     """Benchmarks one preset's train step in compute ``dtype`` (default: :func:`default_dtype`);
-    ``peak`` is the matmul FLOP/s of that dtype. Returns one table row.
+    ``peak`` is the matmul FLOP/s of that dtype; ``model_fields`` override ``config.model``
+    (see :func:`build_step`). Returns one table row, which names the image shape, the class
+    count, the fields set and the parameter count.
 
     ``step_ms``, and the throughput, FLOP/s and device-hours derived from it, are per step of
     ``repeats`` steps dispatched back to back, as training runs them
-    (:func:`pipelined_step_seconds`); ``step_ms_one_at_a_time`` is the median of ``repeats``
-    steps each timed alone, launch and wait included (what ``step_ms`` measured until
-    2026-12-04, the README's H200 figures among them)."""
-    step, state, batch, config = build_step(preset, image_shape, per_device_batch, dtype)
+    (:func:`pipelined_step_seconds`, in ``min(3, repeats)`` blocks); ``step_ms_one_at_a_time``
+    is the median of ``repeats`` steps each timed alone, launch and wait included (what
+    ``step_ms`` measured until 2026-12-04, the README's H200 figures among them). Without
+    ``timed`` the step is compiled and counted on the shapes of its state and batch
+    (nothing allocated, so a model larger than the host's memory can be counted), not run:
+    the row has no times, and its memory is XLA's analysis of the step."""
+    step, state, batch, config = build_step(
+        preset, image_shape, per_device_batch, dtype, model_fields=model_fields, abstract=not timed
+    )
 
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     flops, counted = step_flops(step, compiled, state, batch)  # before `state` is donated
-
-    holder = {"state": state}
-    one_at_a_time = median_seconds(_stepping(compiled, holder, batch), repeats)
-    seconds = pipelined_step_seconds(compiled, holder, batch, repeats)
-    images_per_second = per_device_batch / seconds
+    num_params = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(state.params))
     row = {
         "benchmark": "train step",
         "preset": preset,
+        "image_shape": "x".join(map(str, image_shape)),
+        "classes": config.model.num_classes,
+        "model_fields": " ".join(f"{k}={v}" for k, v in (model_fields or {}).items()) or None,
+        "params_m": num_params / 1e6,
         "device": jax.devices()[0].device_kind,
         "devices": config.train.batch_size // per_device_batch,
         "batch_per_device": per_device_batch,
         "dtype": config.model.dtype,
         "compile_s": compile_seconds,
+        "gflop_per_step_per_device": flops / 1e9 if flops else None,
+        "flops_from": counted,
+    }
+    if not timed:
+        row["peak_memory_mb"] = (_analysed_memory_bytes(compiled) or 0) / 2**20
+        return row
+    holder = {"state": state}
+    one_at_a_time = median_seconds(_stepping(compiled, holder, batch), repeats)
+    seconds = pipelined_step_seconds(compiled, holder, batch, repeats, blocks=min(3, repeats))
+    images_per_second = per_device_batch / seconds
+    row |= {
         "step_ms": 1e3 * seconds,
         "step_ms_one_at_a_time": 1e3 * one_at_a_time,
         "images_per_s_per_device": images_per_second,
-        "gflop_per_step_per_device": flops / 1e9 if flops else None,
-        "flops_from": counted,
         "fraction_of_matmul_peak": flops / seconds / peak if flops else None,
-        "peak_memory_mb": (_peak_memory_bytes(compiled) or 0) / 2**20,
+        "peak_memory_mb": (_peak_memory_bytes(compiled) or 0) / 2**20,  # after the steps ran
     }
     if preset == "unet_cifar10_meta":
         row["meta_recipe_device_hours"] = meta_recipe_device_hours(images_per_second)
@@ -314,7 +402,12 @@ def step_row(
 
 
 def objective_rows(
-    preset: str, image_shape, per_device_batch: int, repeats: int, dtype: str | None = None
+    preset: str,
+    image_shape,
+    per_device_batch: int,
+    repeats: int,
+    dtype: str | None = None,
+    model_fields: Mapping[str, object] | None = None,
 ) -> list[dict]:
     """The train step of each of :data:`fmjax.configs.OBJECTIVES` on one preset, timed as
     training runs it (:func:`pipelined_step_seconds`), with each step's time relative to
@@ -322,7 +415,12 @@ def objective_rows(
     rows = []
     for objective in configs.OBJECTIVES:
         step, state, batch, config = build_step(
-            preset, image_shape, per_device_batch, dtype, objective=objective
+            preset,
+            image_shape,
+            per_device_batch,
+            dtype,
+            objective=objective,
+            model_fields=model_fields,
         )
         start = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -363,12 +461,18 @@ def run(quick: bool) -> list[dict]:
     return run_presets(presets, 3 if quick else 10, default_dtype())
 
 
-def run_presets(presets, repeats: int, dtype: str) -> list[dict]:
-    """The matmul peak of ``dtype``, then a row per ``(preset, image shape, batch)``."""
+def run_presets(presets, repeats: int, dtype: str, *, timed: bool = True) -> list[dict]:
+    """The matmul peak of ``dtype``, then a row per :class:`Case` (or ``(preset, image shape,
+    batch)``) of ``presets`` (:func:`step_row`; ``timed``: run the steps of the cases that
+    are timed)."""
     row, peak = peak_row(dtype, repeats)
     rows = [row]
-    for preset, image_shape, per_device_batch in presets:
-        rows.append(step_row(preset, image_shape, per_device_batch, repeats, peak, dtype))
+    for case in presets:
+        case = Case(*case)
+        timed_case = timed and case.timed
+        rows.append(
+            step_row(*case[:3], repeats, peak, dtype, model_fields=case.model, timed=timed_case)
+        )
     return rows
 
 
@@ -599,15 +703,17 @@ def option_rows(
     *,
     model: bool = False,
     module: nn.Module | None = None,
+    model_fields: Mapping[str, object] | None = None,
 ) -> list[dict]:
     """:func:`compare_compiler_options` of ``options``, ``(name, value)`` pairs (or with
     ``model``, :func:`compare_model_options` of ``options``, ``{field: value}`` variants) on
     ``preset``'s train step: one row for the default, one for the control and one per option,
     with the variant's checked values, the best and median step times and the median's ratio
-    to the default's. ``module``: a model that no preset names, labelled ``preset`` (see
-    :func:`build_step`)."""
+    to the default's. ``module``: a model that no preset names, labelled ``preset``;
+    ``model_fields``: overrides of the preset's fields, the default's and every variant's
+    (see :func:`build_step`)."""
     step, state, batch, config = build_step(
-        preset, image_shape, per_device_batch, dtype, module=module
+        preset, image_shape, per_device_batch, dtype, module=module, model_fields=model_fields
     )
     if model:
         results = compare_model_options(step, state, batch, config, options, repeats, module=module)
@@ -646,16 +752,27 @@ _NATIVE_SHAPES = {
 }
 
 
+# The transformers' own: SiT's are ImageNet 256x256 latents (8x downsampled, 4 channels).
+_TRANSFORMER_SHAPES = {
+    name: (8, 8, 1) if name.startswith("dit_") else (32, 32, 4) for name in models.DIT_PRESETS
+}
+
+STEP_PRESETS = {**_NATIVE_SHAPES, **_TRANSFORMER_SHAPES}
+"""The presets whose train step this module times, with the image shape each is built for."""
+
+
 def preset_shape(preset: str, image_shape: str | None) -> tuple[int, int, int]:
     """The image shape a benchmark builds ``preset`` for: ``image_shape`` ("H,W,C", from a
-    command line) when given, else the preset's own.
+    command line) when given, else the preset's own (:data:`STEP_PRESETS`).
 
     Example:
         >>> preset_shape("unet_cifar10_meta", None), preset_shape("unet_cifar10_meta", "8,8,3")
         ((32, 32, 3), (8, 8, 3))
+        >>> preset_shape("sit_xl_2", None)  # ImageNet 256x256 latents
+        (32, 32, 4)
     """
     if not image_shape:
-        return _NATIVE_SHAPES[preset]
+        return STEP_PRESETS[preset]
     parts = image_shape.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(
@@ -666,12 +783,33 @@ def preset_shape(preset: str, image_shape: str | None) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(_NATIVE_SHAPES), help="one preset")
-    parser.add_argument("--batch-per-device", type=int, default=128)
+    parser.add_argument("--preset", choices=sorted(STEP_PRESETS), help="one preset")
+    parser.add_argument(
+        "--batch-per-device", type=int, help="default: 128; with --transformers, each row's own"
+    )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default by backend)"
     )
     parser.add_argument("--image-shape", help="H,W,C (default: the preset's own)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="class count of a conditional model, 0: unconditional (default: the preset's own)",
+    )
+    parser.add_argument(
+        "--remat", action="store_true", help="recompute each transformer block in the backward pass"
+    )
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="compile the step and report FLOPs and memory without running it",
+    )
+    parser.add_argument(
+        "--transformers",
+        action="store_true",
+        help="the transformer rows of this backend (SiT-S/2 on pixels, SiT-B/2 and XL/2 on "
+        "latents); --image-shape and --batch-per-device, when given, replace each row's",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument(
@@ -697,10 +835,25 @@ def main(argv: list[str] | None = None) -> int:
         help="time the step of each objective (flow matching, mean flow) on --preset",
     )
     args = parser.parse_args(argv)
+    given_batch = args.batch_per_device is not None
+    args.batch_per_device = args.batch_per_device if given_batch else 128
     if args.batch_per_device < 1 or args.repeats < 1:
         raise ValueError(
             f"--batch-per-device and --repeats must be positive; got "
             f"{args.batch_per_device} and {args.repeats}."
+        )
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes={args.num_classes} must be >= 0 (0: unconditional).")
+    if args.transformers and args.preset is not None:
+        raise ValueError("--transformers times its own rows; drop --preset (or --transformers).")
+    fields = {}
+    if args.num_classes is not None:
+        fields["num_classes"] = args.num_classes or None
+    if args.remat:
+        fields["remat"] = True
+    if fields and args.preset is None:
+        raise ValueError(
+            "--num-classes and --remat set one preset's fields; name it with --preset."
         )
     options = [parse_xla_option(text) for text in args.xla_option]
     model_options = [parse_model_variant(text) for text in args.model_option]
@@ -711,22 +864,39 @@ def main(argv: list[str] | None = None) -> int:
             "--xla-option and --model-option compare one preset's step; name it with --preset."
         )
     dtype = args.dtype or default_dtype()
-    if args.preset is None:
-        accelerator = jax.default_backend() != "cpu"
+    accelerator = jax.default_backend() != "cpu"
+    if args.transformers:
+        presets = [
+            case._replace(
+                image_shape=preset_shape(case.preset, args.image_shape)
+                if args.image_shape
+                else case.image_shape,
+                batch_per_device=args.batch_per_device if given_batch else case.batch_per_device,
+            )
+            for case in (TRANSFORMERS_ACCELERATOR if accelerator else TRANSFORMERS_CPU)
+        ]
+    elif args.preset is None:
         presets = FULL_ACCELERATOR if accelerator else FULL_CPU
     else:
         shape = preset_shape(args.preset, args.image_shape)
-        presets = [(args.preset, shape, args.batch_per_device)]
+        presets = [Case(args.preset, shape, args.batch_per_device, fields)]
     print_header()
     if args.compare_objectives:
         if args.preset is None:
             raise ValueError("--compare-objectives times one preset's step; name it with --preset.")
-        rows = objective_rows(*presets[0], args.repeats, dtype)
+        rows = objective_rows(*presets[0][:3], args.repeats, dtype, presets[0].model)
     elif options or model_options:
         compared = options or model_options
-        rows = option_rows(*presets[0], args.repeats, compared, dtype, model=bool(model_options))
+        rows = option_rows(
+            *presets[0][:3],
+            args.repeats,
+            compared,
+            dtype,
+            model=bool(model_options),
+            model_fields=presets[0].model,
+        )
     else:
-        rows = run_presets(presets, args.repeats, dtype)
+        rows = run_presets(presets, args.repeats, dtype, timed=not args.flops_only)
     print_report(rows, args.json)
     return 0
 
