@@ -1,6 +1,7 @@
 """The offline main job: train a flow-matching U-Net on scikit-learn's 8x8 digits and score it.
 
-    python -m experiments.digits [--workdir=runs/digits] [--config=...digits.py[:quick|:meanflow]]
+    python -m experiments.digits [--workdir=runs/digits]
+                                 [--config=...digits.py[:quick|:meanflow|:reflow|:distill]]
                                  [--config.train.num_steps=...] [--init_from=RUN] [--reevaluate]
                                  [--verbose]
 
@@ -68,11 +69,19 @@ def validate(config) -> None:
     """Checks every choice of a digits config before anything is built; raises ``ValueError``
     naming the key, the value and what is expected."""
     configs.validate(config, num_devices=jax.device_count())
-    if config.data.name != "digits":
+    if config.data.name not in ("digits", "pairs"):
         raise ValueError(
             f"config.data.name={config.data.name!r} is not valid for the digits job, whose score "
-            "and bits/dim are the digits'; expected 'digits' (other data: experiments.cifar10)."
+            "and bits/dim are the digits'; expected 'digits', or 'pairs' of a digits run "
+            "(experiments.reflow; other data: experiments.cifar10)."
         )
+    if config.data.name == "pairs":
+        teacher = data.read_pairs_info(config.data.pairs_dir)["config"]["data"]
+        if teacher["name"] not in ("digits", "pairs"):
+            raise ValueError(
+                f"config.data.pairs_dir={config.data.pairs_dir!r} holds pairs of a run on "
+                f"{teacher['name']!r}; the digits job trains on pairs of a digits run."
+            )
     if config.train.eval_samples < 2:
         raise ValueError(
             f"config.train.eval_samples={config.train.eval_samples!r} must be at least 2: the "

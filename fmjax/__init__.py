@@ -5,8 +5,8 @@ sampler, likelihoods, per-example keys, the device mesh; mean flows as ``fmjax.m
 needs only jax, optax, diffrax, numpy and jaxtyping. The layers above it are imported on their
 own, as they need the ``train`` extra, each importing only from the layers below it: ``fmjax.models`` (Flax networks); ``fmjax.data``,
 ``fmjax.images``, ``fmjax.toy2d``; ``fmjax.metrics``; ``fmjax.checkpoint``; and the engine:
-``fmjax.configs``, ``fmjax.step``, ``fmjax.rundir``, ``fmjax.generate``, ``fmjax.train``,
-``fmjax.evaluate``.
+``fmjax.configs``, ``fmjax.step``, ``fmjax.rundir``, ``fmjax.generate``, ``fmjax.reflow``,
+``fmjax.train``, ``fmjax.evaluate``.
 
 Convention: noise x0 ~ N(0, I) at t = 0, data x1 at t = 1.
 """

@@ -143,6 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.image_shape = ml_collections.config_dict.placeholder(tuple)  # filled in from the source
     d.random_flip = False  # random horizontal flip (keyed by seed, epoch, example)
     d.label_drop_prob = 0.0  # classifier-free guidance training: labels -> null label
+    # name="pairs": the directory of (noise, sample) pairs that experiments.reflow wrote
+    d.pairs_dir = ml_collections.config_dict.placeholder(str)
 
     c.path = p = ml_collections.ConfigDict()
     p.scheduler = "condot"  # condot | cosine | linear_vp | vp | polynomial
@@ -152,10 +154,11 @@ def base_config() -> ml_collections.ConfigDict:
     p.sinkhorn_epsilon = 0.1
     p.bridge_noise = "none"  # none | constant (torchcfm's I-CFM) | brownian (SB-CFM)
     p.bridge_sigma = 0.1  # the bridge noise's sigma (SB-CFM: sinkhorn_epsilon = 2 sigma^2)
-    p.time_sampler = "uniform"  # uniform | logit_normal
+    p.time_sampler = "uniform"  # uniform | logit_normal | constant
     p.logit_mean = 0.0
     p.logit_std = 1.0
     p.t_min = 0.0
+    p.t_constant = 0.0  # constant only: the one training time (0 with pairs: distillation)
     p.prediction = "velocity"  # velocity | target | epsilon
     p.loss_space = "prediction"  # prediction | velocity
 
@@ -345,6 +348,35 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         )
 
 
+def _check_pairs(config: ml_collections.ConfigDict) -> None:
+    """Training on stored pairs (``data.name="pairs"``) is flow matching on given noise."""
+    d, p = config.data, config.path
+    if d.name != "pairs":
+        if d.pairs_dir is not None:
+            raise ValueError(
+                f"config.data.pairs_dir={d.pairs_dir!r} is read only with "
+                f"config.data.name='pairs'; got config.data.name={d.name!r}."
+            )
+        return
+    if not d.pairs_dir:
+        raise ValueError(
+            "config.data.name='pairs' needs config.data.pairs_dir: the directory that "
+            "`python -m experiments.reflow pairs --out=DIR` wrote."
+        )
+    fixed = {
+        "objective": (config.objective, "flow_matching"),
+        "path.coupling": (p.coupling, "independent"),
+        "path.bridge_noise": (p.bridge_noise, "none"),
+        "data.random_flip": (d.random_flip, False),
+    }
+    for key, (value, expected) in fixed.items():
+        if value != expected:
+            raise ValueError(
+                f"config.{key}={value!r} is not valid with config.data.name='pairs': the "
+                f"noise of each pair is given, so {key} must be {expected!r}."
+            )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks a config before anything is compiled; raises ``ValueError`` naming the key.
 
@@ -463,6 +495,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive("data.image_size", config.data.image_size)
     if config.model.num_classes is not None:
         _positive("model.num_classes", config.model.num_classes)
+    if p.time_sampler == "constant" and not 0.0 <= p.t_constant <= 1.0:
+        raise ValueError(f"config.path.t_constant={p.t_constant!r} must be in [0, 1].")
+    _check_pairs(config)
     if config.data.label_drop_prob > 0 and config.model.num_classes is None:
         raise ValueError(
             "config.data.label_drop_prob > 0 trains classifier-free guidance, which needs a "
@@ -564,7 +599,8 @@ def build_path(
     Each is built by its mapping's constructor with the options the section holds for it
     (``sigma_min`` for ``condot``, ``polynomial_n`` for ``polynomial``, ``sinkhorn_epsilon``
     for ``sinkhorn_ot``, ``bridge_sigma`` for a ``bridge_noise`` other than ``"none"``,
-    ``logit_mean``/``logit_std`` for ``logit_normal``, ``t_min`` for both time samplers;
+    ``logit_mean``/``logit_std`` for ``logit_normal``, ``t_min`` for it and ``uniform``,
+    ``t_constant`` for ``constant``;
     ``logit_normal`` keeps at least ``1e-4`` from the ends, where a float32 sigmoid rounds to 0
     or 1).
     """
@@ -577,6 +613,7 @@ def build_path(
     sampler_options = {
         "uniform": {"t_min": p.t_min},
         "logit_normal": {"mean": p.logit_mean, "std": p.logit_std, "t_min": max(p.t_min, 1e-4)},
+        "constant": {"value": p.t_constant},
     }
     scheduler = paths.SCHEDULERS[p.scheduler](**scheduler_options.get(p.scheduler, {}))
     coupling = couplings.COUPLINGS[p.coupling](**coupling_options.get(p.coupling, {}))

@@ -15,6 +15,8 @@ Sources (all :class:`Source`: ``batch``, ``image_shape``, ``num_classes``, ``num
 - :class:`ArraySource`: images in memory, e.g. :func:`digits` (offline, scikit-learn).
 - :class:`TfdsSource`: any tensorflow-datasets image dataset, read by random access from its
   ArrayRecord files (``tfds.data_source``; no TensorFlow at train time).
+- :class:`PairSource`: stored ``(noise, sample)`` pairs of a trained run (reflow and
+  distillation, :mod:`fmjax.reflow`); its batches also carry ``"noise"``.
 
 :func:`prefetch_batches` produces consecutive batches on a pool of threads (grain), in order.
 """
@@ -22,24 +24,32 @@ Sources (all :class:`Source`: ``batch``, ``image_shape``, ``num_classes``, ``num
 import abc
 import functools
 import importlib.util
+import json
 import logging
+import os
+import pathlib
 import re
 from collections.abc import Callable, Iterator
 
+import ml_collections
 import numpy as np
 from jaxtyping import Float, Int
 
 __all__ = [
     "DIGITS_LEVELS",
+    "PAIRS_FILE",
     "SOURCES",
     "ArraySource",
+    "PairSource",
     "Source",
     "TfdsSource",
     "build_source",
     "digits",
     "digits_levels",
     "global_batch_indices",
+    "pair_chunk_name",
     "prefetch_batches",
+    "read_pairs_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,10 +130,17 @@ class Source(abc.ABC):
     ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
         """Examples ``indices``: float32 images in [-1, 1] and int32 labels (zeros if none)."""
 
+    def read_extra(self, indices: Int[np.ndarray, " b"]) -> dict[str, np.ndarray]:
+        """Arrays of examples ``indices`` that a batch carries beside the images and labels
+        (none here; :class:`PairSource` adds ``"noise"``)."""
+        del indices
+        return {}
+
     def batch(
         self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
-        """This host's slice of global batch ``step``: ``{"image": [b, h, w, c], "label": [b]}``.
+        """This host's slice of global batch ``step``: ``{"image": [b, h, w, c], "label": [b]}``
+        and the arrays of :meth:`read_extra`.
 
         ``b = batch_size / process_count``; images are float32 in [-1, 1], labels int32
         (zeros for an unlabelled source).
@@ -140,7 +157,7 @@ class Source(abc.ABC):
         if self.random_flip:
             flip = (_hash_bits(self.seed, epoch, indices) >> np.uint64(63)).astype(bool)
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        return {"image": images, "label": labels}
+        return {"image": images, "label": labels, **self.read_extra(indices)}
 
 
 class ArraySource(Source):
@@ -207,6 +224,128 @@ class ArraySource(Source):
             self.labels[indices] if self.labels is not None else np.zeros(len(indices), np.int32)
         )
         return self.images[indices], labels
+
+
+PAIRS_FILE = "pairs.json"
+"""The description of a directory of stored pairs (:func:`fmjax.reflow.generate_pairs`)."""
+
+
+def pair_chunk_name(index: int) -> str:
+    """The file name of chunk ``index`` of a directory of stored pairs.
+
+    Example:
+        >>> from fmjax.data import pair_chunk_name
+        >>> pair_chunk_name(3)
+        'pairs_000003.npz'
+    """
+    return f"pairs_{index:06d}.npz"
+
+
+class PairSource(Source):
+    r"""Stored pairs ``(x0, x1)`` of a trained run's ODE, as training data: the examples are
+    the samples ``x1`` and each batch also carries their noise, ``"noise"`` (``x0``).
+
+    Reads the directory that :func:`fmjax.reflow.generate_pairs` writes: ``pairs.json``
+    (:data:`PAIRS_FILE`: ``num_pairs``, ``chunk_size``, ``image_shape``, ``num_classes``) and
+    the chunks ``pairs_{i:06d}.npz`` (:func:`pair_chunk_name`) with ``x0``, ``x1`` and, for a
+    class-conditional teacher, ``labels``. Every chunk must be there: an unfinished
+    directory raises a ``ValueError`` that says how to finish it. The order is the stateless
+    one of :class:`Source` (each pair once per epoch); the pairs are not flipped, as the
+    teacher's map from noise to sample is not symmetric.
+
+    Args:
+        directory: the pairs' directory.
+        seed: the seed of the order.
+
+    Raises:
+        ValueError: for a directory without ``pairs.json``, with missing chunks, or with a
+            chunk whose arrays do not match its description.
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> import numpy as np
+        >>> from fmjax.data import PAIRS_FILE, PairSource, pair_chunk_name
+        >>> directory = pathlib.Path(tempfile.mkdtemp())
+        >>> info = {"num_pairs": 6, "chunk_size": 6, "image_shape": [8, 8, 1],
+        ...         "num_classes": None, "config": {}}
+        >>> _ = (directory / PAIRS_FILE).write_text(json.dumps(info))
+        >>> x0 = np.zeros((6, 8, 8, 1), np.float32)
+        >>> np.savez(directory / pair_chunk_name(0), x0=x0, x1=x0 + 1)
+        >>> batch = PairSource(directory).batch(step=0, batch_size=4)
+        >>> sorted(batch), batch["noise"].shape
+        (['image', 'label', 'noise'], (4, 8, 8, 1))
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, seed: int = 0):
+        super().__init__(seed=seed, random_flip=False)
+        self.directory = pathlib.Path(directory)
+        self.info = read_pairs_info(self.directory)
+        num, size = self.info["num_pairs"], self.info["chunk_size"]
+        shape = tuple(self.info["image_shape"])
+        parts = {"x0": [], "x1": [], "labels": []}
+        for index, start in enumerate(range(0, num, size)):
+            path = self.directory / pair_chunk_name(index)
+            if not path.is_file():
+                raise ValueError(
+                    f"{path} is missing: the pairs in {self.directory} are unfinished. Run the "
+                    "same `python -m experiments.reflow pairs` command again to finish them."
+                )
+            count = min(size, num - start)
+            with np.load(path, allow_pickle=False) as chunk:
+                for name in ("x0", "x1"):
+                    if chunk[name].shape != (count, *shape):
+                        raise ValueError(
+                            f"{path}: {name} has shape {chunk[name].shape}; expected "
+                            f"{(count, *shape)} (pairs.json)."
+                        )
+                    parts[name].append(np.asarray(chunk[name], np.float32))
+                if "labels" in chunk:
+                    parts["labels"].append(np.asarray(chunk["labels"], np.int32))
+        self.noise, self.images = np.concatenate(parts["x0"]), np.concatenate(parts["x1"])
+        self.num_classes = self.info.get("num_classes")
+        self.labels = np.concatenate(parts["labels"]) if parts["labels"] else None
+        if (self.labels is None) != (self.num_classes is None):
+            raise ValueError(
+                f"{self.directory}: labels must be stored exactly when pairs.json names "
+                f"num_classes (got num_classes={self.num_classes!r})."
+            )
+
+    @property
+    def num_examples(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def read(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        labels = (
+            self.labels[indices] if self.labels is not None else np.zeros(len(indices), np.int32)
+        )
+        return self.images[indices], labels
+
+    def read_extra(self, indices: Int[np.ndarray, " b"]) -> dict[str, np.ndarray]:
+        return {"noise": self.noise[indices]}
+
+
+def read_pairs_info(directory: str | os.PathLike) -> dict:
+    """The ``pairs.json`` of a directory of stored pairs, checked to hold what
+    :class:`PairSource` reads."""
+    path = pathlib.Path(directory) / PAIRS_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path} does not exist: config.data.pairs_dir must be a directory written by "
+            "`python -m experiments.reflow pairs --out=DIR`."
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    needed = ("num_pairs", "chunk_size", "image_shape", "num_classes", "config")
+    if not isinstance(info, dict) or any(k not in info for k in needed):
+        raise ValueError(f"{path} must be an object with the keys {list(needed)}.")
+    return info
 
 
 DIGITS_LEVELS = 17  # scikit-learn's digits have pixel values 0..16
@@ -501,7 +640,9 @@ def build_source(data_config, seed: int, split: str = "train") -> Source:
     """The source named by ``data_config.name``, seeded, with its options.
 
     Reads ``name``, ``random_flip``, ``data_dir`` and ``image_size`` (see
-    :func:`fmjax.configs.base_config`).
+    :func:`fmjax.configs.base_config`). ``name="pairs"`` is the :class:`PairSource` of
+    ``pairs_dir`` for the train split, and the teacher's data (as ``pairs.json`` records it)
+    for any other split.
 
     Example:
         >>> from fmjax.configs import base_config
@@ -510,6 +651,12 @@ def build_source(data_config, seed: int, split: str = "train") -> Source:
         (8, 8, 1)
     """
     name = data_config.name
+    if name == "pairs":
+        if split == "train":
+            return PairSource(data_config.pairs_dir, seed=seed)
+        # The pairs are training data only; other splits are the teacher's data.
+        teacher = read_pairs_info(data_config.pairs_dir)["config"]["data"]
+        return build_source(ml_collections.ConfigDict(teacher), seed, split)
     options = {"data_dir": data_config.data_dir, "image_size": data_config.image_size}
     if name.startswith(TFDS_PREFIX):
         factory = functools.partial(TfdsSource, name.removeprefix(TFDS_PREFIX))

@@ -31,7 +31,7 @@ from fmjax import models
 from fmjax._xla import compiler_options
 from fmjax.configs import build_intervals, build_path, make_optimizer, meanflow_guidance
 from fmjax.keys import Stream, stream_key
-from fmjax.loss import cfm_loss
+from fmjax.loss import Pairs, cfm_loss, cfm_loss_on_pairs
 from fmjax.meanflow import meanflow_loss
 
 __all__ = [
@@ -129,9 +129,12 @@ def make_train_step(
     """The jitted step ``(state, batch) -> (state, metrics)`` over ``mesh``; donates ``state``.
 
     ``batch`` is ``{"image": [B, h, w, c] float32, "label": [B] int32}``, global arrays
-    sharded over ``"data"`` (``B = config.train.batch_size``). Each device splits its rows
-    into ``accumulation_steps`` micro-batches, sums their gradients, and the mean over all
-    devices is one optimizer update. The loss is ``config.objective``'s: flow matching
+    sharded over ``"data"`` (``B = config.train.batch_size``), and for stored pairs
+    (:class:`fmjax.data.PairSource`) ``"noise"`` shaped like ``"image"``: the loss is then
+    :func:`fmjax.loss.cfm_loss_on_pairs` on ``(noise, image)`` at each example's time from
+    the config's time sampler (drawn from its key as :func:`fmjax.loss.draw_pairs` draws it).
+    Each device splits its rows into ``accumulation_steps`` micro-batches, sums their
+    gradients, and the mean over all devices is one optimizer update. The loss is ``config.objective``'s: flow matching
     (:func:`fmjax.loss.cfm_loss`) or mean flow (:func:`fmjax.meanflow.meanflow_loss`, with the
     model called as ``model(x_t, t, t_end=t_end, ...)``). ``metrics`` (replicated scalars): ``loss``,
     ``grad_norm`` (of the averaged gradient), ``lr`` (used by this update) and ``finite``
@@ -149,7 +152,14 @@ def make_train_step(
     def mean_flow_apply_fn(params, x_t, t, t_end, **kwargs):
         return model.apply({"params": params}, x_t, t, t_end=t_end, **kwargs)
 
-    def micro_loss(params, x1, labels, keys, dropout_key):
+    def pair_times(keys):
+        # The time that fmjax.loss.draw_pairs draws from each example's key (its second split).
+        def one(k):
+            return time_sampler(jax.random.split(k, 3)[1], ())
+
+        return jax.vmap(one)(jax.random.wrap_key_data(keys)).astype(jnp.float32)
+
+    def micro_loss(params, x1, labels, keys, noise, dropout_key):
         example_kwargs = {}
         if num_classes is not None:
             if label_drop > 0:
@@ -175,6 +185,19 @@ def make_train_step(
                 guidance=meanflow_guidance(config),
             )
             return loss
+        if noise is not None:  # stored pairs: the batch's noise, not a fresh draw
+            pairs = Pairs(noise, x1, pair_times(keys), jnp.arange(x1.shape[0]), None)
+            loss, _ = cfm_loss_on_pairs(
+                apply_fn,
+                params,
+                pairs,
+                path=path,
+                prediction=config.path.prediction,
+                loss_space=config.path.loss_space,
+                model_kwargs=model_kwargs,
+                example_kwargs=example_kwargs,
+            )
+            return loss
         loss, _ = cfm_loss(
             apply_fn,
             params,
@@ -195,7 +218,7 @@ def make_train_step(
         # operands, so none is emitted.
         return tree if mesh.size == 1 else jax.lax.pmean(tree, "data")
 
-    def device_step(state, x1, labels, keys):
+    def device_step(state, x1, labels, keys, noise):
         dropout_key = jax.random.fold_in(
             jax.random.fold_in(stream_key(config.seed, Stream.DROPOUT), state.step),
             jax.lax.axis_index("data"),
@@ -206,9 +229,14 @@ def make_train_step(
 
         def accumulate(carry, inputs):
             grad_sum, loss_sum = carry
-            index, x1_m, labels_m, keys_m = inputs
+            index, x1_m, labels_m, keys_m, noise_m = inputs
             loss, grads = jax.value_and_grad(micro_loss)(
-                state.params, x1_m, labels_m, keys_m, jax.random.fold_in(dropout_key, index)
+                state.params,
+                x1_m,
+                labels_m,
+                keys_m,
+                noise_m,
+                jax.random.fold_in(dropout_key, index),
             )
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
 
@@ -217,12 +245,18 @@ def make_train_step(
             # No scan for one micro-batch: XLA:CPU runs a conv net's backward pass inside a
             # while loop far slower than outside it. The scan stays for accumulation, whose
             # point is memory.
-            (grad_sum, loss_sum), _ = accumulate(zeros, (0, x1, labels, keys))
+            (grad_sum, loss_sum), _ = accumulate(zeros, (0, x1, labels, keys, noise))
         else:
             (grad_sum, loss_sum), _ = jax.lax.scan(
                 accumulate,
                 zeros,
-                (jnp.arange(accumulation), split(x1), split(labels), split(keys)),
+                (
+                    jnp.arange(accumulation),
+                    split(x1),
+                    split(labels),
+                    split(keys),
+                    jax.tree.map(split, noise),
+                ),
             )
         grads = mean_over_devices(jax.tree.map(lambda g: g / accumulation, grad_sum))
         loss = mean_over_devices(loss_sum / accumulation)
@@ -242,7 +276,8 @@ def make_train_step(
     mapped = jax.shard_map(
         device_step,
         mesh=mesh,
-        in_specs=(P(), P("data"), P("data"), P("data")),
+        # noise: P("data") as a prefix of None too (a batch without stored pairs).
+        in_specs=(P(), P("data"), P("data"), P("data"), P("data")),
         out_specs=(P(), P()),
         # Replication of the outputs is by construction (everything is pmean'd first).
         check_vma=False,
@@ -255,7 +290,7 @@ def make_train_step(
             jnp.arange(batch_size)
         )
         keys = jax.lax.with_sharding_constraint(keys, NamedSharding(mesh, P("data")))
-        return mapped(state, batch["image"], batch["label"], keys)
+        return mapped(state, batch["image"], batch["label"], keys, batch.get("noise"))
 
     # On CPU, XLA's YNNPACK fusions of matrix products only (fmjax._xla). They send reductions
     # back to XLA's own kernels, which are slow on large maps (the bias gradients and GroupNorm

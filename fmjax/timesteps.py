@@ -5,8 +5,8 @@ noise, ``t = 1`` data). :func:`fmjax.loss.cfm_loss` calls it with ``shape=()`` o
 example, so that each example's time depends only on its own key.
 
 Where a parameterisation conversion divides by :math:`\sigma_t` or :math:`\alpha_t` (see
-:class:`fmjax.paths.AffinePath`), keep ``t`` inside ``[t_min, 1 - t_min]``: both samplers here
-take ``t_min``. :func:`uniform` defaults to ``0`` (the velocity parameterisation divides by
+:class:`fmjax.paths.AffinePath`), keep ``t`` inside ``[t_min, 1 - t_min]``: :func:`uniform` and
+:func:`logit_normal` take ``t_min``. :func:`uniform` defaults to ``0`` (the velocity parameterisation divides by
 nothing); :func:`logit_normal` defaults to ``1e-4``, the clip of Meta's recipes, because a
 float32 sigmoid rounds to exactly ``0`` or ``1`` in its tails.
 """
@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["TIME_SAMPLERS", "TimeSampler", "logit_normal", "uniform", "uniform_sampler"]
+__all__ = [
+    "TIME_SAMPLERS",
+    "TimeSampler",
+    "constant",
+    "logit_normal",
+    "uniform",
+    "uniform_sampler",
+]
 
 TimeSampler = Callable[[PRNGKeyArray, Sequence[int]], Float[Array, "..."]]
 """The type of a time sampler: ``(key, shape) -> t`` with ``t`` of that shape in ``[0, 1]``."""
@@ -97,9 +104,36 @@ def uniform_sampler(*, t_min: float = 0.0) -> TimeSampler:
     return functools.partial(uniform, t_min=t_min)
 
 
+def constant(value: float = 0.0) -> TimeSampler:
+    r"""A sampler that always returns ``value``: training at one time only.
+
+    With ``value=0`` and fixed pairs ``(x0, x1)`` (:class:`fmjax.data.PairSource`) the
+    flow-matching regression is one-step distillation: the network learns
+    :math:`v(x_0, 0) \approx x_1 - x_0`, so one Euler step :math:`x_0 + v(x_0, 0)` maps noise
+    to the teacher's sample (docs/one-step.md).
+
+    Example:
+        >>> import jax
+        >>> from fmjax.timesteps import constant
+        >>> constant(0.25)(jax.random.key(0), (3,)).tolist()
+        [0.25, 0.25, 0.25]
+    """
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"constant time value must be in [0, 1]; got value={value}.")
+
+    def sample(
+        key: PRNGKeyArray, shape: Sequence[int] = (), dtype=jnp.float32
+    ) -> Float[Array, "..."]:
+        del key  # the same time for every example
+        return jnp.full(shape, value, dtype)
+
+    return sample
+
+
 TIME_SAMPLERS: dict[str, Callable[..., TimeSampler]] = {
     "uniform": uniform_sampler,
     "logit_normal": logit_normal,
+    "constant": constant,
 }
 """The named time samplers, name -> constructor (called with its keyword options, e.g.
 ``TIME_SAMPLERS["logit_normal"](mean=1.2, std=1.2)``); what ``config.path.time_sampler`` may

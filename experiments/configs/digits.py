@@ -9,6 +9,10 @@ Variants (``--config=experiments/configs/digits.py:VARIANT``):
 - ``dit``: a diffusion transformer (``dit_digits``: 2x2 patches, 6 blocks of width 96)
   instead of the U-Net (docs/transformers.md); combines with the others (``dit,quick`` checks
   it runs, with ``dit_tiny``; ``dit,meanflow`` trains it as a mean flow).
+- ``reflow`` and ``distill``: the U-Net trained on a run's stored ODE pairs
+  (``--config.data.pairs_dir=DIR`` from ``python -m experiments.reflow pairs``; start from the
+  teacher with ``--init_from=RUN``), at uniform times (reflow) or at ``t = 0`` only (one-step
+  distillation), sampled and scored with one Euler step (docs/one-step.md).
 """
 
 import ml_collections
@@ -18,12 +22,15 @@ from fmjax.configs import base_config
 
 def get_config(variant: str | None = None):
     """The digits config; ``variant`` is None (default) or comma-separated modifiers of
-    "quick", "meanflow" and "dit" (e.g. "meanflow,quick" or "dit,quick")."""
+    "quick", "meanflow", "dit", "reflow" and "distill" (e.g. "meanflow,quick" or
+    "distill,quick")."""
     parts = set() if variant is None else set(variant.split(","))
-    if parts - {"quick", "meanflow", "dit"}:
+    known = {"quick", "meanflow", "dit", "reflow", "distill"}
+    if parts - known or len(parts & {"meanflow", "reflow", "distill"}) > 1:
         raise ValueError(
             f"Unknown digits config variant {variant!r}; expected comma-separated modifiers of "
-            "'quick', 'meanflow' and 'dit' (e.g. 'meanflow,quick', 'dit,quick') or none."
+            "'quick', 'dit' and at most one of 'meanflow', 'reflow', 'distill' (e.g. "
+            "'meanflow,quick', 'dit,quick', 'distill,quick') or none."
         )
     c = base_config()
     c.model.name = "unet_digits"
@@ -59,10 +66,17 @@ def get_config(variant: str | None = None):
             interval_sampler="logit_normal", logit_mean=0.4, logit_std=1.0,
             equal_fraction=0.75, adaptive_power=1.0, sample_steps=1,
         )  # fmt: skip
+    if parts & {"reflow", "distill"}:
+        c.data.name = "pairs"  # with --config.data.pairs_dir=DIR
+        c.train.sample_solver = "euler"  # grids and scores: one Euler step
+        c.train.sample_steps = 1
+    if "distill" in parts:
+        c.path.time_sampler = "constant"  # t = 0 only: v(x0, 0) regresses x1 - x0
+        c.path.t_constant = 0.0
     if "quick" in parts:
         c.train.update(
-            num_steps=6, log_every=2, checkpoint_every=3, sample_every=6, sample_steps=2,
-            eval_every=3, eval_samples=64,
+            num_steps=6, log_every=2, checkpoint_every=3, sample_every=6,
+            sample_steps=1 if parts & {"reflow", "distill"} else 2, eval_every=3, eval_samples=64,
         )  # fmt: skip
         c.train.num_grid_samples = 16
         c.optim.schedule = "constant"  # independent of num_steps: a longer rerun reuses the compile
