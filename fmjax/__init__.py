@@ -4,7 +4,7 @@ The core re-exported here (paths, couplings, time samplers, the loss, sampling, 
 sampler, likelihoods, per-example keys, the device mesh; mean flows as ``fmjax.meanflow``)
 needs only jax, optax, diffrax, numpy and jaxtyping. The layers above it are imported on their
 own, as they need the ``train`` extra, each importing only from the layers below it: ``fmjax.models`` (Flax networks); ``fmjax.data``,
-``fmjax.images``, ``fmjax.toy2d``; ``fmjax.metrics``; ``fmjax.checkpoint``; and the engine:
+``fmjax.images``, ``fmjax.toy2d``; ``fmjax.latents``; ``fmjax.metrics``; ``fmjax.checkpoint``; and the engine:
 ``fmjax.configs``, ``fmjax.step``, ``fmjax.rundir``, ``fmjax.generate``, ``fmjax.reflow``,
 ``fmjax.train``, ``fmjax.evaluate``.
 

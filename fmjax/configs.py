@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.label_drop_prob = 0.0  # classifier-free guidance training: labels -> null label
     # name="pairs": the directory of (noise, sample) pairs that experiments.reflow wrote
     d.pairs_dir = ml_collections.config_dict.placeholder(str)
+    # name="latents": the directory of VAE posteriors that experiments.imagenet --mode=encode wrote
+    d.latents_dir = ml_collections.config_dict.placeholder(str)
 
     c.path = p = ml_collections.ConfigDict()
     p.scheduler = "condot"  # condot | cosine | linear_vp | vp | polynomial
@@ -377,6 +379,27 @@ def _check_pairs(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def _check_latents(d: ml_collections.ConfigDict) -> None:
+    """Training on stored VAE posteriors (``data.name="latents"``): their flips are stored."""
+    if d.name != "latents":
+        if d.latents_dir is not None:
+            raise ValueError(
+                f"config.data.latents_dir={d.latents_dir!r} is read only with "
+                f"config.data.name='latents'; got config.data.name={d.name!r}."
+            )
+        return
+    if not d.latents_dir:
+        raise ValueError(
+            "config.data.name='latents' needs config.data.latents_dir: the directory that "
+            "`python -m experiments.imagenet --mode=encode --workdir=DIR` wrote."
+        )
+    if d.random_flip:
+        raise ValueError(
+            "config.data.random_flip=True is not valid with config.data.name='latents': a "
+            "latent cannot be flipped; encode with flips stored as entries instead."
+        )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks a config before anything is compiled; raises ``ValueError`` naming the key.
 
@@ -498,6 +521,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if p.time_sampler == "constant" and not 0.0 <= p.t_constant <= 1.0:
         raise ValueError(f"config.path.t_constant={p.t_constant!r} must be in [0, 1].")
     _check_pairs(config)
+    _check_latents(config.data)
     if config.data.label_drop_prob > 0 and config.model.num_classes is None:
         raise ValueError(
             "config.data.label_drop_prob > 0 trains classifier-free guidance, which needs a "

@@ -17,6 +17,8 @@ Sources (all :class:`Source`: ``batch``, ``image_shape``, ``num_classes``, ``num
   ArrayRecord files (``tfds.data_source``; no TensorFlow at train time).
 - :class:`PairSource`: stored ``(noise, sample)`` pairs of a trained run (reflow and
   distillation, :mod:`fmjax.reflow`); its batches also carry ``"noise"``.
+- :class:`LatentSource`: stored VAE posteriors (:mod:`fmjax.latents`); each batch is a draw
+  from them keyed by (seed, step, example index).
 
 :func:`prefetch_batches` produces consecutive batches on a pool of threads (grain), in order.
 """
@@ -31,15 +33,20 @@ import pathlib
 import re
 from collections.abc import Callable, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 from jaxtyping import Float, Int
 
+from fmjax.keys import Stream, stream_key
+
 __all__ = [
     "DIGITS_LEVELS",
+    "LATENTS_FILE",
     "PAIRS_FILE",
     "SOURCES",
     "ArraySource",
+    "LatentSource",
     "PairSource",
     "Source",
     "TfdsSource",
@@ -47,8 +54,11 @@ __all__ = [
     "digits",
     "digits_levels",
     "global_batch_indices",
+    "latent_noise",
+    "latent_shard_name",
     "pair_chunk_name",
     "prefetch_batches",
+    "read_latents_info",
     "read_pairs_info",
 ]
 
@@ -136,6 +146,19 @@ class Source(abc.ABC):
         del indices
         return {}
 
+    def _local_indices(
+        self, step: int, batch_size: int, process_index: int, process_count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The example indices and epochs of this host's rows of global batch ``step``."""
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by process_count={process_count}."
+            )
+        indices, epoch = global_batch_indices(step, batch_size, self.num_examples, self.seed)
+        local = batch_size // process_count
+        rows = slice(process_index * local, (process_index + 1) * local)
+        return indices[rows], epoch[rows]
+
     def batch(
         self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
@@ -145,14 +168,7 @@ class Source(abc.ABC):
         ``b = batch_size / process_count``; images are float32 in [-1, 1], labels int32
         (zeros for an unlabelled source).
         """
-        if batch_size % process_count:
-            raise ValueError(
-                f"batch_size={batch_size} must be divisible by process_count={process_count}."
-            )
-        indices, epoch = global_batch_indices(step, batch_size, self.num_examples, self.seed)
-        local = batch_size // process_count
-        rows = slice(process_index * local, (process_index + 1) * local)
-        indices, epoch = indices[rows], epoch[rows]
+        indices, epoch = self._local_indices(step, batch_size, process_index, process_count)
         images, labels = self.read(indices)
         if self.random_flip:
             flip = (_hash_bits(self.seed, epoch, indices) >> np.uint64(63)).astype(bool)
@@ -346,6 +362,186 @@ def read_pairs_info(directory: str | os.PathLike) -> dict:
     if not isinstance(info, dict) or any(k not in info for k in needed):
         raise ValueError(f"{path} must be an object with the keys {list(needed)}.")
     return info
+
+
+LATENTS_FILE = "latents.json"
+"""The description of a directory of stored VAE posteriors (:func:`fmjax.latents.encode_dataset`)."""
+
+
+def latent_shard_name(index: int) -> str:
+    """The directory name of shard ``index`` of stored VAE posteriors.
+
+    Example:
+        >>> from fmjax.data import latent_shard_name
+        >>> latent_shard_name(3)
+        'shard_000003'
+    """
+    return f"shard_{index:06d}"
+
+
+def read_latents_info(directory: str | os.PathLike) -> dict:
+    """The ``latents.json`` of a directory of stored posteriors, checked to hold what
+    :class:`LatentSource` reads."""
+    path = pathlib.Path(directory) / LATENTS_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path} does not exist: config.data.latents_dir must be a directory written by "
+            "`python -m experiments.imagenet --mode=encode --workdir=DIR`."
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    needed = ("num_images", "shard_size", "flip", "latent_shape", "num_classes", "scaling_factor")
+    if not isinstance(info, dict) or any(k not in info for k in needed):
+        raise ValueError(f"{path} must be an object with the keys {list(needed)}.")
+    return info
+
+
+@functools.lru_cache(maxsize=8)
+def _latent_noise_fn(shape: tuple[int, ...]):
+    def draw(seed, step, indices):
+        key = jax.random.fold_in(stream_key(seed, Stream.LATENTS), step)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
+        return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+    return jax.jit(draw)
+
+
+def latent_noise(
+    seed: int, step: int, indices: Int[np.ndarray, " b"], shape: tuple[int, ...]
+) -> Float[np.ndarray, " b *shape"]:
+    r"""Standard normal draws :math:`\epsilon_i` of ``shape``, one per example index, from
+    ``fold_in(fold_in(stream_key(seed, LATENTS), step), index)``: a function of (seed, step,
+    example index) only, so the same on any number of devices or hosts. Computed on the CPU.
+
+    Example:
+        >>> import numpy as np
+        >>> from fmjax.data import latent_noise
+        >>> a = latent_noise(0, 5, np.array([3, 9]), (2, 2, 4))
+        >>> b = latent_noise(0, 5, np.array([9]), (2, 2, 4))
+        >>> a.shape, bool((a[1] == b[0]).all())
+        ((2, 2, 2, 4), True)
+    """
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        eps = _latent_noise_fn(tuple(shape))(
+            np.uint32(seed), np.uint32(step), np.asarray(indices, np.uint32)
+        )
+    return np.asarray(eps)
+
+
+class LatentSource(Source):
+    r"""Stored VAE posteriors as training data: example :math:`i` at step :math:`k` is the
+    draw :math:`z = s\,(\mu_i + \sigma_i\,\epsilon)`, with :math:`s` the VAE's scaling factor
+    and :math:`\epsilon` from :func:`latent_noise` ``(seed, k, i)``, as SiT and REPA train.
+
+    Reads the directory that :func:`fmjax.latents.encode_dataset` writes: ``latents.json``
+    (:data:`LATENTS_FILE`) and the shards ``shard_{i:06d}/`` (:func:`latent_shard_name`),
+    each with ``mean.npy``, ``std.npy`` and ``label.npy``, memory-mapped (nothing is loaded
+    until read). Shard ``i`` holds the images ``[i S, (i + 1) S)`` of the dataset, then (with
+    ``flip``) their horizontal flips. The order is the stateless one of :class:`Source`; no
+    flip is drawn (flips are stored entries). Every shard must be there: an unfinished
+    directory raises a ``ValueError`` that says how to finish it.
+
+    Args:
+        directory: the latents' directory.
+        seed: the seed of the order and of the draws.
+
+    Raises:
+        ValueError: for a directory without ``latents.json``, with missing shards, or with a
+            shard whose arrays do not match its description.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> import numpy as np
+        >>> from fmjax.data import LATENTS_FILE, LatentSource, latent_shard_name
+        >>> directory = pathlib.Path(tempfile.mkdtemp())
+        >>> info = {"num_images": 3, "shard_size": 4, "flip": False, "latent_shape": [2, 2, 4],
+        ...         "num_classes": 10, "scaling_factor": 0.5}
+        >>> _ = (directory / LATENTS_FILE).write_text(json.dumps(info))
+        >>> (directory / latent_shard_name(0)).mkdir()
+        >>> for name, value in (("mean", np.ones((3, 2, 2, 4))), ("std", np.zeros((3, 2, 2, 4))),
+        ...                     ("label", np.arange(3))):
+        ...     np.save(directory / latent_shard_name(0) / f"{name}.npy", value)
+        >>> batch = LatentSource(directory).batch(step=0, batch_size=2)
+        >>> batch["image"].shape, float(batch["image"].max())  # 0.5 * (1 + 0 * eps)
+        ((2, 2, 2, 4), 0.5)
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, seed: int = 0):
+        super().__init__(seed=seed, random_flip=False)
+        self.directory = pathlib.Path(directory)
+        self.info = read_latents_info(self.directory)
+        num, size = self.info["num_images"], self.info["shard_size"]
+        shape = tuple(self.info["latent_shape"])
+        copies = 2 if self.info["flip"] else 1
+        self._shards, starts = [], [0]
+        for index, start in enumerate(range(0, num, size)):
+            path = self.directory / latent_shard_name(index)
+            if not path.is_dir():
+                raise ValueError(
+                    f"{path} is missing: the latents in {self.directory} are unfinished. Run "
+                    "the same `python -m experiments.imagenet --mode=encode` command again to "
+                    "finish them."
+                )
+            count = copies * min(size, num - start)
+            arrays = {
+                n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False)
+                for n in ("mean", "std", "label")
+            }
+            for name, expected in (("mean", (count, *shape)), ("std", (count, *shape)),
+                                   ("label", (count,))):  # fmt: skip
+                if arrays[name].shape != expected:
+                    raise ValueError(
+                        f"{path}: {name} has shape {arrays[name].shape}; expected {expected} "
+                        "(latents.json)."
+                    )
+            self._shards.append(arrays)
+            starts.append(starts[-1] + count)
+        self._starts = np.asarray(starts, np.int64)
+        self.num_classes = self.info["num_classes"]
+        self.scaling_factor = float(self.info["scaling_factor"])
+
+    @property
+    def num_examples(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.info["latent_shape"])
+
+    def read_posterior(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        """The stored posterior mean and std (float32) and label (int32) of entries ``indices``."""
+        indices = np.asarray(indices, np.int64)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        mean = np.empty((len(indices), *self.image_shape), np.float32)
+        std, labels = np.empty_like(mean), np.empty(len(indices), np.int32)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            within = indices[rows] - self._starts[s]
+            arrays = self._shards[s]
+            mean[rows], std[rows] = arrays["mean"][within], arrays["std"][within]
+            labels[rows] = arrays["label"][within]
+        return mean, std, labels
+
+    def read(
+        self, indices: Int[np.ndarray, " b"]
+    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
+        """The scaled posterior means (no draw) and labels of entries ``indices``."""
+        mean, _, labels = self.read_posterior(indices)
+        return self.scaling_factor * mean, labels
+
+    def batch(
+        self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        """This host's slice of global batch ``step``: ``{"image": z, "label": [b]}`` with ``z``
+        drawn from the stored posteriors by (seed, step, example index)."""
+        indices, _ = self._local_indices(step, batch_size, process_index, process_count)
+        mean, std, labels = self.read_posterior(indices)
+        eps = latent_noise(self.seed, step, indices, self.image_shape)
+        return {"image": self.scaling_factor * (mean + std * eps), "label": labels}
 
 
 DIGITS_LEVELS = 17  # scikit-learn's digits have pixel values 0..16
@@ -544,6 +740,12 @@ class TfdsSource(Source):
     def num_examples(self) -> int:
         return len(self._examples)
 
+    def example(self, index: int) -> tuple[np.ndarray, int]:
+        """Example ``index`` as stored: its uint8 ``[h, w, c]`` image and its label (0 if
+        none), neither cropped nor resized (for :func:`fmjax.latents.encode_dataset`)."""
+        ex = self._examples[int(index)]
+        return np.asarray(ex["image"]), int(ex["label"]) if self.num_classes is not None else 0
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self._image_shape
@@ -640,7 +842,8 @@ def build_source(data_config, seed: int, split: str = "train") -> Source:
     """The source named by ``data_config.name``, seeded, with its options.
 
     Reads ``name``, ``random_flip``, ``data_dir`` and ``image_size`` (see
-    :func:`fmjax.configs.base_config`). ``name="pairs"`` is the :class:`PairSource` of
+    :func:`fmjax.configs.base_config`). ``name="latents"`` is the :class:`LatentSource` of
+    ``latents_dir`` (for every split). ``name="pairs"`` is the :class:`PairSource` of
     ``pairs_dir`` for the train split, and the teacher's data (as ``pairs.json`` records it)
     for any other split.
 
@@ -651,6 +854,8 @@ def build_source(data_config, seed: int, split: str = "train") -> Source:
         (8, 8, 1)
     """
     name = data_config.name
+    if name == "latents":
+        return LatentSource(data_config.latents_dir, seed=seed)
     if name == "pairs":
         if split == "train":
             return PairSource(data_config.pairs_dir, seed=seed)

@@ -38,6 +38,9 @@ class Stream(enum.IntEnum):
     """The digits job's dequantisation and Hutchinson draws for bits/dim."""
     FID = 11
     """The in-training FID samples."""
+    LATENTS = 12
+    """The draws from stored VAE posteriors (:class:`fmjax.data.LatentSource`; then by step,
+    example index)."""
     TOY2D_REFERENCE = 100
     """The 2-D toy job's fresh true samples for its sample distance and their floor."""
 

@@ -18,6 +18,7 @@ def test_stream_numbers_are_fixed_and_distinct():
         "DIGITS_FINAL": 8,
         "DIGITS_BPD": 9,
         "FID": 11,
+        "LATENTS": 12,
         "TOY2D_REFERENCE": 100,
     }
 
