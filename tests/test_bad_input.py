@@ -370,8 +370,9 @@ def test_a_workdir_held_by_another_run(tmp_path):
         (
             ["--config=experiments/configs/digits.py:nosuch"],
             "error: flag --config=experiments/configs/digits.py:nosuch: Unknown digits config "
-            "variant 'nosuch'; expected comma-separated modifiers of 'quick', 'meanflow' and "
-            "'dit' (e.g. 'meanflow,quick', 'dit,quick') or none.",
+            "variant 'nosuch'; expected comma-separated modifiers of 'quick', 'dit' and at most "
+            "one of 'meanflow', 'reflow', 'distill' (e.g. 'meanflow,quick', 'dit,quick', "
+            "'distill,quick') or none.",
         ),
     ],
     ids=["key_typo", "section_typo", "not_an_int", "bad_variant"],
