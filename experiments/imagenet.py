@@ -1,48 +1,106 @@
-"""ImageNet 256 in latent space: encode a tfds image dataset with the Stable Diffusion VAE.
+"""ImageNet 256 in latent space: encode a tfds image dataset with the Stable Diffusion VAE,
+train a SiT on the latents, sample and decode, and score the decoded samples by FID.
 
     python -m experiments.imagenet --mode=encode --workdir=DIR [--dataset=imagenet2012]
         [--split=train] [--data_dir=TFDS_DIR] [--vae=diffusion_pytorch_model.safetensors]
         [--image_size=256] [--shard_size=4096] [--batch_size=64] [--noflip] [--seed=0]
         [--max_shards=N] [--distributed]
+    python -m experiments.imagenet --mode=train --workdir=RUN \
+        --config=experiments/configs/imagenet.py[:sit_xl_2|sit_b_2|smoke] \
+        --config.data.latents_dir=DIR/latents [--config.vae.path=VAE.safetensors] [--distributed]
+    python -m experiments.imagenet --mode=sample --workdir=RUN [--vae=VAE.safetensors]
+        [--num_samples=64] [--guidance_scale=1.5] [--guidance_interval=0,1] [--solver=heun]
+        [--steps=50] [--torch_checkpoint=SiT-XL-2-256x256.pt]
+    python -m experiments.imagenet --mode=eval --workdir=RUN
+        --fid_stats=VIRTUAL_imagenet256_labeled.npz [--eval_samples=50000]
+        [--inception=inception.npz] [the sampling flags of --mode=sample]
 
-reads the tfds dataset (prepared as ArrayRecord, as :class:`fmjax.data.TfdsSource` reads it),
-crops every image as ADM does (:func:`fmjax.latents.center_crop_arr`), encodes it and its
-horizontal flip over every local device and writes the posteriors' mean and std with the
-labels as shards into ``DIR/latents`` (:func:`fmjax.latents.encode_dataset`). Running the same
-command again resumes an interrupted encoding. With ``--distributed`` (the same command on
-every host of a pod slice, the workdir on storage they share), process ``p`` of ``P`` encodes
-the shards ``k`` with ``k mod P = p`` on its local devices. ``--vae`` is the SD VAE's diffusers
-safetensors file (``stabilityai/sd-vae-ft-ema``), fingerprinted by its sha256; without it a
-``VAETiny`` with random weights from ``--seed`` encodes (for tests), fingerprinted by its
-parameters. Train on the result with ``config.data.name = "latents"`` and
-``config.data.latents_dir = DIR/latents`` (docs/latents.md).
+``--mode=encode`` reads the tfds dataset (prepared as ArrayRecord, as
+:class:`fmjax.data.TfdsSource` reads it), crops every image as ADM does
+(:func:`fmjax.latents.center_crop_arr`), encodes it and its horizontal flip over every local
+device and writes the posteriors' mean and std with the labels as shards into ``DIR/latents``
+(:func:`fmjax.latents.encode_dataset`). Running the same command again resumes an
+interrupted encoding. With ``--distributed`` (the same command on every host of a pod slice,
+the workdir on storage they share), process ``p`` of ``P`` encodes the shards ``k`` with ``k
+mod P = p`` on its local devices. ``--vae`` is the SD VAE's diffusers safetensors file
+(``stabilityai/sd-vae-ft-ema``), fingerprinted by its sha256; without it a ``VAETiny`` with
+random weights from ``--seed`` encodes (for tests), fingerprinted by its parameters.
+
+``--mode=train`` trains (or resumes) the run in ``--workdir`` on the latents with
+:func:`fmjax.train.train_and_evaluate`; its grids every ``config.train.sample_every`` steps
+are decoded to images (``RUN/samples/step_*.png``) by the VAE of ``config.vae`` (the SD VAE's
+``.safetensors``, or the random ``VAETiny`` of seed ``config.vae.seed`` that the latents were
+encoded with). ``--mode=sample`` samples latents from the run's EMA parameters (with
+classifier-free guidance, scale ``--guidance_scale``, 1.5 by default, only at the times of
+``--guidance_interval`` when given), divides them by the VAE's scaling factor, decodes them
+and writes ``RUN/samples/*.png`` (a grid) and ``*.npz`` (``images_uint8``, ``labels``,
+``nfe``, ...). ``--mode=eval`` scores ``--eval_samples`` decoded samples by FID against
+reference statistics in ADM's format (``VIRTUAL_imagenet256_labeled.npz``: ``mu`` and
+``sigma``, read without pickle). ``--torch_checkpoint`` samples or scores SiT's released
+checkpoint (``SiT-XL-2-256x256.pt``) instead of a run, with the config's preset.
 """
 
+import json
 import logging
+import os
 import pathlib
+from collections.abc import Callable
 
 import jax
+import ml_collections
 import numpy as np
-from absl import flags
+from absl import app, flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
 
 from experiments import common
-from fmjax import latents
-from fmjax.data import TfdsSource
+from fmjax import images, latents, models, train
+from fmjax.configs import build_model, validate
+from fmjax.data import LATENTS_FILE, TfdsSource, read_latents_info
+from fmjax.evaluate import EvalOptions
+from fmjax.generate import (
+    SAMPLERS,
+    SampleOutput,
+    SamplingOptions,
+    check_sampler,
+    class_labels,
+    generate,
+    initial_noise,
+    make_velocity,
+    solve,
+    velocity_binder,
+)
+from fmjax.keys import Stream, stream_key
+from fmjax.mesh import make_mesh
+from fmjax.metrics import fid
 from fmjax.models import SDVAE, VAETiny, load_vae_safetensors
+from fmjax.rundir import RunArtifacts, load_run
+
+__all__ = ["MODES", "build_decoder", "build_vae", "imported_network", "run"]
 
 FLAGS = flags.FLAGS
-MODES = ("encode",)
+_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "imagenet.py")
+LATENT_SHAPE = (32, 32, 4)  # the SD VAE's latents of 256x256 images
 
 
 def define_flags() -> None:
-    """The command-line flags; defined only when run as a program."""
-    flags.DEFINE_enum("mode", None, list(MODES), "What to do.")
-    flags.DEFINE_string("workdir", None, "The job's directory; the latents go to WORKDIR/latents.")
+    """The command-line flags; defined only when run as a program (or by a test, once)."""
+    if "mode" in FLAGS:
+        return
+    config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
+    flags.DEFINE_enum("mode", None, ["encode", *MODES], "What to do.")
+    flags.DEFINE_string(
+        "workdir", None, "encode: the latents go to WORKDIR/latents; else the run's directory."
+    )
     flags.DEFINE_string("dataset", "imagenet2012", "encode: a tfds image dataset name.")
     flags.DEFINE_string("split", "train", "encode: the tfds split.")
     flags.DEFINE_string("data_dir", None, "encode: where the tfds dataset is prepared.")
     flags.DEFINE_string(
-        "vae", None, "encode: the SD VAE's diffusers .safetensors (none: a random VAETiny)."
+        "vae",
+        None,
+        "The SD VAE's diffusers .safetensors (encode: none is a random VAETiny; sample/eval: "
+        "default config.vae.path).",
     )
     flags.DEFINE_integer("image_size", 256, "encode: the side of ADM's centre crops.")
     flags.DEFINE_integer("shard_size", 4096, "encode: images per shard (flips not counted).")
@@ -56,6 +114,28 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
     flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
     flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    flags.DEFINE_integer("num_samples", 64, "sample: how many samples.")
+    flags.DEFINE_enum("solver", "heun", list(SAMPLERS), "sample/eval: the ODE solver.")
+    flags.DEFINE_integer("steps", 50, "sample/eval: steps of a fixed-step solver.")
+    flags.DEFINE_enum("time_grid", "edm", ["edm", "uniform"], "sample/eval: the step grid.")
+    flags.DEFINE_float("rtol", 1e-5, "sample/eval: relative tolerance of an adaptive solver.")
+    flags.DEFINE_float("atol", 1e-5, "sample/eval: absolute tolerance of an adaptive solver.")
+    flags.DEFINE_list("labels", None, "sample: classes to cycle through (default: all).")
+    flags.DEFINE_float("guidance_scale", 1.5, "sample/eval: classifier-free guidance weight.")
+    flags.DEFINE_list(
+        "guidance_interval", None, "sample/eval: t_min,t_max (noise at t = 0): guide only there."
+    )
+    flags.DEFINE_integer("sample_seed", 0, "sample/eval: the seed of the initial noise.")
+    flags.DEFINE_integer("sample_batch_size", 250, "sample/eval: samples per ODE solve.")
+    flags.DEFINE_integer("eval_samples", 50_000, "eval: decoded samples scored by FID.")
+    flags.DEFINE_string("fid_stats", None, "eval: reference mu/sigma .npz (ADM's format).")
+    flags.DEFINE_string("inception", None, "eval: converted Inception weights (default: cache).")
+    flags.DEFINE_string(
+        "torch_checkpoint", None, "sample/eval: SiT's released checkpoint (needs PyTorch)."
+    )
+    flags.DEFINE_enum(
+        "torch_weights", "ema", list(models.TORCH_WEIGHTS), "--torch_checkpoint: which weights."
+    )
 
 
 def build_vae(path: str | None, image_size: int, seed: int):
@@ -71,6 +151,223 @@ def build_vae(path: str | None, image_size: int, seed: int):
     params = vae.init(jax.random.key(seed), np.zeros(shape, np.float32))["params"]
     weights = f"random VAETiny, seed {seed}"
     return vae, params, latents.vae_record(vae, latents.params_fingerprint(params), weights)
+
+
+def build_decoder(
+    config: ml_collections.ConfigDict, vae_path: str | None = None
+) -> Callable[[jax.Array], np.ndarray]:
+    """``decode(z) -> images``: scaled latents ``[n, h, w, 4]`` (as trained on and sampled)
+    to images ``[n, f h, f w, 3]`` in [-1, 1] (NumPy float32; ``f`` = 8 for the SD VAE),
+    sharded over this process's devices, by the VAE at ``vae_path`` (default
+    ``config.vae.path``), or the random ``VAETiny`` of seed ``config.vae.seed``.
+
+    When ``config.data.latents_dir`` holds latents, the VAE must be the one that encoded them.
+
+    Raises:
+        ValueError: for a VAE whose fingerprint differs from the one recorded with the latents.
+    """
+    path = vae_path or config.vae.path
+    recorded = None
+    if config.data.latents_dir and (pathlib.Path(config.data.latents_dir) / LATENTS_FILE).exists():
+        recorded = read_latents_info(config.data.latents_dir)
+    # Only the random VAETiny's initialisation reads the size; its parameters do not depend on it.
+    image_size = recorded["image_size"] if recorded else 16
+    vae, params, info = build_vae(path, image_size, config.vae.seed)
+    if recorded and recorded["vae"]["fingerprint"] != info["fingerprint"]:
+        raise ValueError(
+            f"The VAE {info['weights']!r} (fingerprint {info['fingerprint']}) is not the one "
+            f"that encoded {config.data.latents_dir} ({recorded['vae']['weights']!r}, "
+            f"{recorded['vae']['fingerprint']}); pass that one with --vae or config.vae."
+        )
+
+    mesh = make_mesh(jax.local_devices())
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+
+    @jax.jit
+    def apply(params, z):
+        x = vae.apply({"params": params}, z / vae.scaling_factor, method="decode")
+        return jax.numpy.clip(x.astype(jax.numpy.float32), -1.0, 1.0)
+
+    def decode(z):
+        # Sharded over the local devices, the batch padded to a multiple of their count.
+        z = np.asarray(z, np.float32)
+        count = len(z)
+        padded = -(-count // mesh.size) * mesh.size
+        z = np.concatenate([z, np.zeros((padded - count, *z.shape[1:]), z.dtype)])
+        return np.asarray(apply(params, jax.device_put(z, NamedSharding(mesh, P("data")))))[:count]
+
+    return decode
+
+
+def imported_network(
+    config: ml_collections.ConfigDict, torch_checkpoint: str | os.PathLike, weights: str = "ema"
+) -> RunArtifacts:
+    """SiT's released PyTorch checkpoint (e.g. ``SiT-XL-2-256x256.pt``, a state dict) as a
+    run of ``config``'s preset on 32x32x4 latents, converted by
+    :func:`fmjax.models.params_from_torch` with ``peer="sit"``."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.data.latents_dir is None:
+        # Sampling reads no latents; the path only satisfies the training data's check.
+        config.data.latents_dir = "unused"
+    validate(config, num_devices=jax.device_count())
+    config.data.image_shape = LATENT_SHAPE
+    model = build_model(config.model)
+    state_dict = models.load_torch_checkpoint(torch_checkpoint, source="sit", weights=weights)
+    params = models.params_from_torch(state_dict, model, LATENT_SHAPE, peer="sit")
+    return RunArtifacts(config=config, model=model, ema_params=params, step=0)
+
+
+def _grid_hook(workdir: pathlib.Path, every: int) -> train.HookFactory:
+    """In-training grids decoded to images: ``workdir/samples/step_{STEP}.png``."""
+
+    def factory(config, model, mesh):
+        del mesh
+        decode = build_decoder(config)
+        velocity = make_velocity(model, config)
+
+        def fn(step, state):
+            if jax.process_index() == 0:
+                key = stream_key(config.seed, Stream.GRID)
+                z = generate(config, velocity, state, config.train.num_grid_samples, key).x
+                x = decode(z)
+                (workdir / "samples").mkdir(parents=True, exist_ok=True)
+                path = workdir / "samples" / f"step_{step:08d}.png"
+                images.save_grid(x, path, scale=max(1, 256 // x.shape[1]))
+            return {}
+
+        details = {"decoded_grid": config.train.num_grid_samples}
+        return train.EvalHook(every=every, fn=fn, details=details)
+
+    return factory
+
+
+def _train_mode(config, workdir, options, eval_options, network, vae_path) -> train.TrainState:
+    del options, eval_options
+    if network is not None or vae_path is not None:
+        raise ValueError("--torch_checkpoint and --vae are for --mode=sample and --mode=eval.")
+    workdir = pathlib.Path(workdir)
+    every = config.train.sample_every
+    # The engine's own grids would be of latents; the hook decodes them instead.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.sample_every = 0
+    hooks = [_grid_hook(workdir, every)] if every else []
+    state = train.train_and_evaluate(config, workdir, hooks=hooks)
+    if jax.process_index() == 0:
+        print(f"Done at step {int(state.step)}; grids in {workdir / 'samples'}", flush=True)
+    return state
+
+
+def _load(workdir, network) -> RunArtifacts:
+    if jax.process_count() > 1:
+        raise ValueError("--mode=sample|eval run on one process; launch without --distributed.")
+    return network if network is not None else load_run(workdir)
+
+
+def _latent_sampler(run: RunArtifacts, options: SamplingOptions, labels):
+    """``sample(start, stop) -> (latents, nfe, success)`` of samples ``start..stop-1``."""
+    check_sampler(options, run.config)
+    bind = velocity_binder(run.model, run.config, options.guidance_scale, options.guidance_interval)
+    key = jax.random.key(options.seed)
+    shape = tuple(run.config.data.image_shape)
+
+    def sample(start, stop):
+        y = None if labels is None else jax.numpy.asarray(labels[start:stop])
+        result = solve(bind(run.ema_params, y), initial_noise(key, start, stop, shape), options)
+        return result.x, int(result.nfe), bool(result.success)
+
+    return sample
+
+
+def _sample_mode(config, workdir, options, eval_options, network, vae_path) -> SampleOutput:
+    del eval_options
+    run_ = _load(workdir, network)
+    decode = build_decoder(run_.config if network is None else config, vae_path)
+    n = options.num_samples
+    labels = class_labels(options, run_.config.model.num_classes, n)
+    sample = _latent_sampler(run_, options, labels)
+    parts, nfe, success = [], [], []
+    for start in range(0, n, options.batch_size):
+        z, count, ok = sample(start, min(start + options.batch_size, n))
+        parts.append(decode(z))
+        nfe.append(count)
+        success.append(ok)
+    x = np.concatenate(parts)
+    stem = f"sample_step{run_.step:08d}_{options.method}_n{n}_seed{options.seed}"
+    arrays = {
+        "images_uint8": images.to_uint8(x),
+        "nfe": np.asarray(nfe, np.int32),
+        "success": np.asarray(success),
+        "step": np.asarray(run_.step),
+        "seed": np.asarray(options.seed),
+    }
+    if labels is not None:
+        stem += f"_w{options.guidance_scale:g}"
+        arrays["labels"] = labels
+        arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
+        if options.guidance_interval is not None:
+            stem += "_t{:g}-{:g}".format(*options.guidance_interval)
+            arrays["guidance_interval"] = np.asarray(options.guidance_interval, np.float32)
+    out = pathlib.Path(workdir) / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    png, npz = out / f"{stem}.png", out / f"{stem}.npz"
+    images.save_grid(x, png)
+    np.savez(npz, **arrays)
+    print(f"{n} decoded samples (NFE {nfe[0]} per solve); wrote {png} and {npz}", flush=True)
+    return SampleOutput(png=png, npz=npz, nfe=nfe)
+
+
+def _eval_mode(config, workdir, options, eval_options, network, vae_path) -> dict:
+    if eval_options is None or not eval_options.num_samples:
+        raise ValueError("--mode=eval needs --eval_samples > 0 and --fid_stats.")
+    run_ = _load(workdir, network)
+    decode = build_decoder(run_.config if network is None else config, vae_path)
+    reference = fid.load_statistics(eval_options.fid_stats)
+    inception = fid.load_inception(eval_options.inception)
+    n, batch = eval_options.num_samples, options.batch_size
+    labels = class_labels(options, run_.config.model.num_classes, -(-n // batch) * batch)
+    sample = _latent_sampler(run_, options, labels)
+
+    def sample_fn(index, size):
+        return decode(sample(index * size, (index + 1) * size)[0])
+
+    result = fid.fid_of_samples(sample_fn, n, reference, inception, batch_size=batch)
+    scores = {"fid": result.fid, "num_samples": n}
+    path = pathlib.Path(workdir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**scores, "method": options.method}, indent=2))
+    print(f"FID {result.fid:.3f} of {n} decoded samples ({options.method}); wrote {path}")
+    return scores
+
+
+MODES: dict[str, Callable] = {"train": _train_mode, "sample": _sample_mode, "eval": _eval_mode}
+"""``--mode`` (besides ``encode``) -> ``fn(config, workdir, options, eval_options, network,
+vae_path)``."""
+
+
+def run(
+    config: ml_collections.ConfigDict | None,
+    workdir: str | os.PathLike,
+    mode: str = "train",
+    options: SamplingOptions = SamplingOptions(guidance_scale=1.5),
+    eval_options: EvalOptions | None = None,
+    *,
+    network: RunArtifacts | None = None,
+    vae_path: str | None = None,
+):
+    """What ``main`` does for ``--mode=train|sample|eval`` after parsing flags; ``network``
+    (:func:`imported_network`) samples or scores SiT's released model instead of a run;
+    ``vae_path`` overrides ``config.vae.path`` for decoding.
+
+    Example (tests call it in-process)::
+
+        config = get_config("smoke")
+        config.data.latents_dir = "/tmp/enc/latents"
+        run(config, "/tmp/imagenet_smoke")  # trains 2 steps
+        run(None, "/tmp/imagenet_smoke", "sample", SamplingOptions(num_samples=4, steps=2))
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r} is not valid; expected one of {sorted(MODES)}.")
+    return MODES[mode](config, workdir, options, eval_options, network, vae_path)
 
 
 def encode() -> latents.EncodeInfo:
@@ -99,8 +396,35 @@ def encode() -> latents.EncodeInfo:
     )
 
 
+def _options_from_flags() -> SamplingOptions:
+    def numbers(name, kind):
+        values = FLAGS[name].value
+        try:
+            return None if values is None else [kind(v) for v in values]
+        except ValueError:
+            raise ValueError(f"--{name}={','.join(values)} must be numbers.") from None
+
+    interval = numbers("guidance_interval", float)
+    if interval is not None and len(interval) != 2:
+        raise ValueError(f"--guidance_interval={interval} must be two numbers t_min,t_max.")
+    return SamplingOptions(
+        num_samples=FLAGS.num_samples,
+        solver=FLAGS.solver,
+        steps=FLAGS.steps,
+        time_grid=FLAGS.time_grid,
+        rtol=FLAGS.rtol,
+        atol=FLAGS.atol,
+        labels=numbers("labels", int),
+        guidance_scale=FLAGS.guidance_scale,
+        guidance_interval=None if interval is None else tuple(interval),
+        seed=FLAGS.sample_seed,
+        batch_size=FLAGS.sample_batch_size,
+    )
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.distributed:
         # Every process must join before JAX picks its backend, i.e. before any device use.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -108,12 +432,32 @@ def main(argv):
     for name in ("mode", "workdir"):
         if FLAGS[name].value is None:
             raise ValueError(f"--{name} is required (python -m experiments.imagenet --help).")
-    info = encode()
-    print(
-        f"{info.num_images} images in {info.directory} ({info.num_shards} shards, "
-        f"{info.encoded} encoded now, {info.images_per_sec:.1f} images/s); train on them with "
-        f"--config.data.name=latents --config.data.latents_dir={info.directory}",
-        flush=True,
+    if FLAGS.mode == "encode":
+        info = encode()
+        print(
+            f"{info.num_images} images in {info.directory} ({info.num_shards} shards, "
+            f"{info.encoded} encoded now, {info.images_per_sec:.1f} images/s); train on them "
+            f"with --config.data.name=latents --config.data.latents_dir={info.directory}",
+            flush=True,
+        )
+        return
+    eval_options = None
+    if FLAGS.mode == "eval":
+        eval_options = EvalOptions(
+            num_samples=FLAGS.eval_samples, fid_stats=FLAGS.fid_stats,
+            inception=FLAGS.inception, bpd_examples=0,
+        )  # fmt: skip
+    network = None
+    if FLAGS.torch_checkpoint is not None:
+        network = imported_network(FLAGS.config, FLAGS.torch_checkpoint, FLAGS.torch_weights)
+    run(
+        FLAGS.config,
+        FLAGS.workdir,
+        FLAGS.mode,
+        _options_from_flags(),
+        eval_options,
+        network=network,
+        vae_path=FLAGS.vae,
     )
 
 
