@@ -257,7 +257,7 @@ def pair_chunk_name(index: int) -> str:
     return f"pairs_{index:06d}.npz"
 
 
-class PairSource(Source):
+class PairSource(ArraySource):
     r"""Stored pairs ``(x0, x1)`` of a trained run's ODE, as training data: the examples are
     the samples ``x1`` and each batch also carries their noise, ``"noise"`` (``x0``).
 
@@ -292,7 +292,6 @@ class PairSource(Source):
     """
 
     def __init__(self, directory: str | os.PathLike, *, seed: int = 0):
-        super().__init__(seed=seed, random_flip=False)
         self.directory = pathlib.Path(directory)
         self.info = read_pairs_info(self.directory)
         num, size = self.info["num_pairs"], self.info["chunk_size"]
@@ -316,30 +315,15 @@ class PairSource(Source):
                     parts[name].append(np.asarray(chunk[name], np.float32))
                 if "labels" in chunk:
                     parts["labels"].append(np.asarray(chunk["labels"], np.int32))
-        self.noise, self.images = np.concatenate(parts["x0"]), np.concatenate(parts["x1"])
-        self.num_classes = self.info.get("num_classes")
-        self.labels = np.concatenate(parts["labels"]) if parts["labels"] else None
-        if (self.labels is None) != (self.num_classes is None):
+        num_classes = self.info.get("num_classes")
+        labels = np.concatenate(parts["labels"]) if parts["labels"] else None
+        if (labels is None) != (num_classes is None):
             raise ValueError(
                 f"{self.directory}: labels must be stored exactly when pairs.json names "
-                f"num_classes (got num_classes={self.num_classes!r})."
+                f"num_classes (got num_classes={num_classes!r})."
             )
-
-    @property
-    def num_examples(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    def read(
-        self, indices: Int[np.ndarray, " b"]
-    ) -> tuple[Float[np.ndarray, " b h w c"], Int[np.ndarray, " b"]]:
-        labels = (
-            self.labels[indices] if self.labels is not None else np.zeros(len(indices), np.int32)
-        )
-        return self.images[indices], labels
+        self.noise = np.concatenate(parts["x0"])
+        super().__init__(np.concatenate(parts["x1"]), labels, seed=seed, num_classes=num_classes)
 
     def read_extra(self, indices: Int[np.ndarray, " b"]) -> dict[str, np.ndarray]:
         return {"noise": self.noise[indices]}
