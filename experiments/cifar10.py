@@ -73,6 +73,7 @@ from fmjax import models, train
 from fmjax.configs import build_model, validate
 from fmjax.evaluate import EvalOptions, evaluate, fid_hook
 from fmjax.generate import MEAN_FLOW_SAMPLER, SAMPLERS, SampleOutput, SamplingOptions, sample_run
+from fmjax.metrics import fid
 from fmjax.rundir import RunArtifacts, load_config
 
 __all__ = ["MODES", "imported_network", "run", "train_mode"]
@@ -126,6 +127,13 @@ def define_flags() -> None:
     )
     flags.DEFINE_string(
         "inception", None, "--mode=eval: converted Inception weights (default: cache)."
+    )
+    flags.DEFINE_enum(
+        "fid_protocol",
+        None,
+        list(fid.FID_PROTOCOLS),
+        "--mode=eval: how images reach Inception (default: what --fid_stats records, else "
+        f"{fid.DEFAULT_PROTOCOL}, the original FID code's and the peers').",
     )
     flags.DEFINE_integer("bpd_examples", 10_000, "--mode=eval: test images for bits/dim (0: none).")
     flags.DEFINE_integer("bpd_draws", 1, "--mode=eval: dequantisation draws K (the paper: 50).")
@@ -309,6 +317,7 @@ def main(argv):
             num_samples=FLAGS.eval_samples,
             fid_stats=FLAGS.fid_stats,
             inception=FLAGS.inception,
+            fid_protocol=FLAGS.fid_protocol,
             bpd_examples=FLAGS.bpd_examples,
             bpd_draws=FLAGS.bpd_draws,
         )

@@ -3,7 +3,7 @@
     python -m experiments.fid convert --in=pt_inception-2015-12-05-6726825d.pth --out=inception.npz
     python -m experiments.fid download [--cache_dir=DIR]
     python -m experiments.fid stats --dataset=cifar10 [--split=train] [--weights=inception.npz] \\
-        --out=cifar10_train.npz [--data_dir=DIR] [--batch_size=256]
+        --out=cifar10_train.npz [--data_dir=DIR] [--batch_size=256] [--protocol=legacy-tensorflow]
 
 ``convert`` turns pytorch-fid's ``.pth`` weights into the pickle-free ``.npz`` that
 :func:`fmjax.metrics.fid.load_inception` reads (needs PyTorch, for this step only);
@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     stats.add_argument("--weights", default=None, help="converted .npz (default: the cache)")
     stats.add_argument("--out", required=True, help="the .npz statistics to write")
     stats.add_argument("--batch_size", type=int, default=fid.DEFAULT_BATCH_SIZE)
+    stats.add_argument(
+        "--protocol",
+        choices=fid.FID_PROTOCOLS,
+        default=fid.DEFAULT_PROTOCOL,
+        help="how images reach Inception (recorded in the file; default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -67,11 +73,13 @@ def _run_command(args: argparse.Namespace) -> None:
     elif args.command == "download":
         log.info("weights at %s", inception.download_weights(args.cache_dir))
     else:
-        features = fid.load_inception(args.weights, batch_size=args.batch_size)
+        features = fid.load_inception(
+            args.weights, batch_size=args.batch_size, protocol=args.protocol
+        )
         result = fid.dataset_statistics(args.dataset, args.split, features, data_dir=args.data_dir)
         if jax.process_index() == 0:
             fid.save_statistics(args.out, result, dataset=args.dataset, split=args.split)
-        log.info("wrote %s (%d images)", args.out, result.num_examples)
+        log.info("wrote %s (%d images, %s protocol)", args.out, result.num_examples, args.protocol)
 
 
 if __name__ == "__main__":

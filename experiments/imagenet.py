@@ -130,6 +130,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_samples", 50_000, "eval: decoded samples scored by FID.")
     flags.DEFINE_string("fid_stats", None, "eval: reference mu/sigma .npz (ADM's format).")
     flags.DEFINE_string("inception", None, "eval: converted Inception weights (default: cache).")
+    flags.DEFINE_enum(
+        "fid_protocol",
+        None,
+        list(fid.FID_PROTOCOLS),
+        "eval: how images reach Inception (default: what --fid_stats records, else "
+        f"{fid.DEFAULT_PROTOCOL}, which ADM's evaluator uses).",
+    )
     flags.DEFINE_string(
         "torch_checkpoint", None, "sample/eval: SiT's released checkpoint (needs PyTorch)."
     )
@@ -321,8 +328,9 @@ def _eval_mode(config, workdir, options, eval_options, network, vae_path) -> dic
         raise ValueError("--mode=eval needs --eval_samples > 0 and --fid_stats.")
     run_ = _load(workdir, network)
     decode = build_decoder(run_.config if network is None else config, vae_path)
-    reference = fid.load_statistics(eval_options.fid_stats)
-    inception = fid.load_inception(eval_options.inception)
+    reference, inception = fid.load_reference(
+        eval_options.fid_stats, eval_options.inception, protocol=eval_options.fid_protocol
+    )
     n, batch = eval_options.num_samples, options.batch_size
     labels = class_labels(options, run_.config.model.num_classes, -(-n // batch) * batch)
     sample = _latent_sampler(run_, options, labels)
@@ -331,7 +339,7 @@ def _eval_mode(config, workdir, options, eval_options, network, vae_path) -> dic
         return decode(sample(index * size, (index + 1) * size)[0])
 
     result = fid.fid_of_samples(sample_fn, n, reference, inception, batch_size=batch)
-    scores = {"fid": result.fid, "num_samples": n}
+    scores = {"fid": result.fid, "num_samples": n, "fid_protocol": inception.protocol}
     path = pathlib.Path(workdir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**scores, "method": options.method}, indent=2))
@@ -445,7 +453,7 @@ def main(argv):
     if FLAGS.mode == "eval":
         eval_options = EvalOptions(
             num_samples=FLAGS.eval_samples, fid_stats=FLAGS.fid_stats,
-            inception=FLAGS.inception, bpd_examples=0,
+            inception=FLAGS.inception, fid_protocol=FLAGS.fid_protocol, bpd_examples=0,
         )  # fmt: skip
     network = None
     if FLAGS.torch_checkpoint is not None:

@@ -50,6 +50,9 @@ class EvalOptions:
         fid_stats: reference statistics, from ``python -m experiments.fid stats``.
         inception: converted Inception weights (None: the cache path of
             :mod:`fmjax.metrics.inception`).
+        fid_protocol: how images reach the Inception network, one of
+            :data:`fmjax.metrics.fid.FID_PROTOCOLS` (None: the one ``fid_stats`` records,
+            else :data:`~fmjax.metrics.fid.DEFAULT_PROTOCOL`).
         bpd_examples: test-split images whose bits/dim is measured (0: none), by
             Hutchinson's estimator with dopri5 at the sampler's ``rtol``/``atol``.
         bpd_draws: uniform dequantisation draws per image (the Flow Matching paper: 50).
@@ -58,6 +61,7 @@ class EvalOptions:
     num_samples: int = 50_000
     fid_stats: str | None = None
     inception: str | None = None
+    fid_protocol: str | None = None
     bpd_examples: int = 10_000
     bpd_draws: int = 1
 
@@ -68,6 +72,11 @@ class EvalOptions:
                 raise ValueError(
                     f"--{name.replace('num_samples', 'eval_samples')}={value!r} must be >= 0."
                 )
+        if self.fid_protocol is not None and self.fid_protocol not in fid.FID_PROTOCOLS:
+            raise ValueError(
+                f"--fid_protocol={self.fid_protocol!r} is not valid; expected one of "
+                f"{list(fid.FID_PROTOCOLS)}."
+            )
         if not (isinstance(self.bpd_draws, int) and self.bpd_draws > 0):
             raise ValueError(f"--bpd_draws={self.bpd_draws!r} must be a positive integer.")
         if self.num_samples and self.fid_stats is None:
@@ -115,8 +124,12 @@ def evaluate(
                 f"--sample_batch_size={options.batch_size} must be divisible by the "
                 f"{mesh.size} devices for --mode=eval."
             )
-        inception = fid.load_inception(eval_options.inception, mesh=mesh)
-        reference = fid.load_statistics(eval_options.fid_stats)
+        reference, inception = fid.load_reference(
+            eval_options.fid_stats,
+            eval_options.inception,
+            protocol=eval_options.fid_protocol,
+            mesh=mesh,
+        )
         key = jax.random.key(options.seed)
         batch_sharding = NamedSharding(mesh, P("data"))
         image_shape = tuple(config.data.image_shape)
@@ -133,7 +146,10 @@ def evaluate(
             sample_fn, eval_options.num_samples, reference, inception, batch_size=options.batch_size
         )
         report.update(
-            fid=scored.fid, fid_samples=eval_options.num_samples, fid_nfe=float(np.mean(nfe))
+            fid=scored.fid,
+            fid_samples=eval_options.num_samples,
+            fid_nfe=float(np.mean(nfe)),
+            fid_protocol=inception.protocol,
         )
         log.info(
             "FID %.3f of %d samples, %.1f NFE per solve",
@@ -187,7 +203,8 @@ def fid_hook(
     ``train.sample_steps``), from the same noise each time (sample ``i`` from
     ``fold_in(key, i)``, so scores of different steps compare), in batches of
     ``fid.batch_size`` sharded over ``mesh``, and scored against ``fid.stats`` with the
-    Inception weights ``fid.inception`` (None: the cache). A conditional model gets labels
+    Inception weights ``fid.inception`` (None: the cache) and the protocol ``fid.protocol``
+    (None: the one the statistics record, else the default). A conditional model gets labels
     cycling through the classes (guidance weight 1). The best-scoring state is kept in
     ``workdir/checkpoints_best``; ``best.json`` records ``num_samples`` (FID is biased upwards
     by few samples, so it reads higher than a final FID of 50,000). The weights and statistics are loaded here, so a bad path
@@ -209,8 +226,9 @@ def fid_hook(
             f"config.fid.batch_size={batch_size!r} must be a positive multiple of the "
             f"{mesh.size} devices."
         )
-    inception = fid.load_inception(config.fid.inception, mesh=mesh)
-    reference = fid.load_statistics(config.fid.stats)
+    reference, inception = fid.load_reference(
+        config.fid.stats, config.fid.inception, protocol=config.fid.get("protocol"), mesh=mesh
+    )
     velocity = make_velocity(model, config)
     key = stream_key(config.seed, Stream.FID)
     sharding = NamedSharding(mesh, P("data"))

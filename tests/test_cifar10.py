@@ -229,6 +229,7 @@ def test_eval_scores_fid_against_its_own_samples_and_bits_per_dim(smoke_run, tmp
         report = cifar10.run(None, smoke_run, "eval", options, eval_options)
     assert abs(report["fid"]) < 1e-3 * np.trace(reference.sigma)
     assert report["fid_nfe"] == 4 and report["fid_samples"] == 16  # heun, 2 steps
+    assert report["fid_protocol"] == "legacy-tensorflow"
     assert np.isfinite(report["bits_per_dim"]) and report["bits_per_dim"] > 0
     assert report["bpd_examples"] == 4 and report["bpd_nfe_per_draw"] > 0
     saved = list((smoke_run / "eval").glob("*.json"))
@@ -272,3 +273,5 @@ def test_in_training_fid_needs_reference_statistics(tmp_path):
 def test_eval_needs_reference_statistics():
     with pytest.raises(ValueError, match="needs --fid_stats"):
         EvalOptions(num_samples=10)
+    with pytest.raises(ValueError, match=r"--fid_protocol='clean'.*pytorch-fid"):
+        EvalOptions(fid_stats="s.npz", fid_protocol="clean")

@@ -134,6 +134,62 @@ def test_resize_matches_torch(shape, size):
     np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_resize_tf1_hand_computed():
+    # TF1's grid: output pixel i samples i * in / out. Up 2 -> 4: 0, 0.5, 1, 1.5 (clamped to 1).
+    a, b = 1.0, 5.0
+    x = np.array([a, b], np.float32).reshape(1, 1, 2, 1)
+    up = np.asarray(fid.resize_bilinear(x, (1, 4), half_pixel_centers=False))[0, 0, :, 0]
+    np.testing.assert_allclose(up, [a, 0.5 * (a + b), b, b], rtol=1e-6)
+    # Down 4 -> 2: samples at 0 and 2, i.e. pixels themselves (the top-left anchored grid).
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    down = np.asarray(fid.resize_bilinear(x, 2, half_pixel_centers=False))[0, :, :, 0]
+    np.testing.assert_array_equal(down, [[0.0, 2.0], [8.0, 10.0]])
+
+
+def _torch_inception_inputs(torch, images_uint8_nhwc, protocol):
+    """The peers' preprocessing, in PyTorch: clean-fid's ``legacy_tensorflow`` (StyleGAN's
+    Inception detector: TF1's resize emulated by an affine grid shifted by 1/in - 1/out in
+    normalised coordinates, border padding) or pytorch-fid's (ToTensor, interpolate, 2x - 1)."""
+    F = torch.nn.functional
+    x = torch.as_tensor(np.asarray(images_uint8_nhwc)).permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    n, c, h, w = x.shape
+    if protocol == "pytorch-fid":
+        x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False)
+        return (2 * x - 1).permute(0, 2, 3, 1)
+    theta = torch.eye(2, 3)
+    theta[0, 2] += 1.0 / w - 1.0 / 299
+    theta[1, 2] += 1.0 / h - 1.0 / 299
+    grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return ((x - 128) / 128).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("protocol", fid.FID_PROTOCOLS)
+@pytest.mark.parametrize("shape", [(2, 32, 32, 3), (1, 28, 20, 1)])
+def test_inception_inputs_match_the_peers(protocol, shape):
+    torch = pytest.importorskip("torch")
+    images = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    expected = _torch_inception_inputs(torch, images, protocol).numpy()
+    got = np.asarray(fid.inception_inputs(images, protocol))
+    assert got.shape == (shape[0], 299, 299, 3)
+    # grid_sample computes its coordinates in float32 (normalised, then back): ~1e-6 pixels.
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_protocols_differ_by_the_grid_and_the_scale():
+    # On a ramp along the width, the two grids differ by (1 - in/out)/2 input pixels (TF1's
+    # samples that much further right) and the scales by 1/128 vs 2/255.
+    ramp = np.broadcast_to(np.arange(32, dtype=np.uint8) * 8, (1, 32, 32))[..., None]
+    tf1 = np.asarray(fid.inception_inputs(ramp, "legacy-tensorflow"))[0, 0, 100:110, 0]
+    torch_grid = np.asarray(fid.inception_inputs(ramp, "pytorch-fid"))[0, 0, 100:110, 0]
+    shift = 8 * 0.5 * (1 - 32 / 299)  # grey levels: the ramp rises 8 a pixel
+    np.testing.assert_allclose(tf1 * 128 + 128, (torch_grid + 1) * 127.5 + shift, atol=1e-3)
+    with pytest.raises(ValueError, match=r"protocol='clean'.*legacy-tensorflow"):
+        fid.inception_inputs(ramp, "clean")
+
+
 def test_to_uint8_inverts_tfds_scaling():
     # fmjax.data.TfdsSource maps u to u / 127.5 - 1 in float32; every u comes back exactly.
     u = np.arange(256, dtype=np.uint8)
@@ -395,10 +451,9 @@ def _torch_fid_inception(torch):
             self.fc = nn.Linear(2048, 1008)
 
         def forward(self, images_uint8_nhwc):
-            # pytorch-fid: ToTensor (/255), resize, 2x - 1, blocks 0-3, then pool3.
-            x = images_uint8_nhwc.permute(0, 3, 1, 2).float() / 255.0
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            x = 2 * x - 1
+            # clean-fid's legacy_tensorflow preprocessing, blocks 0-3, then pool3.
+            x = _torch_inception_inputs(torch, images_uint8_nhwc, "legacy-tensorflow")
+            x = x.permute(0, 3, 1, 2)
             x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
             x = F.max_pool2d(x, 3, stride=2)
             x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
@@ -440,15 +495,24 @@ def test_inception_matches_pytorch_reference(tmp_path, mesh, images):
 
 def test_statistics_file_round_trip(tmp_path):
     rng = np.random.default_rng(4)
-    stats = fid.GaussianStats.of(rng.standard_normal((10, 3)), weights="abc")
+    stats = fid.GaussianStats.of(
+        rng.standard_normal((10, 3)), weights="abc", protocol="legacy-tensorflow"
+    )
     fid.save_statistics(tmp_path / "s.npz", stats, dataset="cifar10")
     loaded = fid.load_statistics(tmp_path / "s.npz")
     np.testing.assert_array_equal(loaded.mu, stats.mu)
     np.testing.assert_array_equal(loaded.sigma, stats.sigma)
-    assert (loaded.num_examples, loaded.weights) == (10, "abc")
-    # pytorch-fid's files hold only mu and sigma.
+    assert (loaded.num_examples, loaded.weights, loaded.protocol) == (
+        10,
+        "abc",
+        "legacy-tensorflow",
+    )
+    # pytorch-fid's and clean-fid's files hold only mu and sigma: no protocol recorded.
     np.savez(tmp_path / "pt.npz", mu=stats.mu, sigma=stats.sigma)
-    assert fid.load_statistics(tmp_path / "pt.npz").num_examples == 0
+    assert fid.load_statistics(tmp_path / "pt.npz")[2:] == (0, "", "")
+    # fmjax's files from before the protocol was recorded were pytorch-fid's.
+    np.savez(tmp_path / "old.npz", mu=stats.mu, sigma=stats.sigma, num_examples=10, weights="abc")
+    assert fid.load_statistics(tmp_path / "old.npz").protocol == "pytorch-fid"
 
 
 def test_stats_command_on_mock_cifar10(tmp_path, mesh, inception):
@@ -468,8 +532,24 @@ def test_stats_command_on_mock_cifar10(tmp_path, mesh, inception):
     ref = fid.load_statistics(tmp_path / "ref.npz")
     expected = fid.GaussianStats.of(inception(np.asarray(fid.to_uint8(stored))))
     assert ref.num_examples == N_IMAGES and len(ref.weights) == 16
+    assert ref.protocol == fid.DEFAULT_PROTOCOL == "legacy-tensorflow"
     np.testing.assert_allclose(ref.mu, expected.mu, rtol=1e-6)
     np.testing.assert_allclose(ref.sigma, expected.sigma, rtol=1e-5, atol=1e-9)
+
+
+def test_load_reference_takes_the_recorded_protocol(tmp_path, inception):
+    fid_inception.save_variables(tmp_path / "w.npz", inception.variables)
+    stats = fid.GaussianStats(np.zeros(3), np.eye(3))
+    for recorded, given, expected in [
+        ("pytorch-fid", None, "pytorch-fid"),
+        ("", None, fid.DEFAULT_PROTOCOL),
+        ("", "pytorch-fid", "pytorch-fid"),
+    ]:
+        fid.save_statistics(tmp_path / "s.npz", stats._replace(protocol=recorded))
+        reference, features = fid.load_reference(
+            tmp_path / "s.npz", tmp_path / "w.npz", protocol=given, mesh=inception.mesh
+        )
+        assert (reference.protocol, features.protocol) == (recorded, expected)
 
 
 def _fake_features(images):
@@ -519,3 +599,9 @@ def test_fid_of_samples_checks_weights_and_sizes(inception):
         fid.fid_of_samples(None, 10, reference, inception_from_file, batch_size=8)
     with pytest.raises(ValueError, match="at least 2 samples"):
         fid.fid_of_samples(None, 1, reference, _fake_features, batch_size=8)
+    # Statistics of one protocol never score features of the other.
+    other = reference._replace(weights="", protocol="pytorch-fid")
+    with pytest.raises(ValueError, match=r"'pytorch-fid' FID protocol.*'legacy-tensorflow'"):
+        fid.fid_of_samples(None, 10, other, inception, batch_size=8)
+    with pytest.raises(ValueError, match=r"protocol='tf'"):
+        fid.make_inception(inception.variables, mesh=inception.mesh, protocol="tf")

@@ -159,6 +159,8 @@ def get_config(variant: str | None = None):
     c.fid = ml_collections.ConfigDict()
     c.fid.stats = ml_collections.config_dict.placeholder(str)  # `python -m experiments.fid stats`
     c.fid.inception = ml_collections.config_dict.placeholder(str)  # None: the cache
+    # fmjax.metrics.fid.FID_PROTOCOLS; None: the one fid.stats records, else legacy-tensorflow.
+    c.fid.protocol = ml_collections.config_dict.placeholder(str)
     c.fid.batch_size = 500  # samples per ODE solve; a multiple of the device count
     # How the U-Net computes attention: "xla" (every backend) or "cudnn" (cuDNN's fused
     # kernel; NVIDIA GPUs with --config.model.dtype=bfloat16; see fmjax.models.UNet).

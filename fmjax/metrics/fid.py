@@ -12,21 +12,28 @@ features:
 where the features are the 2048-d ``pool3`` activations of the 2015 TensorFlow Inception-v3
 (:class:`fmjax.metrics.inception.FIDInceptionV3`, with its weights).
 
-Preprocessing is pytorch-fid's, in its order: uint8 images ``[n, h, w, 3]`` are divided by 255,
-resized to 299 x 299 by :func:`resize_bilinear` (half-pixel centres, clamped edges, no
-antialiasing: ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``), then
-mapped to ``[-1, 1]`` by ``2x - 1``. One-channel images are repeated to three channels, as
-pytorch-fid's ``convert("RGB")`` does.
+Two protocols feed that network (``protocol``, :data:`FID_PROTOCOLS`); both take uint8 images
+``[n, h, w, 3]`` (one-channel images are repeated to three channels) and differ only in how they
+reach the network's 299 x 299 input in ``[-1, 1]``:
 
-How this differs from the TF1 code: the 2015 graph resizes with TF1's ``ResizeBilinear``
-(``align_corners=False`` *without* half-pixel centres), which samples output pixel ``i`` at input
-coordinate ``i * in / out``. That grid is anchored at the top-left corner instead of the centre,
-so the image is shifted by up to half an input pixel (about 0.45 pixels when upsampling 32 to
-299) and the right/bottom edge pixels are under-weighted. pytorch-fid's authors checked that
-their port gives the TF features on identical 299 x 299 inputs; the resize is what remains
-(clean-fid studies how much such resize choices move FID). Numbers from this module are
-therefore "pytorch-fid protocol" FIDs, the convention of most PyTorch flow-matching papers
-(torchcfm, Meta's ``flow_matching`` example).
+- ``"legacy-tensorflow"`` (the default): the 2015 graph's own preprocessing. TF1's
+  ``ResizeBilinear(align_corners=False)`` samples output pixel :math:`i` at input coordinate
+  :math:`i \cdot \mathrm{in} / \mathrm{out}` (a grid anchored at the top-left corner, not the
+  centre: :func:`resize_bilinear` with ``half_pixel_centers=False``), then
+  :math:`(x - 128) / 128`. This is what the original FID code, clean-fid's
+  ``mode="legacy_tensorflow"`` (torchcfm's ``compute_fid.py``), torch-fidelity and torchmetrics
+  (Meta's ``flow_matching`` example) and StyleGAN/EDM's Inception detector compute, so their
+  published numbers compare with fmjax's.
+- ``"pytorch-fid"``: pytorch-fid's order: divide by 255, resize with half-pixel centres
+  (``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``), then
+  :math:`2x - 1`.
+
+Upsampling 32 to 299, the two grids are :math:`\tfrac12 (1 - 32/299) \approx 0.45` input
+pixels apart (TF1's grid, anchored at the top-left corner, samples further right and down)
+and the scales differ by 0.4% (:math:`1/128` against :math:`2/255`), so the network sees
+slightly shifted, differently scaled images (clean-fid studies how much such choices move FID).
+Reference statistics record the protocol they were computed with, and :func:`fid_of_samples`
+refuses to compare across protocols.
 
 :func:`load_inception` gives the feature function of converted weights
 (:mod:`fmjax.metrics.inception` makes them), :func:`dataset_statistics` the reference
@@ -70,12 +77,16 @@ from fmjax.metrics.inception import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_PROTOCOL",
+    "FID_PROTOCOLS",
     "FIDResult",
     "GaussianStats",
     "InceptionFeatures",
     "dataset_statistics",
     "fid_of_samples",
+    "inception_inputs",
     "load_inception",
+    "load_reference",
     "load_statistics",
     "make_inception",
     "resize_bilinear",
@@ -85,15 +96,24 @@ __all__ = [
 
 DEFAULT_BATCH_SIZE = 256
 """Images per chunk of the Inception feature function, by default."""
+FID_PROTOCOLS = ("legacy-tensorflow", "pytorch-fid")
+"""How uint8 images become the network's input (see the module's docstring)."""
+DEFAULT_PROTOCOL = "legacy-tensorflow"
+"""The original FID code's preprocessing, which the peers' published numbers use."""
 
 # --- preprocessing ----------------------------------------------------------------------------
 
 
-def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """``[out, in]`` weights of 1-D linear interpolation with half-pixel centres, clamped edges."""
-    # Output pixel i samples the input at (i + 1/2) * in / out - 1/2, clamped at 0 (PyTorch's
-    # source index for align_corners=False); the upper neighbour is clamped at the last pixel.
-    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+def _interpolation_matrix(in_size: int, out_size: int, half_pixel_centers: bool) -> np.ndarray:
+    """``[out, in]`` weights of 1-D linear interpolation, clamped edges."""
+    scale = in_size / out_size
+    if half_pixel_centers:
+        # (i + 1/2) * in / out - 1/2, clamped at 0: PyTorch's source index for align_corners=False.
+        src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    else:
+        # TF1's legacy ResizeBilinear (align_corners=False): i * in / out, never negative.
+        src = np.arange(out_size) * scale
+    # The upper neighbour is clamped at the last pixel.
     lower = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     upper = np.minimum(lower + 1, in_size - 1)
     frac = src - lower
@@ -105,22 +125,34 @@ def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_bilinear(
-    images: Float[ArrayLike, " n h w c"], size: int | tuple[int, int]
+    images: Float[ArrayLike, " n h w c"],
+    size: int | tuple[int, int],
+    *,
+    half_pixel_centers: bool = True,
 ) -> Float[Array, " n out_h out_w c"]:
-    r"""Bilinear resize with half-pixel centres and no antialiasing, as pytorch-fid resizes.
+    r"""Bilinear resize without antialiasing, on either of the two grids FID code uses.
 
-    Equal (to float32 round-off) to ``torch.nn.functional.interpolate(x, size,
-    mode="bilinear", align_corners=False)`` and to TF2's ``tf.image.resize(...,
-    antialias=False)``: output pixel :math:`i` samples the input at
-    :math:`s_i = \max(0, (i + \tfrac12)\,\tfrac{\mathrm{in}}{\mathrm{out}} - \tfrac12)` and
-    interpolates linearly between pixels :math:`\lfloor s_i \rfloor` and
-    :math:`\min(\lfloor s_i \rfloor + 1, \mathrm{in} - 1)`. Each axis is one matrix product (at
-    full float32 precision), which accelerators run fast. Downsizing takes no antialiasing
-    filter, exactly like the reference.
+    Output pixel :math:`i` samples the input at :math:`s_i` and interpolates linearly between
+    pixels :math:`\lfloor s_i \rfloor` and :math:`\min(\lfloor s_i \rfloor + 1,
+    \mathrm{in} - 1)`, where
+
+    - ``half_pixel_centers=True`` (pytorch-fid):
+      :math:`s_i = \max(0, (i + \tfrac12)\,\tfrac{\mathrm{in}}{\mathrm{out}} - \tfrac12)`,
+      equal (to float32 round-off) to ``torch.nn.functional.interpolate(x, size,
+      mode="bilinear", align_corners=False)`` and TF2's ``tf.image.resize(...,
+      antialias=False)``;
+    - ``half_pixel_centers=False`` (the 2015 FID graph):
+      :math:`s_i = i\,\tfrac{\mathrm{in}}{\mathrm{out}}`, TF1's
+      ``tf.image.resize_bilinear(x, size, align_corners=False)``, which clean-fid's
+      ``legacy_tensorflow`` mode emulates with ``grid_sample``.
+
+    Each axis is one matrix product (at full float32 precision), which accelerators run fast.
+    Downsizing takes no antialiasing filter, exactly like the references.
 
     Args:
         images: float images, shape ``[n, h, w, c]``.
         size: the output side, or ``(out_h, out_w)``.
+        half_pixel_centers: which grid (above).
 
     Returns:
         The resized images, float32.
@@ -131,6 +163,8 @@ def resize_bilinear(
         >>> row = np.array([0.0, 4.0], np.float32).reshape(1, 1, 2, 1)
         >>> resize_bilinear(row, (1, 4))[0, 0, :, 0].tolist()
         [0.0, 1.0, 3.0, 4.0]
+        >>> resize_bilinear(row, (1, 4), half_pixel_centers=False)[0, 0, :, 0].tolist()
+        [0.0, 2.0, 4.0, 4.0]
     """
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
@@ -139,8 +173,8 @@ def resize_bilinear(
     _, h, w, _ = images.shape
     highest = jax.lax.Precision.HIGHEST
     if (out_h, out_w) != (h, w):
-        rows = jnp.asarray(_interpolation_matrix(h, out_h))
-        cols = jnp.asarray(_interpolation_matrix(w, out_w))
+        rows = jnp.asarray(_interpolation_matrix(h, out_h, half_pixel_centers))
+        cols = jnp.asarray(_interpolation_matrix(w, out_w, half_pixel_centers))
         images = jnp.einsum("oh,nhwc->nowc", rows, images, precision=highest)
         images = jnp.einsum("pw,nowc->nopc", cols, images, precision=highest)
     return images
@@ -166,19 +200,52 @@ def to_uint8(images: Float[ArrayLike, " *shape"]) -> UInt8[Array, " *shape"]:
 # --- features over a mesh ---------------------------------------------------------------------
 
 
-def _features(variables: PyTree, images: jax.Array, precision: Any) -> jax.Array:
+def _check_protocol(protocol: str) -> None:
+    if protocol not in FID_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not valid; expected one of {FID_PROTOCOLS}.")
+
+
+def inception_inputs(
+    images: UInt8[ArrayLike, " n h w c"], protocol: str = DEFAULT_PROTOCOL
+) -> Float[Array, " n 299 299 3"]:
+    r"""The FID network's input for uint8 images ``[n, h, w, 1 or 3]``, by ``protocol``.
+
+    ``"legacy-tensorflow"``: :math:`(R_{\mathrm{TF1}}(u) - 128) / 128`; ``"pytorch-fid"``:
+    :math:`2 R(u / 255) - 1`, where :math:`R` is :func:`resize_bilinear` to 299 x 299 on the
+    protocol's grid (the module's docstring compares them). One channel is repeated to three.
+    Jittable.
+
+    Example:
+        >>> import numpy as np
+        >>> from fmjax.metrics.fid import inception_inputs
+        >>> white = np.full((1, 32, 32, 3), 255, np.uint8)
+        >>> float(inception_inputs(white)[0, 0, 0, 0])  # (255 - 128) / 128
+        0.9921875
+        >>> float(inception_inputs(white, "pytorch-fid")[0, 0, 0, 0])
+        1.0
+    """
+    _check_protocol(protocol)
+    images = jnp.asarray(images)
     if images.shape[-1] == 1:
         images = jnp.repeat(images, 3, axis=-1)
-    x = resize_bilinear(images.astype(jnp.float32) / 255.0, INCEPTION_SIZE)
-    return FIDInceptionV3(precision=precision).apply(variables, 2.0 * x - 1.0)
+    x = images.astype(jnp.float32)
+    if protocol == "legacy-tensorflow":
+        x = resize_bilinear(x, INCEPTION_SIZE, half_pixel_centers=False)
+        return (x - 128.0) / 128.0
+    return 2.0 * resize_bilinear(x / 255.0, INCEPTION_SIZE) - 1.0
+
+
+def _features(variables: PyTree, images: jax.Array, precision: Any, protocol: str) -> jax.Array:
+    x = inception_inputs(images, protocol)
+    return FIDInceptionV3(precision=precision).apply(variables, x)
 
 
 @functools.cache
-def _sharded_features(mesh: Mesh, precision: Any) -> Callable:
+def _sharded_features(mesh: Mesh, precision: Any, protocol: str) -> Callable:
     """``(variables, uint8 [b, h, w, c]) -> [b, 2048]``, each device on its slice of the batch;
-    one compiled program per mesh, shared by every set of weights."""
+    one compiled program per mesh and protocol, shared by every set of weights."""
     per_device = jax.shard_map(
-        functools.partial(_features, precision=precision),
+        functools.partial(_features, precision=precision, protocol=protocol),
         mesh=mesh,
         in_specs=(P(), P("data")),
         out_specs=P("data"),
@@ -212,6 +279,8 @@ class InceptionFeatures:
         fingerprint: identifies the weights (sha256 prefix of the weights file; None for
             weights not read from a file), stored with reference statistics.
         precision: of the convolutions and the resize.
+        protocol: how images become the network's input, one of :data:`FID_PROTOCOLS`
+            (:func:`inception_inputs`).
     """
 
     variables: PyTree
@@ -219,6 +288,10 @@ class InceptionFeatures:
     batch_size: int
     fingerprint: str | None = None
     precision: Any = jax.lax.Precision.HIGHEST
+    protocol: str = DEFAULT_PROTOCOL
+
+    def __post_init__(self):
+        _check_protocol(self.protocol)
 
     def sharded(self, images: UInt8[Array, " b h w c"]) -> Float[Array, " b 2048"]:
         """Features of a global batch (``b`` a multiple of the device count), replicated."""
@@ -234,7 +307,7 @@ class InceptionFeatures:
             images = jax.device_put(images, sharding)
         else:
             images = _global_array(np.asarray(images), sharding)
-        return _sharded_features(self.mesh, self.precision)(self.variables, images)
+        return _sharded_features(self.mesh, self.precision, self.protocol)(self.variables, images)
 
     def __call__(self, images: UInt8[ArrayLike, " n h w c"]) -> Float[np.ndarray, " n 2048"]:
         _check_images(images)
@@ -272,6 +345,7 @@ def make_inception(
     batch_size: int = DEFAULT_BATCH_SIZE,
     fingerprint: str | None = None,
     precision: Any = jax.lax.Precision.HIGHEST,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> InceptionFeatures:
     """:class:`InceptionFeatures` for given variables (e.g.
     :func:`fmjax.metrics.inception.inception_variables` in tests).
@@ -283,7 +357,9 @@ def make_inception(
         batch_size: images per chunk, rounded up to a multiple of the device count.
         fingerprint: see :class:`InceptionFeatures`.
         precision: of the convolutions and the resize.
+        protocol: one of :data:`FID_PROTOCOLS` (:func:`inception_inputs`).
     """
+    _check_protocol(protocol)
     if mesh is None:
         mesh = make_mesh()
     if mesh.axis_names != ("data",):
@@ -294,7 +370,7 @@ def make_inception(
     variables = jax.tree.map(
         lambda v: _global_array(np.asarray(v, np.float32), replicated), variables
     )
-    return InceptionFeatures(variables, mesh, batch_size, fingerprint, precision)
+    return InceptionFeatures(variables, mesh, batch_size, fingerprint, precision, protocol)
 
 
 def load_inception(
@@ -302,9 +378,11 @@ def load_inception(
     *,
     mesh: Mesh | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> InceptionFeatures:
     """The FID feature function of converted weights (default: the cache,
-    :func:`fmjax.metrics.inception.default_weights_path`).
+    :func:`fmjax.metrics.inception.default_weights_path`), preprocessing by ``protocol``
+    (:data:`FID_PROTOCOLS`).
 
     Example::
 
@@ -313,12 +391,15 @@ def load_inception(
 
     Raises:
         ValueError: when the file is missing (the message says how to make it) or holds
-            something else.
+            something else, or for an unknown protocol.
     """
+    _check_protocol(protocol)
     path = default_weights_path() if path is None else pathlib.Path(path)
     variables = load_variables(path)
     fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return make_inception(variables, mesh=mesh, batch_size=batch_size, fingerprint=fingerprint)
+    return make_inception(
+        variables, mesh=mesh, batch_size=batch_size, fingerprint=fingerprint, protocol=protocol
+    )
 
 
 # --- statistics and FID -----------------------------------------------------------------------
@@ -332,17 +413,25 @@ class GaussianStats(NamedTuple):
         sigma: the unbiased covariance, ``[d, d]`` float64.
         num_examples: how many feature vectors were fitted (0 when unknown).
         weights: the :attr:`InceptionFeatures.fingerprint` of the network ("" when unknown).
+        protocol: the :attr:`InceptionFeatures.protocol` of the features ("" when unknown,
+            as in statistics files of other tools).
     """
 
     mu: Float[np.ndarray, " d"]
     sigma: Float[np.ndarray, " d d"]
     num_examples: int = 0
     weights: str = ""
+    protocol: str = ""
 
     @classmethod
-    def of(cls, features: Float[np.ndarray, " n d"], weights: str | None = None) -> "GaussianStats":
+    def of(
+        cls,
+        features: Float[np.ndarray, " n d"],
+        weights: str | None = None,
+        protocol: str | None = None,
+    ) -> "GaussianStats":
         mu, sigma = gaussian_statistics(features)
-        return cls(mu, sigma, len(features), weights or "")
+        return cls(mu, sigma, len(features), weights or "", protocol or "")
 
 
 def save_statistics(path: str | os.PathLike, stats: GaussianStats, **metadata: str) -> None:
@@ -356,13 +445,17 @@ def save_statistics(path: str | os.PathLike, stats: GaussianStats, **metadata: s
             sigma=stats.sigma,
             num_examples=np.int64(stats.num_examples),
             weights=np.str_(stats.weights),
+            protocol=np.str_(stats.protocol),
             **{k: np.str_(v) for k, v in metadata.items()},
         )
     os.replace(f.name, path)
 
 
 def load_statistics(path: str | os.PathLike) -> GaussianStats:
-    """Reads statistics written by :func:`save_statistics` or pytorch-fid (no pickle).
+    """Reads statistics written by :func:`save_statistics`, pytorch-fid or clean-fid (no pickle).
+
+    Files of other tools record no protocol (``protocol=""``: the caller's choice is used);
+    files of fmjax versions before protocols were recorded hold pytorch-fid's.
 
     Raises:
         ValueError: for a file without ``mu`` and ``sigma``, with an object array (which would
@@ -377,6 +470,7 @@ def load_statistics(path: str | os.PathLike) -> GaussianStats:
                 np.asarray(npz["sigma"], np.float64),
                 int(npz["num_examples"]) if "num_examples" in npz.files else 0,
                 str(npz["weights"]) if "weights" in npz.files else "",
+                _recorded_protocol(npz),
             )
     d = stats.mu.shape[0] if stats.mu.ndim == 1 else None
     if d is None or stats.sigma.shape != (d, d):
@@ -387,6 +481,45 @@ def load_statistics(path: str | os.PathLike) -> GaussianStats:
     if not (np.all(np.isfinite(stats.mu)) and np.all(np.isfinite(stats.sigma))):
         raise ValueError(f"{path} holds non-finite statistics (NaN or inf in mu or sigma).")
     return stats
+
+
+def load_reference(
+    stats: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    *,
+    protocol: str | None = None,
+    mesh: Mesh | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[GaussianStats, InceptionFeatures]:
+    """Reference statistics and the feature function that matches them.
+
+    The protocol is ``protocol`` when given, else the one the statistics record, else
+    :data:`DEFAULT_PROTOCOL` (files of other tools record none); :func:`fid_of_samples` refuses
+    a given protocol that contradicts the record.
+
+    Example::
+
+        reference, inception = load_reference("cifar10_train.npz", "inception.npz")
+        result = fid_of_samples(sample_fn, 50_000, reference, inception, batch_size=500)
+
+    Args:
+        stats: statistics (:func:`load_statistics`).
+        weights: converted Inception weights (:func:`load_inception`; None: the cache).
+        protocol: one of :data:`FID_PROTOCOLS`, or None (above).
+        mesh: as for :func:`load_inception`.
+        batch_size: as for :func:`load_inception`.
+    """
+    reference = load_statistics(stats)
+    protocol = protocol or reference.protocol or DEFAULT_PROTOCOL
+    inception = load_inception(weights, mesh=mesh, batch_size=batch_size, protocol=protocol)
+    return reference, inception
+
+
+def _recorded_protocol(npz: Any) -> str:
+    if "protocol" in npz.files:
+        return str(npz["protocol"])
+    # fmjax recorded the weights before it recorded the protocol, and then used pytorch-fid's.
+    return "pytorch-fid" if "weights" in npz.files else ""
 
 
 def _progress(iterable, total: int, desc: str):
@@ -414,7 +547,7 @@ def dataset_statistics(
     for start in _progress(starts, len(starts), f"{name}/{split}") if progress else starts:
         images, _ = source.read(np.arange(start, min(start + step, n)))
         features.append(inception(np.asarray(to_uint8(images))))
-    return GaussianStats.of(np.concatenate(features), inception.fingerprint)
+    return GaussianStats.of(np.concatenate(features), inception.fingerprint, inception.protocol)
 
 
 class FIDResult(NamedTuple):
@@ -460,7 +593,7 @@ def fid_of_samples(
 
     Raises:
         ValueError: for ``num_samples < 2``, or statistics computed with other Inception
-            weights than ``inception``'s.
+            weights or another protocol than ``inception``'s.
     """
     if num_samples < 2:
         raise ValueError(f"FID needs at least 2 samples; got num_samples={num_samples}.")
@@ -469,6 +602,13 @@ def fid_of_samples(
         raise ValueError(
             f"The reference statistics were computed with Inception weights {reference.weights}, "
             f"but the feature function uses {fingerprint}; recompute them with these weights."
+        )
+    protocol = getattr(inception, "protocol", None)
+    if reference.protocol and protocol and reference.protocol != protocol:
+        raise ValueError(
+            f"The reference statistics were computed with the {reference.protocol!r} FID "
+            f"protocol, but the feature function uses {protocol!r}; pass "
+            f"protocol={reference.protocol!r} (--fid_protocol) or recompute the statistics."
         )
     start_time = time.perf_counter()
     num_batches = -(-num_samples // batch_size)
@@ -479,7 +619,7 @@ def fid_of_samples(
         if images.shape[0] != batch_size:
             raise ValueError(f"sample_fn({index}, {batch_size}) returned {images.shape[0]} images.")
         features.append(np.asarray(inception(_to_uint8_jit(images))))
-    stats = GaussianStats.of(np.concatenate(features)[:num_samples], fingerprint)
+    stats = GaussianStats.of(np.concatenate(features)[:num_samples], fingerprint, protocol)
     fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
     return FIDResult(fid, stats, time.perf_counter() - start_time)
 
