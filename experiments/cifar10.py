@@ -135,6 +135,12 @@ def define_flags() -> None:
         "--mode=eval: how images reach Inception (default: what --fid_stats records, else "
         f"{fid.DEFAULT_PROTOCOL}, the original FID code's and the peers').",
     )
+    flags.DEFINE_enum(
+        "fid_quantize",
+        "round",
+        list(fid.QUANTIZATIONS),
+        "--mode=eval: samples to grey levels: round (torchcfm, PNGs) or floor (Meta's example).",
+    )
     flags.DEFINE_integer("bpd_examples", 10_000, "--mode=eval: test images for bits/dim (0: none).")
     flags.DEFINE_integer("bpd_draws", 1, "--mode=eval: dequantisation draws K (the paper: 50).")
     flags.DEFINE_string(
@@ -318,6 +324,7 @@ def main(argv):
             fid_stats=FLAGS.fid_stats,
             inception=FLAGS.inception,
             fid_protocol=FLAGS.fid_protocol,
+            fid_quantize=FLAGS.fid_quantize,
             bpd_examples=FLAGS.bpd_examples,
             bpd_draws=FLAGS.bpd_draws,
         )

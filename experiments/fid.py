@@ -3,7 +3,8 @@
     python -m experiments.fid convert --in=pt_inception-2015-12-05-6726825d.pth --out=inception.npz
     python -m experiments.fid download [--cache_dir=DIR]
     python -m experiments.fid stats --dataset=cifar10 [--split=train] [--weights=inception.npz] \\
-        --out=cifar10_train.npz [--data_dir=DIR] [--batch_size=256] [--protocol=legacy-tensorflow]
+        --out=cifar10_train.npz [--data_dir=DIR] [--batch_size=256] [--protocol=legacy-tensorflow] \\
+        [--flips]
 
 ``convert`` turns pytorch-fid's ``.pth`` weights into the pickle-free ``.npz`` that
 :func:`fmjax.metrics.fid.load_inception` reads (needs PyTorch, for this step only);
@@ -57,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=fid.DEFAULT_PROTOCOL,
         help="how images reach Inception (recorded in the file; default: %(default)s)",
     )
+    stats.add_argument(
+        "--flips",
+        action="store_true",
+        help="fit every image and its mirror image (Meta's example scores against flipped data)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -76,9 +82,13 @@ def _run_command(args: argparse.Namespace) -> None:
         features = fid.load_inception(
             args.weights, batch_size=args.batch_size, protocol=args.protocol
         )
-        result = fid.dataset_statistics(args.dataset, args.split, features, data_dir=args.data_dir)
+        result = fid.dataset_statistics(
+            args.dataset, args.split, features, data_dir=args.data_dir, flips=args.flips
+        )
         if jax.process_index() == 0:
-            fid.save_statistics(args.out, result, dataset=args.dataset, split=args.split)
+            fid.save_statistics(
+                args.out, result, dataset=args.dataset, split=args.split, flips=str(args.flips)
+            )
         log.info("wrote %s (%d images, %s protocol)", args.out, result.num_examples, args.protocol)
 
 

@@ -53,6 +53,8 @@ class EvalOptions:
         fid_protocol: how images reach the Inception network, one of
             :data:`fmjax.metrics.fid.FID_PROTOCOLS` (None: the one ``fid_stats`` records,
             else :data:`~fmjax.metrics.fid.DEFAULT_PROTOCOL`).
+        fid_quantize: how samples become grey levels, ``"round"`` (torchcfm, a saved PNG) or
+            ``"floor"`` (Meta's example): :func:`fmjax.metrics.fid.to_uint8`.
         bpd_examples: test-split images whose bits/dim is measured (0: none), by
             Hutchinson's estimator with dopri5 at the sampler's ``rtol``/``atol``.
         bpd_draws: uniform dequantisation draws per image (the Flow Matching paper: 50).
@@ -62,6 +64,7 @@ class EvalOptions:
     fid_stats: str | None = None
     inception: str | None = None
     fid_protocol: str | None = None
+    fid_quantize: str = "round"
     bpd_examples: int = 10_000
     bpd_draws: int = 1
 
@@ -76,6 +79,11 @@ class EvalOptions:
             raise ValueError(
                 f"--fid_protocol={self.fid_protocol!r} is not valid; expected one of "
                 f"{list(fid.FID_PROTOCOLS)}."
+            )
+        if self.fid_quantize not in fid.QUANTIZATIONS:
+            raise ValueError(
+                f"--fid_quantize={self.fid_quantize!r} is not valid; expected one of "
+                f"{list(fid.QUANTIZATIONS)}."
             )
         if not (isinstance(self.bpd_draws, int) and self.bpd_draws > 0):
             raise ValueError(f"--bpd_draws={self.bpd_draws!r} must be a positive integer.")
@@ -143,13 +151,19 @@ def evaluate(
             return result.x
 
         scored = fid.fid_of_samples(
-            sample_fn, eval_options.num_samples, reference, inception, batch_size=options.batch_size
+            sample_fn,
+            eval_options.num_samples,
+            reference,
+            inception,
+            batch_size=options.batch_size,
+            quantize=eval_options.fid_quantize,
         )
         report.update(
             fid=scored.fid,
             fid_samples=eval_options.num_samples,
             fid_nfe=float(np.mean(nfe)),
             fid_protocol=inception.protocol,
+            fid_quantize=eval_options.fid_quantize,
         )
         log.info(
             "FID %.3f of %d samples, %.1f NFE per solve",

@@ -275,3 +275,5 @@ def test_eval_needs_reference_statistics():
         EvalOptions(num_samples=10)
     with pytest.raises(ValueError, match=r"--fid_protocol='clean'.*pytorch-fid"):
         EvalOptions(fid_stats="s.npz", fid_protocol="clean")
+    with pytest.raises(ValueError, match=r"--fid_quantize='trunc'.*floor"):
+        EvalOptions(fid_stats="s.npz", fid_quantize="trunc")

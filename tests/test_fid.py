@@ -195,6 +195,13 @@ def test_to_uint8_inverts_tfds_scaling():
     u = np.arange(256, dtype=np.uint8)
     x = u.astype(np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(fid.to_uint8(x), u)
+    # Meta's floor: a quarter level above u stays u, a quarter below falls to u - 1.
+    quarter = 0.25 / 127.5
+    np.testing.assert_array_equal(fid.to_uint8(x + quarter, "floor"), u)
+    np.testing.assert_array_equal(fid.to_uint8(x[1:] - quarter, "floor"), u[1:] - 1)
+    np.testing.assert_array_equal(fid.to_uint8(x[1:] - quarter), u[1:])
+    with pytest.raises(ValueError, match=r"quantize='trunc'"):
+        fid.to_uint8(x, "trunc")
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -535,6 +542,18 @@ def test_stats_command_on_mock_cifar10(tmp_path, mesh, inception):
     assert ref.protocol == fid.DEFAULT_PROTOCOL == "legacy-tensorflow"
     np.testing.assert_allclose(ref.mu, expected.mu, rtol=1e-6)
     np.testing.assert_allclose(ref.sigma, expected.sigma, rtol=1e-5, atol=1e-9)
+    # --flips: every image and its mirror image (Meta's flipped reference, in expectation).
+    with tfds.testing.mock_data(num_examples=N_IMAGES // 2):
+        four = np.asarray(fid.to_uint8(TfdsSource("cifar10", "train").read(np.arange(4))[0]))
+        out = f"--out={tmp_path / 'flips.npz'}"
+        fid_command.main(
+            ["stats", "--dataset=cifar10", f"--weights={tmp_path / 'w.npz'}", "--flips", out]
+        )
+    flipped = fid.load_statistics(tmp_path / "flips.npz")
+    both = fid.GaussianStats.of(inception(np.concatenate([four, four[:, :, ::-1]])))
+    assert flipped.num_examples == N_IMAGES
+    np.testing.assert_allclose(flipped.mu, both.mu, rtol=1e-6)
+    np.testing.assert_allclose(flipped.sigma, both.sigma, rtol=1e-5, atol=1e-9)
 
 
 def test_load_reference_takes_the_recorded_protocol(tmp_path, inception):
@@ -583,6 +602,15 @@ def test_fid_of_samples_with_fake_features(mesh):
     assert result.fid == pytest.approx(
         frechet_distance(expected.mu, expected.sigma, reference.mu, reference.sigma)
     )
+    # Meta's quantisation (floor) scores other grey levels.
+    floored = fid.fid_of_samples(
+        sample_fn, num_samples, reference, _fake_features, batch_size=batch, progress=False,
+        quantize="floor",
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        floored.stats.mu, fid.GaussianStats.of(_fake_features(fid.to_uint8(samples, "floor"))).mu
+    )
+    assert floored.stats.mu.mean() < result.stats.mu.mean()
     # Against its own statistics, FID is zero.
     again = fid.fid_of_samples(
         sample_fn, num_samples, result.stats, _fake_features, batch_size=batch, progress=False

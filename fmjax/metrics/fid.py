@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_PROTOCOL",
     "FID_PROTOCOLS",
+    "QUANTIZATIONS",
     "FIDResult",
     "GaussianStats",
     "InceptionFeatures",
@@ -100,6 +101,9 @@ FID_PROTOCOLS = ("legacy-tensorflow", "pytorch-fid")
 """How uint8 images become the network's input (see the module's docstring)."""
 DEFAULT_PROTOCOL = "legacy-tensorflow"
 """The original FID code's preprocessing, which the peers' published numbers use."""
+QUANTIZATIONS = ("round", "floor")
+"""How :func:`to_uint8` maps samples to grey levels: to the nearest (saving a PNG, torchcfm)
+or down (Meta's ``flow_matching`` example)."""
 
 # --- preprocessing ----------------------------------------------------------------------------
 
@@ -180,21 +184,30 @@ def resize_bilinear(
     return images
 
 
-def to_uint8(images: Float[ArrayLike, " *shape"]) -> UInt8[Array, " *shape"]:
+def to_uint8(
+    images: Float[ArrayLike, " *shape"], quantize: str = "round"
+) -> UInt8[Array, " *shape"]:
     r"""Images in ``[-1, 1]`` to uint8 by :math:`\mathrm{round}((x + 1) \cdot 127.5)`, clipped.
 
     The exact inverse of :class:`fmjax.data.TfdsSource`'s scaling ``u / 127.5 - 1``, and the
-    quantisation a sample goes through when it is saved as a PNG for pytorch-fid. Jittable;
-    keeps the sharding of its input.
+    quantisation a sample goes through when it is saved as a PNG, or by torchcfm's
+    ``(x * 127.5 + 128)`` truncated. ``quantize="floor"`` takes
+    :math:`\lfloor (x + 1) \cdot 127.5 \rfloor` instead, as Meta's ``flow_matching`` example
+    does (half a grey level darker on average). Jittable; keeps the sharding of its input.
 
     Example:
         >>> import numpy as np
         >>> from fmjax.metrics.fid import to_uint8
         >>> to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])).tolist()
         [0, 128, 255, 255]
+        >>> to_uint8(np.array([-1.0, 0.0, 1.0, 2.0]), "floor").tolist()
+        [0, 127, 255, 255]
     """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not valid; expected one of {QUANTIZATIONS}.")
     x = (jnp.asarray(images, jnp.float32) + 1.0) * 127.5
-    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+    x = jnp.round(x) if quantize == "round" else jnp.floor(x)
+    return jnp.clip(x, 0, 255).astype(jnp.uint8)
 
 
 # --- features over a mesh ---------------------------------------------------------------------
@@ -537,16 +550,26 @@ def dataset_statistics(
     *,
     data_dir: str | None = None,
     progress: bool = True,
+    flips: bool = False,
 ) -> GaussianStats:
     """Inception statistics of every image of a tfds split, read by :class:`fmjax.data.TfdsSource`
-    at their stored size and mapped back to the stored uint8 exactly (:func:`to_uint8`)."""
+    at their stored size and mapped back to the stored uint8 exactly (:func:`to_uint8`).
+
+    ``flips=True`` fits the features of every image and of its mirror image: the statistics,
+    in expectation, of a set whose images are each flipped with probability 1/2, which is
+    what Meta's ``flow_matching`` example scores against (its training loader's images, under
+    ``RandomHorizontalFlip``).
+    """
     source = TfdsSource(name, split, data_dir=data_dir)
     n, step = source.num_examples, inception.batch_size
     starts = range(0, n, step)
     features = []
     for start in _progress(starts, len(starts), f"{name}/{split}") if progress else starts:
         images, _ = source.read(np.arange(start, min(start + step, n)))
-        features.append(inception(np.asarray(to_uint8(images))))
+        pixels = np.asarray(to_uint8(images))
+        features.append(inception(pixels))
+        if flips:
+            features.append(inception(np.ascontiguousarray(pixels[:, :, ::-1])))
     return GaussianStats.of(np.concatenate(features), inception.fingerprint, inception.protocol)
 
 
@@ -572,13 +595,15 @@ def fid_of_samples(
     *,
     batch_size: int,
     progress: bool = True,
+    quantize: str = "round",
 ) -> FIDResult:
     """FID of ``num_samples`` generated images against reference statistics.
 
     ``sample_fn(index, batch_size)`` returns batch number ``index`` of images in ``[-1, 1]``
     (a global array, ideally sharded over the devices; deriving its noise from
     ``fold_in(key, index)`` makes the result independent of the device count). Batches are
-    quantised to uint8 on the devices (:func:`to_uint8`, as saving PNGs would) and fed to
+    quantised to uint8 on the devices (:func:`to_uint8` by ``quantize``, one of
+    :data:`QUANTIZATIONS`; ``"round"``, as saving PNGs would) and fed to
     ``inception``; the last batch is generated whole and trimmed, so one program serves all
     batches.
 
@@ -590,13 +615,16 @@ def fid_of_samples(
         batch_size: images per ``sample_fn`` call; a multiple of the device count and at most
             ``inception.batch_size`` keeps the samples on the devices.
         progress: show a progress bar on process 0.
+        quantize: ``"round"`` or ``"floor"`` (:func:`to_uint8`).
 
     Raises:
-        ValueError: for ``num_samples < 2``, or statistics computed with other Inception
+        ValueError: for ``num_samples < 2``, an unknown ``quantize``, or statistics computed with other Inception
             weights or another protocol than ``inception``'s.
     """
     if num_samples < 2:
         raise ValueError(f"FID needs at least 2 samples; got num_samples={num_samples}.")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not valid; expected one of {QUANTIZATIONS}.")
     fingerprint = getattr(inception, "fingerprint", None)
     if reference.weights and fingerprint and reference.weights != fingerprint:
         raise ValueError(
@@ -618,10 +646,10 @@ def fid_of_samples(
         images = sample_fn(index, batch_size)
         if images.shape[0] != batch_size:
             raise ValueError(f"sample_fn({index}, {batch_size}) returned {images.shape[0]} images.")
-        features.append(np.asarray(inception(_to_uint8_jit(images))))
+        features.append(np.asarray(inception(_to_uint8_jit(images, quantize))))
     stats = GaussianStats.of(np.concatenate(features)[:num_samples], fingerprint, protocol)
     fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
     return FIDResult(fid, stats, time.perf_counter() - start_time)
 
 
-_to_uint8_jit = jax.jit(to_uint8)
+_to_uint8_jit = jax.jit(to_uint8, static_argnums=1)
