@@ -51,7 +51,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from fmjax.models.attention import attend_fused, check_attention
-from fmjax.models.embeddings import sinusoidal_embedding
+from fmjax.models.embeddings import class_labels, sinusoidal_embedding
 
 __all__ = [
     "DIT_PRESETS",
@@ -285,33 +285,6 @@ class DiT(nn.Module):
                 f"embedding) and by num_heads={self.num_heads}."
             )
 
-    def _labels(self, y: ArrayLike | None, batch: int) -> jax.Array | None:
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError(
-                    "This DiT is unconditional (num_classes=None) but got labels y; set "
-                    "num_classes to condition on classes."
-                )
-            return None
-        if y is None:
-            return jnp.full((batch,), self.num_classes, jnp.int32)
-        concrete = not isinstance(y, jax.core.Tracer)
-        dtype, shape = jnp.result_type(y), jnp.shape(y)
-        if not jnp.issubdtype(dtype, jnp.integer) or shape != (batch,):
-            raise ValueError(
-                f"Labels y must be integers of shape [batch]=({batch},); got dtype {dtype} "
-                f"and shape {shape}."
-            )
-        if concrete:
-            values = np.asarray(y)
-            bad = values[(values < 0) | (values > self.num_classes)]
-            if bad.size:
-                raise ValueError(
-                    f"Class labels must be in [0, num_classes={self.num_classes}] (the last "
-                    f"being the null label); got {bad.tolist()}."
-                )
-        return jnp.asarray(y)
-
     def _time_embedding(self, t: jax.Array, name: str) -> jax.Array:
         emb = sinusoidal_embedding(t, FREQUENCY_EMBEDDING_SIZE, scale=self.time_scale)
         d = self.hidden_size
@@ -375,7 +348,7 @@ class DiT(nn.Module):
             )
         self.check_image_shape(x_t.shape[1:])
         check_attention(self.attention, self.dtype)
-        labels = self._labels(y, batch)
+        labels = class_labels(y, self.num_classes, batch, "DiT")
         p, d, dtype = self.patch_size, self.hidden_size, self.dtype
         grid_h, grid_w = height // p, width // p
 

@@ -8,7 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from fmjax.models.initializers import embedding_init
 
@@ -96,3 +97,54 @@ class LabelEmbedding(nn.Module):
             null = (jnp.arange(rows) == self.num_classes)[:, None]
             table = jnp.where(null, jax.lax.stop_gradient(table), table)
         return jnp.take(table.astype(self.dtype), labels, axis=0)
+
+
+def class_labels(
+    y: Int[ArrayLike, " batch"] | None, num_classes: int | None, batch: int, model: str
+) -> Int[Array, " batch"] | None:
+    """A network's class labels ``y`` checked: None for an unconditional network
+    (``num_classes=None``), the null label ``num_classes`` for every example when ``y`` is
+    None, else ``y``, integers of shape ``[batch]`` in ``[0, num_classes]`` (values checked
+    when known at trace time).
+
+    Raises:
+        ValueError: for labels given to an unconditional ``model`` (its name, for the
+            message), or labels of another dtype, shape or range.
+
+    Example:
+        >>> import numpy as np
+        >>> from fmjax.models.embeddings import class_labels
+        >>> class_labels(None, 10, 2, "DiT")  # every example unconditional
+        Array([10, 10], dtype=int32)
+        >>> class_labels(np.array([3, 11]), 10, 2, "DiT")
+        Traceback (most recent call last):
+        ...
+        ValueError: Class labels must be in [0, num_classes=10] ...; got [11].
+    """
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(
+                f"This {model} is unconditional (num_classes=None) but got labels y; set "
+                "num_classes to condition on classes."
+            )
+        return None
+    if y is None:
+        return jnp.full((batch,), num_classes, jnp.int32)
+    # Checked before any jnp call: inside a trace that would turn concrete labels into
+    # tracers, and their values could no longer be read.
+    concrete = not isinstance(y, jax.core.Tracer)
+    dtype, shape = jnp.result_type(y), jnp.shape(y)
+    if not jnp.issubdtype(dtype, jnp.integer) or shape != (batch,):
+        raise ValueError(
+            f"Labels y must be integers of shape [batch]=({batch},); got dtype {dtype} "
+            f"and shape {shape}."
+        )
+    if concrete:
+        values = np.asarray(y)
+        bad = values[(values < 0) | (values > num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"Class labels must be in [0, num_classes={num_classes}] (the last being the "
+                f"null label); got {bad.tolist()}."
+            )
+    return jnp.asarray(y)

@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import ArrayLike
 
+from fmjax.models._state_dicts import check_names
 from fmjax.models.dit import DiT
 from fmjax.models.dit_params import (
     DIT_ARCHITECTURE,
@@ -364,34 +365,20 @@ def params_from_torch(
         stripped = {name: state_dict[key] for name, key in given.items()}
         state_dict = dit_state_dict(stripped, model, tuple(input_shape))
         given = {name: name for name in state_dict}
-    missing, misshaped, flat = [], [], {}
-    for leaf in leaves:
-        if leaf.torch not in given:
-            missing.append(f"{leaf.torch} {leaf.torch_shape}")
-            continue
-        value = np.asarray(state_dict[given[leaf.torch]], np.float32)
-        if value.shape != leaf.torch_shape:
-            misshaped.append(f"{leaf.torch}: got {value.shape}, expected {leaf.torch_shape}")
-            continue
-        flat[leaf.flax] = np.ascontiguousarray(leaf.to_flax(value))
-    known = {leaf.torch for leaf in leaves}
-    unexpected = sorted(given[name] for name in given if name not in known)
-    if missing or misshaped or unexpected:
-        raise ValueError(
-            f"The state dict is not the {peer} PyTorch network of this {type(model).__name__} "
-            f"configuration ({_describe(model)}): {len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(misshaped)} mis-shaped. Is the preset (and the peer, --source) "
-            "the one the checkpoint was trained with?\n"
-            + "".join(
-                f"{title}:\n  " + "\n  ".join(names) + "\n"
-                for title, names in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("mis-shaped", misshaped),
-                )
-                if names
-            ).rstrip()
+    check_names(
+        {leaf.torch: leaf.torch_shape for leaf in leaves},
+        {name: np.shape(state_dict[key]) for name, key in given.items()},
+        f"The state dict is not the {peer} PyTorch network of this {type(model).__name__} "
+        f"configuration ({_describe(model)})",
+        hint="Is the preset (and the peer, --source) the one the checkpoint was trained with?",
+        as_given=given,
+    )
+    flat = {
+        leaf.flax: np.ascontiguousarray(
+            leaf.to_flax(np.asarray(state_dict[given[leaf.torch]], np.float32))
         )
+        for leaf in leaves
+    }
     return traverse_util.unflatten_dict(flat)
 
 
@@ -431,21 +418,11 @@ def params_to_torch(
         tuple(k.key for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
     }
-    missing = [
-        f"{'/'.join(leaf.flax)} {leaf.flax_shape}" for leaf in leaves if leaf.flax not in flat
-    ]
-    misshaped = [
-        f"{'/'.join(leaf.flax)}: got {np.shape(flat[leaf.flax])}, expected {leaf.flax_shape}"
-        for leaf in leaves
-        if leaf.flax in flat and np.shape(flat[leaf.flax]) != leaf.flax_shape
-    ]
-    known = {leaf.flax for leaf in leaves}
-    unexpected = sorted("/".join(path) for path in flat if path not in known)
-    if missing or misshaped or unexpected:
-        raise ValueError(
-            f"params are not those of this {type(model).__name__} ({_describe(model)}): "
-            f"missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}."
-        )
+    check_names(
+        {"/".join(leaf.flax): leaf.flax_shape for leaf in leaves},
+        {"/".join(path): np.shape(value) for path, value in flat.items()},
+        f"params are not those of this {type(model).__name__} ({_describe(model)})",
+    )
     out = {
         leaf.torch: np.ascontiguousarray(leaf.to_torch(np.asarray(flat[leaf.flax], np.float32)))
         for leaf in leaves

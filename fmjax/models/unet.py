@@ -32,7 +32,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from fmjax.models.attention import Attention, check_attention
@@ -42,7 +41,7 @@ from fmjax.models.conv import (
     upsampled_conv_general_dilated,
 )
 from fmjax.models.dropout import dropout
-from fmjax.models.embeddings import LabelEmbedding, sinusoidal_embedding
+from fmjax.models.embeddings import LabelEmbedding, class_labels, sinusoidal_embedding
 from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS, group_norm
 from fmjax.models.initializers import bias_init, torch_kernel_init
 
@@ -308,35 +307,6 @@ class UNet(nn.Module):
                     f"(1, 2, ..., {factor})."
                 )
 
-    def _labels(self, y: ArrayLike | None, batch: int) -> jax.Array | None:
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError(
-                    "This UNet is unconditional (num_classes=None) but got labels y; "
-                    "set num_classes to condition on classes."
-                )
-            return None
-        if y is None:
-            return jnp.full((batch,), self.num_classes, jnp.int32)
-        # Checked before any jnp call: inside a trace that would turn concrete labels into
-        # tracers, and their values could no longer be read.
-        concrete = not isinstance(y, jax.core.Tracer)
-        dtype, shape = jnp.result_type(y), jnp.shape(y)
-        if not jnp.issubdtype(dtype, jnp.integer) or shape != (batch,):
-            raise ValueError(
-                f"Labels y must be integers of shape [batch]=({batch},); got dtype {dtype} "
-                f"and shape {shape}."
-            )
-        if concrete:
-            values = np.asarray(y)
-            bad = values[(values < 0) | (values > self.num_classes)]
-            if bad.size:
-                raise ValueError(
-                    f"Class labels must be in [0, num_classes={self.num_classes}] (the last "
-                    f"being the null label); got {bad.tolist()}."
-                )
-        return jnp.asarray(y)
-
     @nn.compact
     def __call__(
         self,
@@ -398,7 +368,7 @@ class UNet(nn.Module):
                 f"group_norm={self.group_norm!r} is not valid; expected one of "
                 f"{list(GROUP_NORM_IMPLEMENTATIONS)}."
             )
-        labels = self._labels(y, batch)
+        labels = class_labels(y, self.num_classes, batch, "UNet")
         dtype, groups = self.dtype, self.num_groups
         block = functools.partial(
             _ResBlock,

@@ -39,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import ArrayLike
 
+from fmjax.models._state_dicts import check_names
 from fmjax.models.vae import AutoencoderKL
 
 __all__ = [
@@ -239,35 +240,19 @@ def vae_params_from_torch(
         current = _current_name(name)
         # A deprecated name whose current twin is also there stays as given: unexpected.
         given[name if current in state_dict or current in given else current] = name
-    missing, misshaped, flat = [], [], {}
-    for path, torch, kind, shape in leaves:
-        expected = _torch_shape(kind, shape)
-        if torch not in given:
-            missing.append(f"{torch} {expected}")
-            continue
-        value = np.asarray(state_dict[given[torch]], np.float32)
-        if value.shape != expected:
-            misshaped.append(f"{given[torch]}: got {value.shape}, expected {expected}")
-            continue
-        flat[path] = np.ascontiguousarray(_to_flax(kind, value))
-    known = {leaf[1] for leaf in leaves}
-    unexpected = sorted(given[name] for name in given if name not in known)
-    if missing or misshaped or unexpected:
-        raise ValueError(
-            f"The state dict is not diffusers' AutoencoderKL of this configuration "
-            f"({_describe(model)}, in_channels={in_channels}): {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped. Is the preset the "
-            "one the checkpoint was trained with (SDVAE for stabilityai/sd-vae-ft-*)?\n"
-            + "".join(
-                f"{title}:\n  " + "\n  ".join(names) + "\n"
-                for title, names in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("mis-shaped", misshaped),
-                )
-                if names
-            ).rstrip()
-        )
+    check_names(
+        {torch: _torch_shape(kind, shape) for _, torch, kind, shape in leaves},
+        {name: np.shape(state_dict[key]) for name, key in given.items()},
+        f"The state dict is not diffusers' AutoencoderKL of this configuration "
+        f"({_describe(model)}, in_channels={in_channels})",
+        hint="Is the preset the one the checkpoint was trained with (SDVAE for "
+        "stabilityai/sd-vae-ft-*)?",
+        as_given=given,
+    )
+    flat = {
+        path: np.ascontiguousarray(_to_flax(kind, np.asarray(state_dict[given[torch]], np.float32)))
+        for path, torch, kind, _ in leaves
+    }
     return traverse_util.unflatten_dict(flat)
 
 
@@ -289,20 +274,12 @@ def vae_params_to_torch(
         tuple(k.key for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
     }
-    missing = [f"{'/'.join(path)} {shape}" for path, _, _, shape in leaves if path not in flat]
-    misshaped = [
-        f"{'/'.join(path)}: got {np.shape(flat[path])}, expected {shape}"
-        for path, _, _, shape in leaves
-        if path in flat and np.shape(flat[path]) != shape
-    ]
-    known = {leaf[0] for leaf in leaves}
-    unexpected = sorted("/".join(path) for path in flat if path not in known)
-    if missing or misshaped or unexpected:
-        raise ValueError(
-            f"params are not those of this AutoencoderKL ({_describe(model)}, in_channels="
-            f"{in_channels}): missing {missing}, unexpected {unexpected}, mis-shaped "
-            f"{misshaped}."
-        )
+    check_names(
+        {"/".join(path): shape for path, _, _, shape in leaves},
+        {"/".join(path): np.shape(value) for path, value in flat.items()},
+        f"params are not those of this AutoencoderKL ({_describe(model)}, in_channels="
+        f"{in_channels})",
+    )
     return {
         torch: np.ascontiguousarray(_to_torch(kind, np.asarray(flat[path], np.float32)))
         for path, torch, kind, _ in leaves
