@@ -72,7 +72,7 @@ from experiments import common
 from fmjax import models, train
 from fmjax.configs import build_model, validate
 from fmjax.evaluate import EvalOptions, evaluate, fid_hook
-from fmjax.generate import MEAN_FLOW_SAMPLER, SAMPLERS, SampleOutput, SamplingOptions, sample_run
+from fmjax.generate import MEAN_FLOW_SAMPLER, SampleOutput, SamplingOptions, sample_run
 from fmjax.metrics import fid
 from fmjax.rundir import RunArtifacts, load_config
 
@@ -96,31 +96,7 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
     flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
     flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
-    flags.DEFINE_integer("num_samples", 64, "--mode=sample: how many samples.")
-    flags.DEFINE_enum(
-        "solver",
-        "heun",
-        list(SAMPLERS),
-        "--mode=sample: the ODE solver, or meanflow: a mean-flow run's jumps (its default).",
-    )
-    flags.DEFINE_integer(
-        "steps", 50, "--mode=sample: steps of a fixed-step solver (jumps of meanflow: default 1)."
-    )
-    flags.DEFINE_enum(
-        "time_grid", "edm", ["edm", "uniform"], "--mode=sample: the grid of a fixed-step solver."
-    )
-    flags.DEFINE_float("rtol", 1e-5, "--mode=sample: relative tolerance of an adaptive solver.")
-    flags.DEFINE_float("atol", 1e-5, "--mode=sample: absolute tolerance of an adaptive solver.")
-    flags.DEFINE_list("labels", None, "--mode=sample, conditional runs: classes to cycle through.")
-    flags.DEFINE_float("guidance_scale", 1.0, "--mode=sample: classifier-free guidance weight w.")
-    flags.DEFINE_list(
-        "guidance_interval",
-        None,
-        "--mode=sample: t_min,t_max (noise at t = 0): guide only at these times, e.g. 0.3,1.0 "
-        "(REPA's guidance_high=0.7).",
-    )
-    flags.DEFINE_integer("sample_seed", 0, "--mode=sample: the seed of the initial noise.")
-    flags.DEFINE_integer("sample_batch_size", 500, "--mode=sample: samples per ODE solve.")
+    common.define_sampling_flags("--mode=sample|eval", guidance_scale=1.0, batch_size=500)
     flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
     flags.DEFINE_string(
         "fid_stats", None, "--mode=eval: reference statistics (python -m experiments.fid stats)."
@@ -278,37 +254,6 @@ def run(
     return MODES[mode](config, workdir, options, eval_options, network)
 
 
-def _options_from_flags() -> SamplingOptions:
-    solver, steps = FLAGS.solver, FLAGS.steps
-    if solver == MEAN_FLOW_SAMPLER and not FLAGS["steps"].present:
-        steps = 1
-    try:
-        labels = None if FLAGS.labels is None else [int(label) for label in FLAGS.labels]
-    except ValueError:
-        raise ValueError(f"--labels={','.join(FLAGS.labels)} must be integers.") from None
-    interval = FLAGS.guidance_interval
-    if interval is not None:
-        try:
-            interval = tuple(float(end) for end in interval)
-        except ValueError:
-            raise ValueError(
-                f"--guidance_interval={','.join(interval)} must be two numbers t_min,t_max."
-            ) from None
-    return SamplingOptions(
-        num_samples=FLAGS.num_samples,
-        solver=solver,
-        steps=steps,
-        time_grid=FLAGS.time_grid,
-        rtol=FLAGS.rtol,
-        atol=FLAGS.atol,
-        labels=labels,
-        guidance_scale=FLAGS.guidance_scale,
-        guidance_interval=interval,
-        seed=FLAGS.sample_seed,
-        batch_size=FLAGS.sample_batch_size,
-    )
-
-
 def main(argv):
     """Parses nothing itself: absl has parsed the flags; runs :func:`run`."""
     if len(argv) > 1:
@@ -337,7 +282,7 @@ def main(argv):
             torch_source=FLAGS.torch_source,
             torch_weights=FLAGS.torch_weights,
         )
-    options = _options_from_flags()
+    options = common.sampling_options()
     if FLAGS.mode != "train" and not FLAGS["solver"].present:
         # A mean-flow run samples with its jumps (once, unless --steps says otherwise).
         sampled = network.config if network else load_config(FLAGS.workdir)

@@ -26,7 +26,9 @@ import jax
 from absl import app, flags
 
 from fmjax import configs
+from fmjax.generate import MEAN_FLOW_SAMPLER, SAMPLERS, SamplingOptions
 from fmjax.rundir import LOCK_FILE, WorkdirBusyError
+from fmjax.sde import DIFFUSIONS, LAST_STEPS, SDE_SOLVERS
 
 FLAGS = flags.FLAGS
 
@@ -417,4 +419,96 @@ def run(
     app.run(
         user_errors_exit(main),
         flags_parser=functools.partial(parse_flags, config_flag=config_flag),
+    )
+
+
+def define_sampling_flags(when: str, *, guidance_scale: float, batch_size: int) -> None:
+    """The flags of :class:`fmjax.generate.SamplingOptions` (read back by
+    :func:`sampling_options`); ``when`` starts their help (e.g. ``"--mode=sample|eval"``)."""
+    flags.DEFINE_integer("num_samples", 64, f"{when}: how many samples (--mode=sample).")
+    flags.DEFINE_enum(
+        "solver",
+        "heun",
+        list(SAMPLERS),
+        f"{when}: an ODE solver; sde: the SDE with the flow's marginals (the --sde_* flags); "
+        "meanflow: a mean-flow run's jumps (its default).",
+    )
+    flags.DEFINE_integer(
+        "steps", 50, f"{when}: steps of a fixed-step solver or of sde (jumps of meanflow: 1)."
+    )
+    flags.DEFINE_enum(
+        "time_grid", "edm", ["edm", "uniform"], f"{when}: the grid of a fixed-step ODE solver."
+    )
+    flags.DEFINE_float("rtol", 1e-5, f"{when}: relative tolerance of an adaptive solver.")
+    flags.DEFINE_float("atol", 1e-5, f"{when}: absolute tolerance of an adaptive solver.")
+    flags.DEFINE_enum("sde_solver", "euler", list(SDE_SOLVERS), f"{when}: sde's stepper.")
+    flags.DEFINE_enum(
+        "sde_diffusion", "sigma", list(DIFFUSIONS), f"{when}: sde's diffusion w_t (SiT: sigma)."
+    )
+    flags.DEFINE_float("sde_diffusion_norm", 1.0, f"{when}: sde's diffusion scale (0: the ODE).")
+    flags.DEFINE_enum("sde_last_step", "mean", list(LAST_STEPS), f"{when}: sde's last step.")
+    flags.DEFINE_float(
+        "sde_last_step_size", None, f"{when}: sde's last step size (SiT: 0.04; default: h)."
+    )
+    flags.DEFINE_list("labels", None, f"{when}, conditional runs: classes to cycle through.")
+    flags.DEFINE_float(
+        "guidance_scale", guidance_scale, f"{when}: classifier-free guidance weight w."
+    )
+    flags.DEFINE_list(
+        "guidance_interval",
+        None,
+        f"{when}: t_min,t_max (noise at t = 0): guide only at these times, e.g. 0.3,1.0 "
+        "(REPA's guidance_high=0.7).",
+    )
+    flags.DEFINE_integer(
+        "guidance_channels",
+        None,
+        f"{when}: guide only the first this many channels (SiT's released sampler: 3).",
+    )
+    flags.DEFINE_integer("sample_seed", 0, f"{when}: the seed of the noise (sample i: i-th key).")
+    flags.DEFINE_integer("sample_batch_size", batch_size, f"{when}: samples per solve.")
+
+
+def sampling_options() -> SamplingOptions:
+    """:class:`fmjax.generate.SamplingOptions` from :func:`define_sampling_flags`' flags; a
+    ``--solver=meanflow`` without ``--steps`` jumps once.
+
+    Raises:
+        ValueError: for labels that are not integers or an interval that is not two numbers.
+    """
+
+    def numbers(name, kind, what):
+        values = FLAGS[name].value
+        try:
+            parsed = None if values is None else tuple(kind(v) for v in values)
+        except ValueError:
+            parsed = ()
+        if parsed is not None and (
+            not parsed or (name == "guidance_interval" and len(parsed) != 2)
+        ):
+            raise ValueError(f"--{name}={','.join(values)} must be {what}.")
+        return parsed
+
+    interval = numbers("guidance_interval", float, "two numbers t_min,t_max")
+    steps = FLAGS.steps
+    if FLAGS.solver == MEAN_FLOW_SAMPLER and not FLAGS["steps"].present:
+        steps = 1
+    return SamplingOptions(
+        num_samples=FLAGS.num_samples,
+        solver=FLAGS.solver,
+        steps=steps,
+        time_grid=FLAGS.time_grid,
+        rtol=FLAGS.rtol,
+        atol=FLAGS.atol,
+        labels=numbers("labels", int, "integers"),
+        guidance_scale=FLAGS.guidance_scale,
+        guidance_interval=interval,
+        guidance_channels=FLAGS.guidance_channels,
+        sde_solver=FLAGS.sde_solver,
+        sde_diffusion=FLAGS.sde_diffusion,
+        sde_diffusion_norm=FLAGS.sde_diffusion_norm,
+        sde_last_step=FLAGS.sde_last_step,
+        sde_last_step_size=FLAGS.sde_last_step_size,
+        seed=FLAGS.sample_seed,
+        batch_size=FLAGS.sample_batch_size,
     )

@@ -10,7 +10,8 @@ train a SiT on the latents, sample and decode, and score the decoded samples by 
         --config.data.latents_dir=DIR/latents [--config.vae.path=VAE.safetensors] [--distributed]
     python -m experiments.imagenet --mode=sample --workdir=RUN [--vae=VAE.safetensors]
         [--num_samples=64] [--guidance_scale=1.5] [--guidance_interval=0,1] [--solver=heun]
-        [--steps=50] [--torch_checkpoint=SiT-XL-2-256x256.pt]
+        [--steps=50] [--torch_checkpoint=SiT-XL-2-256x256.pt] [--guidance_channels=3
+        --solver=sde --steps=250 --sde_last_step_size=0.04: SiT's released sampler]
     python -m experiments.imagenet --mode=eval --workdir=RUN
         --fid_stats=VIRTUAL_imagenet256_labeled.npz [--eval_samples=50000]
         [--inception=inception.npz] [the sampling flags of --mode=sample]
@@ -56,11 +57,10 @@ from ml_collections import config_flags
 
 from experiments import common
 from fmjax import images, latents, models, train
-from fmjax.configs import build_model, validate
+from fmjax.configs import build_model, build_path, validate
 from fmjax.data import LATENTS_FILE, TfdsSource, read_latents_info
 from fmjax.evaluate import EvalOptions
 from fmjax.generate import (
-    SAMPLERS,
     SampleOutput,
     SamplingOptions,
     check_sampler,
@@ -68,8 +68,10 @@ from fmjax.generate import (
     generate,
     initial_noise,
     make_velocity,
+    sample_record,
     solve,
     velocity_binder,
+    write_npz,
 )
 from fmjax.keys import Stream, stream_key
 from fmjax.mesh import make_mesh
@@ -114,19 +116,7 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
     flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
     flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
-    flags.DEFINE_integer("num_samples", 64, "sample: how many samples.")
-    flags.DEFINE_enum("solver", "heun", list(SAMPLERS), "sample/eval: the ODE solver.")
-    flags.DEFINE_integer("steps", 50, "sample/eval: steps of a fixed-step solver.")
-    flags.DEFINE_enum("time_grid", "edm", ["edm", "uniform"], "sample/eval: the step grid.")
-    flags.DEFINE_float("rtol", 1e-5, "sample/eval: relative tolerance of an adaptive solver.")
-    flags.DEFINE_float("atol", 1e-5, "sample/eval: absolute tolerance of an adaptive solver.")
-    flags.DEFINE_list("labels", None, "sample: classes to cycle through (default: all).")
-    flags.DEFINE_float("guidance_scale", 1.5, "sample/eval: classifier-free guidance weight.")
-    flags.DEFINE_list(
-        "guidance_interval", None, "sample/eval: t_min,t_max (noise at t = 0): guide only there."
-    )
-    flags.DEFINE_integer("sample_seed", 0, "sample/eval: the seed of the initial noise.")
-    flags.DEFINE_integer("sample_batch_size", 250, "sample/eval: samples per ODE solve.")
+    common.define_sampling_flags("sample/eval", guidance_scale=1.5, batch_size=250)
     flags.DEFINE_integer("eval_samples", 50_000, "eval: decoded samples scored by FID.")
     flags.DEFINE_string("fid_stats", None, "eval: reference mu/sigma .npz (ADM's format).")
     flags.DEFINE_string("inception", None, "eval: converted Inception weights (default: cache).")
@@ -273,13 +263,21 @@ def _load(workdir, network) -> RunArtifacts:
 def _latent_sampler(run: RunArtifacts, options: SamplingOptions, labels):
     """``sample(start, stop) -> (latents, nfe, success)`` of samples ``start..stop-1``."""
     check_sampler(options, run.config)
-    bind = velocity_binder(run.model, run.config, options.guidance_scale, options.guidance_interval)
+    bind = velocity_binder(
+        run.model,
+        run.config,
+        options.guidance_scale,
+        options.guidance_interval,
+        options.guidance_channels,
+    )
     key = jax.random.key(options.seed)
     shape = tuple(run.config.data.image_shape)
+    path = build_path(run.config.path)[0]
 
     def sample(start, stop):
         y = None if labels is None else jax.numpy.asarray(labels[start:stop])
-        result = solve(bind(run.ema_params, y), initial_noise(key, start, stop, shape), options)
+        x0 = initial_noise(key, start, stop, shape)
+        result = solve(bind(run.ema_params, y), x0, options, path=path, start=start)
         return result.x, int(result.nfe), bool(result.success)
 
     return sample
@@ -299,26 +297,12 @@ def _sample_mode(config, workdir, options, eval_options, network, vae_path) -> S
         nfe.append(count)
         success.append(ok)
     x = np.concatenate(parts)
-    stem = f"sample_step{run_.step:08d}_{options.method}_n{n}_seed{options.seed}"
-    arrays = {
-        "images_uint8": images.to_uint8(x),
-        "nfe": np.asarray(nfe, np.int32),
-        "success": np.asarray(success),
-        "step": np.asarray(run_.step),
-        "seed": np.asarray(options.seed),
-    }
-    if labels is not None:
-        stem += f"_w{options.guidance_scale:g}"
-        arrays["labels"] = labels
-        arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
-        if options.guidance_interval is not None:
-            stem += "_t{:g}-{:g}".format(*options.guidance_interval)
-            arrays["guidance_interval"] = np.asarray(options.guidance_interval, np.float32)
+    stem, record = sample_record(options, run_.step, labels, nfe, success)
     out = pathlib.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     png, npz = out / f"{stem}.png", out / f"{stem}.npz"
     images.save_grid(x, png)
-    np.savez(npz, **arrays)
+    write_npz(npz, {"images_uint8": images.to_uint8(x), **record})
     print(f"{n} decoded samples (NFE {nfe[0]} per solve); wrote {png} and {npz}", flush=True)
     return SampleOutput(png=png, npz=npz, nfe=nfe)
 
@@ -404,32 +388,6 @@ def encode() -> latents.EncodeInfo:
     )
 
 
-def _options_from_flags() -> SamplingOptions:
-    def numbers(name, kind):
-        values = FLAGS[name].value
-        try:
-            return None if values is None else [kind(v) for v in values]
-        except ValueError:
-            raise ValueError(f"--{name}={','.join(values)} must be numbers.") from None
-
-    interval = numbers("guidance_interval", float)
-    if interval is not None and len(interval) != 2:
-        raise ValueError(f"--guidance_interval={interval} must be two numbers t_min,t_max.")
-    return SamplingOptions(
-        num_samples=FLAGS.num_samples,
-        solver=FLAGS.solver,
-        steps=FLAGS.steps,
-        time_grid=FLAGS.time_grid,
-        rtol=FLAGS.rtol,
-        atol=FLAGS.atol,
-        labels=numbers("labels", int),
-        guidance_scale=FLAGS.guidance_scale,
-        guidance_interval=None if interval is None else tuple(interval),
-        seed=FLAGS.sample_seed,
-        batch_size=FLAGS.sample_batch_size,
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -462,7 +420,7 @@ def main(argv):
         FLAGS.config,
         FLAGS.workdir,
         FLAGS.mode,
-        _options_from_flags(),
+        common.sampling_options(),
         eval_options,
         network=network,
         vae_path=FLAGS.vae,

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fmjax import data, images, likelihood, sampling
+from fmjax.configs import build_path
 from fmjax.generate import (
     SamplingOptions,
     check_sampler,
@@ -141,12 +142,16 @@ def evaluate(
         key = jax.random.key(options.seed)
         batch_sharding = NamedSharding(mesh, P("data"))
         image_shape = tuple(config.data.image_shape)
+        path = build_path(config.path)[0]
         nfe = []
 
         def sample_fn(index, batch_size):
-            x0 = initial_noise(key, index * batch_size, (index + 1) * batch_size, image_shape)
+            start = index * batch_size
+            x0 = jax.device_put(
+                initial_noise(key, start, start + batch_size, image_shape), batch_sharding
+            )
             batch_labels = None if labels is None else jax.device_put(labels, batch_sharding)
-            result = solve(bind(params, batch_labels), jax.device_put(x0, batch_sharding), options)
+            result = solve(bind(params, batch_labels), x0, options, path=path, start=start)
             nfe.append(int(result.nfe))
             return result.x
 

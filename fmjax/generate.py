@@ -21,15 +21,17 @@ import numpy as np
 from flax import linen as nn
 from jaxtyping import Array, Float
 
-from fmjax import images, meanflow, sampling
+from fmjax import images, meanflow, sampling, sde
 from fmjax.configs import build_path
 from fmjax.keys import Stream, stream_key
+from fmjax.paths import AffinePath
 from fmjax.rundir import RunArtifacts, load_config, load_run
 from fmjax.step import TrainState
 
 __all__ = [
     "MEAN_FLOW_SAMPLER",
     "SAMPLERS",
+    "SDE_SAMPLER",
     "SampleOutput",
     "SamplingOptions",
     "check_sampler",
@@ -37,11 +39,14 @@ __all__ = [
     "generate",
     "initial_noise",
     "make_velocity",
+    "sample_record",
     "sample_run",
+    "sde_keys",
     "solve",
     "solve_options",
     "velocity_binder",
     "write_grid",
+    "write_npz",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,9 +122,12 @@ def write_grid(
 MEAN_FLOW_SAMPLER = "meanflow"
 """The ``SamplingOptions.solver`` of a mean-flow run's few-step jumps."""
 
-SAMPLERS = (*sampling.SOLVERS, MEAN_FLOW_SAMPLER)
-"""What ``SamplingOptions.solver`` may name: an ODE solver of :data:`fmjax.sampling.SOLVERS`
-or :data:`MEAN_FLOW_SAMPLER`."""
+SDE_SAMPLER = "sde"
+"""The ``SamplingOptions.solver`` of the stochastic sampler (:func:`fmjax.sde.sample_sde`)."""
+
+SAMPLERS = (*sampling.SOLVERS, SDE_SAMPLER, MEAN_FLOW_SAMPLER)
+"""What ``SamplingOptions.solver`` may name: an ODE solver of :data:`fmjax.sampling.SOLVERS`,
+:data:`SDE_SAMPLER` or :data:`MEAN_FLOW_SAMPLER`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +136,13 @@ class SamplingOptions:
 
     Attributes:
         num_samples: how many samples.
-        solver: one of ``fmjax.sampling.SOLVERS``, or ``"meanflow"`` for a mean-flow run
-            (``config.objective == "mean_flow"``): ``steps`` jumps of its average velocity
+        solver: one of ``fmjax.sampling.SOLVERS``; ``"sde"``: ``steps`` steps of the SDE with
+            the flow's marginals (:func:`fmjax.sde.sample_sde`, as SiT samples; the ``sde_*``
+            options); or ``"meanflow"`` for a mean-flow run (``config.objective ==
+            "mean_flow"``): ``steps`` jumps of its average velocity
             (:func:`fmjax.meanflow.sample`) on the uniform grid.
-        steps: steps of a fixed-step solver (``euler``, ``midpoint``, ``heun``, ``rk4``) or
-            jumps of ``meanflow``.
+        steps: steps of a fixed-step solver (``euler``, ``midpoint``, ``heun``, ``rk4``) or of
+            ``sde``, or jumps of ``meanflow``.
         time_grid: ``"edm"`` (:func:`fmjax.sampling.edm_time_grid`, Meta's choice: starts at
             t = 0.0123) or ``"uniform"`` (from t = 0), for a fixed-step solver.
         rtol, atol: tolerances of an adaptive solver (``tsit5``, ``dopri5``, ``dopri8``).
@@ -144,8 +154,20 @@ class SamplingOptions:
             (``interval`` of :func:`fmjax.sampling.classifier_free_guidance`, which converts
             REPA's ``guidance_high``); None: at every time. Needs a guidance scale other
             than 1.
-        seed: the noise of sample ``i`` is drawn from ``fold_in(key(seed), i)``, so samples do
-            not depend on ``batch_size``.
+        guidance_channels: guide only the first this many channels (the last axis), the
+            conditional field in the others (``channels`` of
+            :func:`fmjax.sampling.classifier_free_guidance`; SiT's released sampler: 3 of its 4
+            latent channels); None: all. Needs a guidance scale other than 1.
+        sde_solver: ``"sde"``'s stepper, ``"euler"`` (Euler–Maruyama) or ``"heun"``
+            (:data:`fmjax.sde.SDE_SOLVERS`).
+        sde_diffusion: ``"sde"``'s diffusion :math:`w_t`, a name of
+            :data:`fmjax.sde.DIFFUSIONS` (SiT's default: ``"sigma"``).
+        sde_diffusion_norm: its scale (0: the ODE, by Euler steps).
+        sde_last_step: ``"sde"``'s noiseless last step, one of :data:`fmjax.sde.LAST_STEPS`.
+        sde_last_step_size: its size (SiT: 0.04); None: that of the other steps.
+        seed: the noise of sample ``i`` is drawn from ``fold_in(key(seed), i)`` (and its
+            Brownian motion, for ``"sde"``, from :func:`sde_keys`), so samples do not depend on
+            ``batch_size``.
         batch_size: samples per ODE solve (bounds memory; each solve reports its own NFE).
     """
 
@@ -158,6 +180,12 @@ class SamplingOptions:
     labels: Sequence[int] | None = None
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] | None = None
+    guidance_channels: int | None = None
+    sde_solver: str = "euler"
+    sde_diffusion: str = "sigma"
+    sde_diffusion_norm: float = 1.0
+    sde_last_step: str = "mean"
+    sde_last_step_size: float | None = None
     seed: int = 0
     batch_size: int = 500
 
@@ -170,6 +198,26 @@ class SamplingOptions:
             raise ValueError(f"--solver={self.solver!r}; expected one of {list(SAMPLERS)}.")
         if self.time_grid not in ("edm", "uniform"):
             raise ValueError(f"--time_grid={self.time_grid!r}; expected 'edm' or 'uniform'.")
+        for name, choices in (
+            ("sde_solver", sde.SDE_SOLVERS),
+            ("sde_diffusion", sde.DIFFUSIONS),
+            ("sde_last_step", sde.LAST_STEPS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"--{name}={getattr(self, name)!r}; expected one of {list(choices)}."
+                )
+        norm = self.sde_diffusion_norm
+        if not (isinstance(norm, int | float) and 0 <= norm < float("inf")):
+            raise ValueError(f"--sde_diffusion_norm={norm!r}; expected a finite number >= 0.")
+        size = self.sde_last_step_size
+        if size is not None and not (isinstance(size, int | float) and 0 < size < 1):
+            raise ValueError(f"--sde_last_step_size={size!r}; expected a number in (0, 1).")
+        if self.solver == SDE_SAMPLER and size is None and self.steps < 2:
+            raise ValueError(
+                "--solver=sde takes --steps >= 2 (the last one is noiseless), or one step after "
+                f"a --sde_last_step_size; got --steps={self.steps}."
+            )
         if not (np.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise ValueError(
                 f"--guidance_scale={self.guidance_scale!r}; expected a finite number >= 0 "
@@ -194,13 +242,29 @@ class SamplingOptions:
                     "is the conditional field at every time; set --guidance_scale too."
                 )
             object.__setattr__(self, "guidance_interval", tuple(map(float, interval)))
+        channels = self.guidance_channels
+        if channels is not None:
+            if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+                raise ValueError(f"--guidance_channels={channels!r}; expected a positive integer.")
+            if self.guidance_scale == 1.0:
+                raise ValueError(
+                    f"--guidance_channels={channels} limits guidance, but --guidance_scale=1 "
+                    "is the conditional field everywhere; set --guidance_scale too."
+                )
 
     @property
     def method(self) -> str:
         """A short name of the solver and its settings, for file names: ``heun-edm50``,
-        ``meanflow1``."""
+        ``meanflow1``, ``sde-euler-sigma-mean0.04-250``."""
         if self.solver == MEAN_FLOW_SAMPLER:
             return f"{self.solver}{self.steps}"
+        if self.solver == SDE_SAMPLER:
+            norm = "" if self.sde_diffusion_norm == 1.0 else f"x{self.sde_diffusion_norm:g}"
+            last = "" if self.sde_last_step_size is None else f"{self.sde_last_step_size:g}"
+            return (
+                f"sde-{self.sde_solver}-{self.sde_diffusion}{norm}-{self.sde_last_step}{last}"
+                f"-{self.steps}"
+            )
         if self.solver in sampling.FIXED_STEP_SOLVERS:
             return f"{self.solver}-{self.time_grid}{self.steps}"
         return f"{self.solver}-rtol{self.rtol:g}-atol{self.atol:g}"
@@ -251,11 +315,13 @@ def velocity_binder(
     config: ml_collections.ConfigDict,
     guidance_scale: float,
     guidance_interval: tuple[float, float] | None = None,
+    guidance_channels: int | None = None,
 ) -> Callable[..., Callable]:
     """``bind(params, labels) -> velocity_fn(x, t)`` (``t``: ``[batch]``) for
     :func:`fmjax.sampling.sample`; a conditional model with ``guidance_scale`` other than 1
     is guided (:func:`fmjax.sampling.classifier_free_guidance`), only at times in
-    ``guidance_interval`` when it is given.
+    ``guidance_interval`` and in the first ``guidance_channels`` channels when they are
+    given.
 
     The function inside every bound ``Partial`` is the same object, so each batch of samples
     reuses one compiled solver; only the arrays (parameters, labels) change.
@@ -274,13 +340,13 @@ def velocity_binder(
             null_label=num_classes,
             scale=guidance_scale,
             interval=guidance_interval,
+            channels=guidance_channels,
         )
         return field(x, t)
 
     return lambda params, labels: jax.tree_util.Partial(guided, params, labels)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def initial_noise(
     key: jax.Array, start: int, stop: int, image_shape: tuple[int, ...]
 ) -> Float[Array, "n h w c"]:
@@ -289,12 +355,67 @@ def initial_noise(
     Sample ``i`` is drawn from ``fold_in(key, i)`` alone, so sample ``i`` is the same however
     the samples are split into batches.
     """
-    indices = np.arange(start, stop)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape))(indices)
+    return _per_sample(key, start, stop - start, tuple(image_shape), "noise")
 
 
-def _write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    # Through a temporary name, as the grids are, so a crash never leaves half a file.
+def sde_keys(key: jax.Array, start: int, stop: int) -> jax.Array:
+    """The keys of the Brownian motions of samples ``start, ..., stop - 1`` (``solver="sde"``):
+    ``fold_in(fold_in(key, i), 1)``, independent of their noise :func:`initial_noise` and of
+    the batches, shape ``[stop - start]``."""
+    return _per_sample(key, start, stop - start, (), "keys")
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _per_sample(key: jax.Array, start: int, count: int, shape: tuple[int, ...], what: str):
+    # The first index is traced, so the batches of a long run share one program.
+    def one(i):
+        sample_key = jax.random.fold_in(key, i)
+        if what == "keys":
+            return jax.random.fold_in(sample_key, 1)
+        return jax.random.normal(sample_key, shape)
+
+    return jax.vmap(one)(start + jnp.arange(count))
+
+
+def sample_record(
+    options: SamplingOptions,
+    step: int,
+    labels: np.ndarray | None,
+    nfe: Sequence[int],
+    success: Sequence[bool],
+) -> tuple[str, dict[str, np.ndarray]]:
+    """The file stem of a sample file and the arrays that say how its samples were drawn.
+
+    The stem is ``sample_step{step}_{method}_n{N}_seed{S}``, then for a conditional run
+    ``_w{scale}``, ``_t{t_min}-{t_max}`` with a guidance interval and ``_c{k}`` with guided
+    channels; the arrays are ``nfe`` and ``success`` (one per solve), ``step``, ``method``,
+    ``seed``, and ``labels``, ``guidance_scale``, ``guidance_interval``, ``guidance_channels``
+    where they apply.
+    """
+    stem = f"sample_step{step:08d}_{options.method}_n{options.num_samples}_seed{options.seed}"
+    arrays = {
+        "nfe": np.asarray(nfe, np.int32),
+        "success": np.asarray(success),
+        "step": np.asarray(step),
+        "method": np.asarray(options.method),
+        "seed": np.asarray(options.seed),
+    }
+    if labels is not None:
+        stem += f"_w{options.guidance_scale:g}"
+        arrays["labels"] = labels
+        arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
+        if options.guidance_interval is not None:
+            stem += "_t{:g}-{:g}".format(*options.guidance_interval)
+            arrays["guidance_interval"] = np.asarray(options.guidance_interval, np.float32)
+        if options.guidance_channels is not None:
+            stem += f"_c{options.guidance_channels}"
+            arrays["guidance_channels"] = np.asarray(options.guidance_channels)
+    return stem, arrays
+
+
+def write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to ``path`` through a temporary name, so a crash never leaves half a
+    file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -346,7 +467,14 @@ def sample_run(
     config = run.config
     check_sampler(options, config)
     image_shape = tuple(config.data.image_shape)
-    bind = velocity_binder(run.model, config, options.guidance_scale, options.guidance_interval)
+    bind = velocity_binder(
+        run.model,
+        config,
+        options.guidance_scale,
+        options.guidance_interval,
+        options.guidance_channels,
+    )
+    path = build_path(config.path)[0]
 
     key = jax.random.key(options.seed)
     parts, nfe, success = [], [], []
@@ -357,6 +485,8 @@ def sample_run(
             bind(run.ema_params, batch_labels),
             initial_noise(key, start, stop, image_shape),
             options,
+            path=path,
+            start=start,
         )
         parts.append(np.asarray(result.x))
         nfe.append(int(result.nfe))
@@ -365,33 +495,21 @@ def sample_run(
         log.warning("%d of %d ODE solves did not succeed.", success.count(False), len(success))
     x = np.clip(np.concatenate(parts), -1.0, 1.0)
 
-    stem = f"sample_step{run.step:08d}_{options.method}_n{options.num_samples}_seed{options.seed}"
-    arrays = {
-        "images": x.astype(np.float32),
-        "images_uint8": images.to_uint8(x),
-        "nfe": np.asarray(nfe, np.int32),
-        "success": np.asarray(success),
-        "step": np.asarray(run.step),
-        "method": np.asarray(options.method),
-        "seed": np.asarray(options.seed),
-    }
+    stem, record = sample_record(options, run.step, labels, nfe, success)
+    arrays = {"images": x.astype(np.float32), "images_uint8": images.to_uint8(x), **record}
     ncols = None
     if labels is not None:
-        stem += f"_w{options.guidance_scale:g}"
-        arrays["labels"] = labels
-        arrays["guidance_scale"] = np.asarray(options.guidance_scale, np.float32)
-        if options.guidance_interval is not None:
-            stem += "_t{:g}-{:g}".format(*options.guidance_interval)
-            arrays["guidance_interval"] = np.asarray(options.guidance_interval, np.float32)
         ncols = config.model.num_classes if options.labels is None else None
     out_dir = pathlib.Path(workdir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{stem}.png", out_dir / f"{stem}.npz"
     images.save_grid(x, png, ncols=ncols, scale=max(1, 64 // image_shape[0]))
-    _write_npz(npz, arrays)
+    write_npz(npz, arrays)
     guidance = "" if labels is None else f", guidance scale {options.guidance_scale:g}"
     if options.guidance_interval is not None:
         guidance += " for t in [{:g}, {:g}]".format(*options.guidance_interval)
+    if options.guidance_channels is not None:
+        guidance += f" in the first {options.guidance_channels} channels"
     print(
         f"{options.num_samples} samples from step {run.step} ({options.method}{guidance}): "
         f"NFE {nfe[0] if len(set(nfe)) == 1 else nfe} per solve of up to {options.batch_size}; "
@@ -402,8 +520,15 @@ def sample_run(
 
 def check_sampler(options: SamplingOptions, config: ml_collections.ConfigDict) -> None:
     """Refuses ``solver="meanflow"`` for a run that is not a mean flow, and sampling-time
-    guidance with it (a mean flow's guidance is trained in: ``config.meanflow.guidance_*``).
+    guidance with it (a mean flow's guidance is trained in: ``config.meanflow.guidance_*``);
+    and ``solver="sde"`` for a run trained with bridge noise (whose score the SDE lacks).
     """
+    if options.solver == SDE_SAMPLER and config.path.get("bridge_noise", "none") != "none":
+        raise ValueError(
+            f"--solver=sde needs the score of the path, which a run trained with bridge noise "
+            f"(config.path.bridge_noise={config.path.bridge_noise!r}) does not give; pick an "
+            f"ODE solver of {list(sampling.SOLVERS)}."
+        )
     if options.solver != MEAN_FLOW_SAMPLER:
         return
     if config.objective != "mean_flow":
@@ -419,11 +544,37 @@ def check_sampler(options: SamplingOptions, config: ml_collections.ConfigDict) -
         )
 
 
-def solve(velocity_fn: Callable, x0: jax.Array, options: SamplingOptions) -> sampling.SampleResult:
-    """Samples from ``x0`` as ``options`` say: an ODE solve of ``velocity_fn(x, t)``, or for
-    ``solver="meanflow"`` ``steps`` jumps of ``velocity_fn(x, t, t_end)``."""
+def solve(
+    velocity_fn: Callable,
+    x0: jax.Array,
+    options: SamplingOptions,
+    *,
+    path: AffinePath | None = None,
+    start: int = 0,
+) -> sampling.SampleResult | sde.SDEResult:
+    """Samples from ``x0`` as ``options`` say: an ODE solve of ``velocity_fn(x, t)``; for
+    ``solver="sde"`` :func:`fmjax.sde.sample_sde` on ``path`` (the run's, from
+    :func:`fmjax.configs.build_path`), ``x0`` being samples ``start, start + 1, ...`` (their
+    Brownian motions: :func:`sde_keys` of ``key(options.seed)``); for ``solver="meanflow"``
+    ``steps`` jumps of ``velocity_fn(x, t, t_end)``. Every result has ``x``, ``nfe`` and
+    ``success``."""
     if options.solver == MEAN_FLOW_SAMPLER:
         return meanflow.sample(velocity_fn, x0, steps=options.steps)
+    if options.solver == SDE_SAMPLER:
+        if path is None:
+            raise ValueError("solve(..., solver='sde') needs the run's path (path=...).")
+        return sde.sample_sde(
+            velocity_fn,
+            x0,
+            sde_keys(jax.random.key(options.seed), start, start + x0.shape[0]),
+            steps=options.steps,
+            path=path,
+            diffusion=options.sde_diffusion,
+            diffusion_norm=float(options.sde_diffusion_norm),
+            solver=options.sde_solver,
+            last_step=options.sde_last_step,
+            last_step_size=options.sde_last_step_size,
+        )
     return sampling.sample(velocity_fn, x0, solver=options.solver, **solve_options(options))
 
 

@@ -165,6 +165,7 @@ def classifier_free_guidance(
     null_label: int,
     scale: float | Float[ArrayLike, ""],
     interval: tuple[float, float] | None = None,
+    channels: int | None = None,
     label_name: str = "y",
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> VelocityFn:
@@ -200,6 +201,11 @@ def classifier_free_guidance(
     30% of the path, from the noise. (REPA's Heun step decides both of its evaluations by the
     step's start time; here each evaluation decides by its own time.)
 
+    **Guided channels.** With ``channels`` :math:`k`, only the first :math:`k` entries of the
+    last axis are guided and the others follow :math:`u(x, t \mid y)`. SiT's released sampler
+    (``forward_with_cfg``, "for exact reproducibility reasons") guides the first 3 of its 4
+    latent channels, so its published FIDs are ``channels=3``; None guides all of them.
+
     Cost: an evaluation at which no example is inside the interval runs the model once on the
     batch (a ``jax.lax.cond``), so with :func:`sample`'s shared time the steps outside the
     interval cost half; when some are, the doubled batch runs for all and the conditional
@@ -222,6 +228,8 @@ def classifier_free_guidance(
         interval: ``(t_min, t_max)`` with :math:`0 \le t_{\min} \le t_{\max} \le 1`
             (Python numbers, fmjax's time: noise at 0, data at 1): guide only there; None
             guides at every time.
+        channels: guide only the first ``channels`` entries of the last axis (a positive
+            integer); None: all.
         label_name: the keyword under which ``apply_fn`` takes labels.
         model_kwargs: extra keyword arguments for ``apply_fn``, the same for both halves of the
             doubled batch (so not per-example arrays). The keyword arguments that
@@ -236,8 +244,9 @@ def classifier_free_guidance(
             ``null_label``, ``model_kwargs`` that is not a mapping with str keys, and, when
             they are concrete (not traced), a negative label or a ``scale`` that is negative
             or not finite; an ``interval`` that is not two numbers with
-            ``0 <= t_min <= t_max <= 1``. When called: for ``x`` and ``labels`` of different batch sizes, or
-            ``t`` not of shape ``[batch]``.
+            ``0 <= t_min <= t_max <= 1``; ``channels`` that is not a positive integer. When
+            called: for ``x`` and ``labels`` of different batch sizes, ``t`` not of shape
+            ``[batch]``, or ``channels`` more than the last axis holds.
 
     Example:
         >>> import jax.numpy as jnp
@@ -258,6 +267,10 @@ def classifier_free_guidance(
     """
     _check_guidance_args(labels, null_label, scale)
     interval = _check_interval(interval)
+    if channels is not None and (
+        isinstance(channels, bool) or not isinstance(channels, int | np.integer) or channels < 1
+    ):
+        raise ValueError(f"channels must be a positive integer or None; got channels={channels!r}.")
     labels = jnp.asarray(labels)
     check_batched("labels", labels)
     model_kwargs = check_model_kwargs(model_kwargs)
@@ -268,6 +281,7 @@ def classifier_free_guidance(
         label_name,
         null_label,
         interval,
+        None if channels is None else int(channels),
         params,
         labels,
         scale,
@@ -292,9 +306,24 @@ def _check_interval(interval: Any) -> tuple[float, float] | None:
 
 
 def _guided_velocity(
-    apply_fn, label_name, null_label, interval, params, labels, scale, model_kwargs, x, t, **kwargs
+    apply_fn,
+    label_name,
+    null_label,
+    interval,
+    channels,
+    params,
+    labels,
+    scale,
+    model_kwargs,
+    x,
+    t,
+    **kwargs,
 ):
     batch = jnp.shape(x)[0]
+    if channels is not None and channels > jnp.shape(x)[-1]:
+        raise ValueError(
+            f"channels={channels} guides more entries than the last axis of x {jnp.shape(x)} holds."
+        )
     if batch != labels.shape[0]:
         raise ValueError(
             f"labels must have one entry per example: x has batch {batch}, "
@@ -325,6 +354,8 @@ def _guided_velocity(
         )
         conditional, unconditional = both[:batch], both[batch:]
         out = unconditional + scale * (conditional - unconditional)
+        if channels is not None:
+            out = jnp.concatenate([out[..., :channels], conditional[..., channels:]], axis=-1)
         if inside is not None:
             out = jnp.where(inside.reshape(batch, *[1] * (x.ndim - 1)), out, conditional)
         return out.astype(dtype)

@@ -15,7 +15,7 @@ from experiments import cifar10
 from experiments.configs.cifar10 import get_config
 from fmjax.configs import build_model, validate
 from fmjax.evaluate import EvalOptions
-from fmjax.generate import SamplingOptions, initial_noise, sample_run
+from fmjax.generate import SamplingOptions, check_sampler, initial_noise, sample_run, sde_keys
 from fmjax.metrics import fid, inception
 from fmjax.models import param_count
 
@@ -79,6 +79,23 @@ def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, ca
         assert int(npz["step"]) == 6 and str(npz["method"]) == "heun-edm2"
         assert "labels" not in npz
     assert Image.open(stem.with_suffix(".png")).size == (4 * 8 * 8 + 5 * 8, 3 * 8 * 8 + 4 * 8)
+
+    # SiT's SDE sampler: a sample's noise and Brownian motion do not depend on the batches.
+    sde = {"num_samples": 10, "solver": "sde", "steps": 3, "sde_last_step_size": 0.1}
+
+    def sde_samples(**options):
+        out = sample_run(workdir, SamplingOptions(**sde, **options))
+        with np.load(out.npz) as npz:
+            return out, npz["images"]
+
+    halves, in_halves = sde_samples(batch_size=5)
+    whole, in_one = sde_samples(batch_size=10)
+    assert whole.nfe == [3] and halves.nfe == [3, 3]  # euler: 2 noisy steps + 1 mean step
+    assert whole.npz.name == "sample_step00000006_sde-euler-sigma-mean0.1-3_n10_seed0.npz"
+    np.testing.assert_allclose(in_halves, in_one, atol=1e-6)
+    with np.load(stem.with_suffix(".npz")) as ode:
+        assert np.abs(in_one - ode["images"]).mean() > 1e-3  # not the ODE's samples
+    assert not np.allclose(sde_samples(batch_size=5, seed=1)[1], in_halves)
 
     with pytest.raises(ValueError, match="unconditional"):
         sample_run(workdir, SamplingOptions(guidance_scale=2.0))
@@ -191,6 +208,30 @@ def test_initial_noise_of_a_sample_does_not_depend_on_the_batches():
     ]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert whole.shape == (10, 8, 8, 3) and 0.9 < float(whole.std()) < 1.1
+    keys = jax.random.key_data(sde_keys(key, 0, 10))
+    parts = [jax.random.key_data(sde_keys(key, a, b)) for a, b in ((0, 6), (6, 10))]
+    np.testing.assert_array_equal(np.concatenate(parts), keys)
+    assert len({bytes(np.asarray(k)) for k in keys}) == 10  # one Brownian motion a sample
+
+
+def test_sde_sampler_options_and_paths_it_refuses():
+    with pytest.raises(ValueError, match=r"--sde_diffusion='ito'.*'sigma'"):
+        SamplingOptions(solver="sde", sde_diffusion="ito")
+    with pytest.raises(ValueError, match=r"--sde_last_step='last'"):
+        SamplingOptions(sde_last_step="last")
+    with pytest.raises(ValueError, match=r"--sde_last_step_size=1.5"):
+        SamplingOptions(sde_last_step_size=1.5)
+    with pytest.raises(ValueError, match=r"--guidance_channels=0; expected a positive"):
+        SamplingOptions(guidance_scale=2.0, guidance_channels=0)
+    with pytest.raises(ValueError, match=r"--guidance_channels=3 limits guidance.*scale"):
+        SamplingOptions(guidance_channels=3)
+    with pytest.raises(ValueError, match=r"--solver=sde takes --steps >= 2"):
+        SamplingOptions(solver="sde", steps=1)
+    config = get_config("smoke")
+    config.path.bridge_noise = "constant"
+    with pytest.raises(ValueError, match=r"--solver=sde.*bridge_noise='constant'"):
+        check_sampler(SamplingOptions(solver="sde"), config)
+    check_sampler(SamplingOptions(), config)  # the ODE solvers take it
 
 
 def test_bad_sampling_options_raise():

@@ -2,6 +2,7 @@
 smoke variant end to end on latents of mock images (encode -> train -> sample -> decode),
 in-process through ``experiments.imagenet.run``."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -98,6 +99,17 @@ def test_smoke_samples_with_guidance_and_decodes(smoke_run):
         np.testing.assert_array_equal(npz["labels"], [3, 5, 3, 5, 3, 5])
         assert float(npz["guidance_scale"]) == 1.5
     assert Image.open(out.png).mode == "RGB"
+    # SiT's released sampler: the SDE (Euler-Maruyama, sigma diffusion, the mean last step),
+    # guided in the first 3 of the 4 latent channels.
+    sde = dataclasses.replace(
+        options, solver="sde", steps=3, sde_last_step_size=0.04, guidance_channels=3
+    )
+    out = imagenet.run(None, smoke_run, "sample", sde)
+    assert out.nfe == [3, 3]
+    assert out.npz.name.endswith("_sde-euler-sigma-mean0.04-3_n6_seed0_w1.5_t0-0.7_c3.npz")
+    with np.load(out.npz, allow_pickle=False) as npz:
+        assert npz["images_uint8"].shape == (6, SIDE, SIDE, 3)
+        assert int(npz["guidance_channels"]) == 3 and str(npz["method"]).startswith("sde")
 
 
 def test_decoder_refuses_another_vae(smoke_run, encoded):

@@ -603,3 +603,32 @@ def test_bad_guidance_intervals_raise(interval):
         classifier_free_guidance(
             lambda p, x, t, y: x, None, jnp.arange(4), null_label=0, scale=2.0, interval=interval
         )
+
+
+def test_guided_channels_are_sits_partial_guidance():
+    # Conditional u = y - x, unconditional u = -x (null label 0), guided u = -x + w y. With
+    # channels=3 of 4 (SiT's forward_with_cfg), the last channel stays conditional.
+    def toward_label(params, x, t, y):
+        return y[:, None, None, None].astype(x.dtype) - x
+
+    labels, w = jnp.array([2, 5]), 3.0
+    x = jnp.ones((2, 2, 2, 4))
+    v = classifier_free_guidance(toward_label, None, labels, null_label=0, scale=w, channels=3)
+    out = np.asarray(v(x, jnp.full((2,), 0.5)))
+    y = np.asarray(labels, np.float32)[:, None, None]
+    np.testing.assert_allclose(out[..., :3], np.broadcast_to(-1 + w * y[..., None], (2, 2, 2, 3)))
+    np.testing.assert_allclose(out[..., 3], np.broadcast_to(y - 1, (2, 2, 2)))
+    everything = classifier_free_guidance(
+        toward_label, None, labels, null_label=0, scale=w, channels=4
+    )
+    plain = classifier_free_guidance(toward_label, None, labels, null_label=0, scale=w)
+    np.testing.assert_array_equal(everything(x, jnp.full((2,), 0.5)), plain(x, jnp.full((2,), 0.5)))
+    for channels in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"channels must be a positive integer"):
+            classifier_free_guidance(
+                toward_label, None, labels, null_label=0, scale=w, channels=channels
+            )
+    with pytest.raises(ValueError, match=r"channels=5 guides more entries"):
+        classifier_free_guidance(toward_label, None, labels, null_label=0, scale=w, channels=5)(
+            x, jnp.full((2,), 0.5)
+        )
