@@ -332,20 +332,54 @@ class PairSource(ArraySource):
 def read_pairs_info(directory: str | os.PathLike) -> dict:
     """The ``pairs.json`` of a directory of stored pairs, checked to hold what
     :class:`PairSource` reads."""
-    path = pathlib.Path(directory) / PAIRS_FILE
+    return _read_info(
+        pathlib.Path(directory) / PAIRS_FILE,
+        ("num_pairs", "chunk_size", "image_shape", "num_classes", "config"),
+        "config.data.pairs_dir must be a directory written by "
+        "`python -m experiments.reflow pairs --out=DIR`",
+    )
+
+
+def _read_info(path: pathlib.Path, needed: tuple[str, ...], missing: str) -> dict:
+    """The JSON object in ``path``, checked to have the keys ``needed``; ``missing`` says, for
+    the message, what should have written it."""
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(
-            f"{path} does not exist: config.data.pairs_dir must be a directory written by "
-            "`python -m experiments.reflow pairs --out=DIR`."
-        ) from None
+        raise ValueError(f"{path} does not exist: {missing}.") from None
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON ({error}).") from None
-    needed = ("num_pairs", "chunk_size", "image_shape", "num_classes", "config")
     if not isinstance(info, dict) or any(k not in info for k in needed):
         raise ValueError(f"{path} must be an object with the keys {list(needed)}.")
     return info
+
+
+def _claim_info(
+    path: pathlib.Path, record: dict, *, what: str, advice: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """Writes the description ``record`` of a directory of stored data to ``path``
+    (``pairs.json``, ``latents.json``), or checks that the one there describes the same data:
+    how a resumed writer makes sure that it adds to its own.
+
+    Raises:
+        ValueError: for a description there that differs from ``record`` in a key not in
+            ``ignore``; the message lists the differences, calls the data ``what`` and ends
+            with ``advice``.
+    """
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differing = {
+            k: (saved.get(k), v) for k, v in record.items() if k not in ignore and saved.get(k) != v
+        }
+        if differing:
+            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differing.items())
+            raise ValueError(f"{path.parent} holds other {what} ({lines}); {advice}.")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Every process of a multi-process launch writes the same record, each through its own name.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
 
 
 LATENTS_FILE = "latents.json"
@@ -366,20 +400,12 @@ def latent_shard_name(index: int) -> str:
 def read_latents_info(directory: str | os.PathLike) -> dict:
     """The ``latents.json`` of a directory of stored posteriors, checked to hold what
     :class:`LatentSource` reads."""
-    path = pathlib.Path(directory) / LATENTS_FILE
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(
-            f"{path} does not exist: config.data.latents_dir must be a directory written by "
-            "`python -m experiments.imagenet --mode=encode --workdir=DIR`."
-        ) from None
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}).") from None
-    needed = ("num_images", "shard_size", "flip", "latent_shape", "num_classes", "scaling_factor")
-    if not isinstance(info, dict) or any(k not in info for k in needed):
-        raise ValueError(f"{path} must be an object with the keys {list(needed)}.")
-    return info
+    return _read_info(
+        pathlib.Path(directory) / LATENTS_FILE,
+        ("num_images", "shard_size", "flip", "latent_shape", "num_classes", "scaling_factor"),
+        "config.data.latents_dir must be a directory written by "
+        "`python -m experiments.imagenet --mode=encode --workdir=DIR`",
+    )
 
 
 @functools.lru_cache(maxsize=8)

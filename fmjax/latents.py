@@ -15,7 +15,6 @@ VAE (:class:`fmjax.models.AutoencoderKL`) of 256x256 centre crops, computed once
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -31,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Float, UInt8
 
-from fmjax.data import LATENTS_FILE, latent_shard_name
+from fmjax.data import LATENTS_FILE, _claim_info, latent_shard_name
 from fmjax.mesh import make_mesh
 from fmjax.models.vae import AutoencoderKL
 
@@ -219,26 +218,6 @@ class EncodeInfo:
     images_per_sec: float
 
 
-def _claim(out: pathlib.Path, record: dict) -> None:
-    """Writes ``out/latents.json``, or checks that the one there describes the same latents."""
-    path = out / LATENTS_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        differing = {k: (saved.get(k), v) for k, v in record.items() if saved.get(k) != v}
-        if differing:
-            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differing.items())
-            raise ValueError(
-                f"{out} holds other latents ({lines}); resume with the same arguments and "
-                "weights or choose another directory."
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    # Every process of a multi-process launch writes the same record, each through its own name.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-
-
 def encode_dataset(
     out_dir: str | os.PathLike,
     example: Callable[[int], tuple[UInt8[np.ndarray, "h w c"], int]],
@@ -331,7 +310,12 @@ def encode_dataset(
         "vae": vae_info,
         "dataset": dataset or {},
     }
-    _claim(out, record)
+    _claim_info(
+        out / LATENTS_FILE,
+        record,
+        what="latents",
+        advice="resume with the same arguments and weights or choose another directory",
+    )
     starts = range(0, num_images, shard_size)
     encoded, count, began = 0, 0, time.perf_counter()
     for index, start in enumerate(starts):

@@ -32,7 +32,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmjax.data import PAIRS_FILE, pair_chunk_name
+from fmjax.data import PAIRS_FILE, _claim_info, pair_chunk_name
 from fmjax.generate import (
     SamplingOptions,
     check_sampler,
@@ -190,7 +190,13 @@ def generate_pairs(
         "image_shape": list(config.data.image_shape),
         "num_classes": num_classes,
     }
-    _claim(out, record)
+    _claim_info(
+        out / PAIRS_FILE,
+        record,
+        what="pairs",
+        advice="resume with the same arguments or choose another --out",
+        ignore=("config",),
+    )
 
     image_shape = tuple(config.data.image_shape)
     sharding = NamedSharding(mesh, P("data"))
@@ -235,23 +241,3 @@ def generate_pairs(
         generated=generated,
         step=run.step,
     )
-
-
-def _claim(out: pathlib.Path, record: dict) -> None:
-    """Writes ``out/pairs.json``, or checks that the one there describes the same pairs."""
-    path = out / PAIRS_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        keys = [k for k in record if k != "config"]
-        differing = {k: (saved.get(k), record[k]) for k in keys if saved.get(k) != record[k]}
-        if differing:
-            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differing.items())
-            raise ValueError(
-                f"{out} holds other pairs ({lines}); resume with the same arguments or choose "
-                "another --out."
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)

@@ -31,6 +31,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from _torch_helpers import perturb, relative_error  # noqa: E402
+
 from fmjax.models import (  # noqa: E402
     DiT,
     load_torch_checkpoint,
@@ -53,14 +55,11 @@ def diffusers_net(config):
         num_embeds_ada_norm=config["num_classes"],
         norm_eps=1e-6,
     ).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in net.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-        first = net.transformer_blocks[0].norm1.emb.state_dict()
-        for block in net.transformer_blocks:
-            block.norm1.emb.load_state_dict(first)
-            block.norm1.emb.time_proj.downscale_freq_shift = 0
+    perturb(net)
+    first = net.transformer_blocks[0].norm1.emb.state_dict()
+    for block in net.transformer_blocks:
+        block.norm1.emb.load_state_dict(first)
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
     return net
 
 
@@ -113,8 +112,19 @@ def _model(config):
     )
 
 
-def _relative_error(ours, theirs):
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+def diffusers_out(net, x, t, y):
+    """diffusers' output for NHWC images ``x`` at times ``t`` in [0, 1], as NCHW."""
+    with torch.no_grad():
+        return net(
+            torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)),
+            timestep=torch.from_numpy(1000.0 * np.asarray(t)),
+            class_labels=torch.from_numpy(np.array(y)),
+        ).sample.numpy()
+
+
+def fmjax_out(model, params, x, t, y):
+    """fmjax's output for the same inputs, as NCHW."""
+    return np.asarray(model.apply({"params": params}, jnp.asarray(x), t, y)).transpose(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -130,15 +140,9 @@ def test_dit_matches_diffusers(name):
     x = rng.standard_normal((batch, *shape)).astype(np.float32)
     t = np.array([0.0, 0.3, 0.77, 1.0], np.float32)
     y = np.array([0, 3, config["num_classes"] - 1, config["num_classes"]])  # the last: null
-    with torch.no_grad():
-        theirs = net(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)),
-            timestep=torch.from_numpy(1000.0 * t),
-            class_labels=torch.from_numpy(y),
-        ).sample.numpy()
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x), t, y)).transpose(0, 3, 1, 2)
+    theirs = diffusers_out(net, x, t, y)
     assert np.abs(theirs).max() > 0.1  # the perturbed zero layers make the output non-trivial
-    assert _relative_error(ours, theirs) <= TOLERANCE
+    assert relative_error(fmjax_out(model, params, x, t, y), theirs) <= TOLERANCE
 
 
 def test_dit_to_diffusers():
@@ -191,14 +195,8 @@ def test_dit_to_diffusers():
     np.testing.assert_allclose(  # the buffer SiT keeps is the one diffusers computes
         sit["pos_embed"], net.pos_embed.pos_embed.numpy(), atol=1e-6
     )
-    with torch.no_grad():
-        theirs = net(
-            torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)),
-            timestep=torch.from_numpy(1000.0 * np.asarray(t)),
-            class_labels=torch.from_numpy(np.asarray(y)),
-        ).sample.numpy()
-    ours = np.asarray(model.apply({"params": params}, x, t, y)).transpose(0, 3, 1, 2)
-    assert _relative_error(ours, theirs) <= TOLERANCE
+    ours, theirs = fmjax_out(model, params, x, t, y), diffusers_out(net, x, t, y)
+    assert relative_error(ours, theirs) <= TOLERANCE
 
 
 def test_diffusers_time_frequencies_differ_from_dit():
@@ -213,14 +211,7 @@ def test_diffusers_time_frequencies_differ_from_dit():
         block.norm1.emb.time_proj.downscale_freq_shift = 1
     x = np.random.default_rng(2).standard_normal((2, *shape)).astype(np.float32)
     t, y = np.array([0.3, 0.8], np.float32), np.array([2, 5])
-    with torch.no_grad():
-        theirs = net(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)),
-            timestep=torch.from_numpy(1000.0 * t),
-            class_labels=torch.from_numpy(y),
-        ).sample.numpy()
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x), t, y)).transpose(0, 3, 1, 2)
-    assert _relative_error(ours, theirs) > 1e-3
+    assert relative_error(fmjax_out(model, params, x, t, y), diffusers_out(net, x, t, y)) > 1e-3
 
 
 def test_sit_training_checkpoint_and_released_file(tmp_path):

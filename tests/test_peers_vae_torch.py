@@ -23,6 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from _torch_helpers import perturb, relative_error  # noqa: E402
+
 from fmjax.models import (  # noqa: E402
     SDVAE,
     AutoencoderKL,
@@ -53,11 +55,7 @@ def diffusers_vae(widths, layers, groups):
         latent_channels=4,
         norm_num_groups=groups,
     ).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in net.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return net
+    return perturb(net)
 
 
 def _setup(name):
@@ -68,10 +66,6 @@ def _setup(name):
     )
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
     return net, model, params_from_torch(sd, model, (side, side, 3)), side
-
-
-def _relative_error(ours, theirs):
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def _nchw(x):
@@ -88,7 +82,7 @@ def test_encode_matches_diffusers(name):
     for ours, theirs in ((mean, posterior.mean), (logvar, posterior.logvar)):
         ours = np.asarray(ours).transpose(0, 3, 1, 2)
         assert ours.shape == tuple(theirs.shape)
-        assert _relative_error(ours, theirs.numpy()) <= TOLERANCE
+        assert relative_error(ours, theirs.numpy()) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -102,7 +96,7 @@ def test_decode_matches_diffusers(name):
     ours = model.apply({"params": params}, jnp.asarray(latents), method="decode")
     ours = np.asarray(ours).transpose(0, 3, 1, 2)
     assert ours.shape == theirs.shape == (2, 3, side, side)
-    assert _relative_error(ours, theirs) <= TOLERANCE
+    assert relative_error(ours, theirs) <= TOLERANCE
 
 
 def test_wrong_weights_are_detected():
@@ -115,7 +109,7 @@ def test_wrong_weights_are_detected():
     kernel = params["decoder"]["up0_res0"]["conv1"]["kernel"]
     params["decoder"]["up0_res0"]["conv1"]["kernel"] = kernel + 0.05
     ours = model.apply({"params": params}, jnp.asarray(latents), method="decode")
-    assert _relative_error(np.asarray(ours).transpose(0, 3, 1, 2), theirs) > 1e-2
+    assert relative_error(np.asarray(ours).transpose(0, 3, 1, 2), theirs) > 1e-2
 
 
 def test_export_loads_into_diffusers_strictly():

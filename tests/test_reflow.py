@@ -7,8 +7,6 @@ over the suite's 8 simulated devices.
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from helpers import BATCH as B
-from helpers import ROOT, TinyVelocity, one_device_env, tiny_config, tiny_source
+from helpers import TinyVelocity, module_output, run_module, tiny_config, tiny_source
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -307,57 +305,30 @@ def test_the_digits_variants():
 
 
 def test_the_command_line_refuses_an_unknown_command():
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reflow", "bogus"],
-        cwd=ROOT,
-        env=one_device_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("experiments.reflow", "bogus", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: expected one command of")
 
 
 def test_the_command_line_help_exits_0():
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reflow", "--help"],
-        cwd=ROOT,
-        env=one_device_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("experiments.reflow", "--help", timeout=120)
     assert result.returncode == 0 and "--num_pairs" in result.stdout
 
 
 @pytest.mark.slow
 def test_pairs_then_distillation_from_the_command_line(tmp_path):
     """The documented commands end to end, on the digits job's quick variant."""
-
-    def run(*args):
-        result = subprocess.run(
-            [sys.executable, "-m", *args],
-            cwd=ROOT,
-            env=one_device_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
     teacher, out = tmp_path / "teacher", tmp_path / "pairs"
     quick = "--config=experiments/configs/digits.py:quick"
-    run("experiments.digits", f"--workdir={teacher}", quick)
-    printed = run(
+    module_output("experiments.digits", f"--workdir={teacher}", quick)
+    printed = module_output(
         "experiments.reflow", "pairs", f"--from={teacher}", f"--out={out}", "--num_pairs=96",
         "--chunk_size=64",
     )  # fmt: skip
     assert "96 pairs of step 6" in printed
     for variant in ("reflow", "distill"):
         workdir = tmp_path / variant
-        run(
+        module_output(
             "experiments.digits", f"--workdir={workdir}",
             f"--config=experiments/configs/digits.py:{variant},quick",
             f"--config.data.pairs_dir={out}", f"--init_from={teacher}",

@@ -96,10 +96,7 @@ def conv_general_dilated(
         >>> conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims).shape
         (2, 16, 16, 8)
     """
-    plain = functools.partial(
-        lax.conv_general_dilated,
-        window_strides=window_strides,
-        padding=padding,
+    options = dict(
         lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers,
@@ -109,19 +106,11 @@ def conv_general_dilated(
         preferred_element_type=preferred_element_type,
     )
     if not (
-        _plain_nhwc(
-            lhs,
-            rhs,
-            dimension_numbers,
-            lhs_dilation,
-            rhs_dilation,
-            feature_group_count,
-            batch_group_count,
-        )
+        _plain_nhwc(lhs, rhs, options)
         and preferred_element_type is None
         and (padding == "VALID" or (not isinstance(padding, str) and len(padding) == 2))
     ):
-        return plain(lhs, rhs)
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
     pads = ((0, 0), (0, 0)) if padding == "VALID" else tuple(tuple(p) for p in padding)
     out_pixels = 1
     for size, (lo, hi), k, stride in zip(
@@ -132,27 +121,21 @@ def conv_general_dilated(
         return _conv(tuple(window_strides), pads, precision, lhs, rhs)
     if _pointwise(window_strides, pads, rhs.shape):
         return _lax_nhwc(window_strides, pads, precision)(lhs, rhs)
-    return plain(lhs, rhs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
-def _plain_nhwc(
-    lhs,
-    rhs,
-    dimension_numbers,
-    lhs_dilation,
-    rhs_dilation,
-    feature_group_count,
-    batch_group_count,
-) -> bool:
-    """Whether a convolution is 2-D NHWC/HWIO without dilation or grouping."""
-    if dimension_numbers is None or jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
+def _plain_nhwc(lhs, rhs, options: dict[str, Any]) -> bool:
+    """Whether a convolution with ``options`` (``lax.conv_general_dilated``'s keyword
+    arguments) is 2-D NHWC/HWIO without dilation or grouping."""
+    if options["dimension_numbers"] is None or jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
         return False
-    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, options["dimension_numbers"])
+    dilations = (*(options["lhs_dilation"] or ()), *(options["rhs_dilation"] or ()))
     return (
         numbers == _NHWC
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and batch_group_count == 1
+        and all(d == 1 for d in dilations)
+        and options["feature_group_count"] == 1
+        and options["batch_group_count"] == 1
     )
 
 
@@ -347,7 +330,7 @@ def upsampled_conv_general_dilated(
         >>> y.shape, float(y[0, 0, 0, 0]), float(y[0, 5, 5, 0])  # a corner sees 4 of 9 pixels
         ((2, 16, 16, 8), 16.0, 36.0)
     """
-    args = dict(
+    options = dict(
         lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers,
@@ -357,22 +340,14 @@ def upsampled_conv_general_dilated(
         preferred_element_type=preferred_element_type,
     )
     phased = (
-        _plain_nhwc(
-            lhs,
-            rhs,
-            dimension_numbers,
-            lhs_dilation,
-            rhs_dilation,
-            feature_group_count,
-            batch_group_count,
-        )
+        _plain_nhwc(lhs, rhs, options)
         and tuple(rhs.shape[:2]) == (3, 3)
         and tuple(window_strides) == (1, 1)
         and not isinstance(padding, str)
         and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
     )
     if not phased:
-        return conv_general_dilated(upsample_nearest(lhs), rhs, window_strides, padding, **args)
+        return conv_general_dilated(upsample_nearest(lhs), rhs, window_strides, padding, **options)
     n, h, w, _ = lhs.shape
     padded = jnp.pad(lhs, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
@@ -384,7 +359,7 @@ def upsampled_conv_general_dilated(
     for p, kp in enumerate(fold(rhs, 0)):
         phases = [
             conv_general_dilated(
-                padded[:, p : p + h + 1, q : q + w + 1], kpq, (1, 1), "VALID", **args
+                padded[:, p : p + h + 1, q : q + w + 1], kpq, (1, 1), "VALID", **options
             )
             for q, kpq in enumerate(fold(kp, 1))
         ]

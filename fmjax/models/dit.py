@@ -51,7 +51,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from fmjax.models.attention import attend_fused, check_attention
-from fmjax.models.embeddings import class_labels, sinusoidal_embedding
+from fmjax.models.embeddings import class_labels, network_inputs, sinusoidal_embedding
 
 __all__ = [
     "DIT_PRESETS",
@@ -323,29 +323,8 @@ class DiT(nn.Module):
                 model, labels of the wrong shape or dtype, or concrete labels out of range.
         """
         del train
-        x_t = jnp.asarray(x_t)
-        if x_t.ndim != 4 or not jnp.issubdtype(x_t.dtype, jnp.floating):
-            raise ValueError(
-                "x_t must be float images [batch, height, width, channels]; got dtype "
-                f"{x_t.dtype} and shape {x_t.shape}."
-            )
+        x_t, t, t_end = network_inputs(x_t, t, t_end, mean_flow=self.mean_flow, model="DiT")
         batch, height, width, channels = x_t.shape
-        t = jnp.asarray(t)
-        if t.shape not in ((), (batch,)):
-            raise ValueError(
-                f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
-            )
-        if t_end is not None and not self.mean_flow:
-            raise ValueError(
-                "t_end is the second time of a mean-flow network; this DiT has "
-                "mean_flow=False (build it with mean_flow=True to train it with "
-                "fmjax.meanflow)."
-            )
-        t_end = t if t_end is None else jnp.asarray(t_end)
-        if t_end.shape not in ((), (batch,)):
-            raise ValueError(
-                f"t_end must be a scalar or have shape [batch]=({batch},); got shape {t_end.shape}."
-            )
         self.check_image_shape(x_t.shape[1:])
         check_attention(self.attention, self.dtype)
         labels = class_labels(y, self.num_classes, batch, "DiT")

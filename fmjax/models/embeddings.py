@@ -1,5 +1,6 @@
 r"""Embeddings of a network's conditioning: sinusoidal features of a time, and a table of
-class labels with a null label for classifier-free guidance.
+class labels with a null label for classifier-free guidance; and the checks of the U-Net's and
+DiT's inputs (:func:`network_inputs`, :func:`class_labels`).
 """
 
 import math
@@ -97,6 +98,58 @@ class LabelEmbedding(nn.Module):
             null = (jnp.arange(rows) == self.num_classes)[:, None]
             table = jnp.where(null, jax.lax.stop_gradient(table), table)
         return jnp.take(table.astype(self.dtype), labels, axis=0)
+
+
+def network_inputs(
+    x_t: Float[ArrayLike, " batch height width channels"],
+    t: Float[ArrayLike, " *batch"],
+    t_end: Float[ArrayLike, " *batch"] | None,
+    *,
+    mean_flow: bool,
+    model: str,
+) -> tuple[
+    Float[Array, " batch height width channels"], Float[Array, " *batch"], Float[Array, " *batch"]
+]:
+    """A network's images ``x_t`` and times ``t``, ``t_end`` checked, as arrays: float images
+    ``[batch, height, width, channels]``, times that are scalars or of shape ``[batch]``, and
+    ``t_end`` (``t`` when None) given only to a mean-flow network (``mean_flow=True``).
+
+    Raises:
+        ValueError: for other images or times, or ``t_end`` given to a plain ``model`` (its
+            name, for the message).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from fmjax.models.embeddings import network_inputs
+        >>> x_t, t, t_end = network_inputs(jnp.zeros((2, 8, 8, 3)), 0.5, None, mean_flow=False,
+        ...                                model="UNet")
+        >>> t.shape, float(t_end)
+        ((), 0.5)
+    """
+    x_t = jnp.asarray(x_t)
+    if x_t.ndim != 4 or not jnp.issubdtype(x_t.dtype, jnp.floating):
+        raise ValueError(
+            "x_t must be float images [batch, height, width, channels]; got dtype "
+            f"{x_t.dtype} and shape {x_t.shape}."
+        )
+    batch = x_t.shape[0]
+    t = jnp.asarray(t)
+    if t.shape not in ((), (batch,)):
+        raise ValueError(
+            f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
+        )
+    if t_end is not None and not mean_flow:
+        raise ValueError(
+            f"t_end is the second time of a mean-flow network; this {model} has "
+            "mean_flow=False (build it with mean_flow=True to train it with "
+            "fmjax.meanflow)."
+        )
+    t_end = t if t_end is None else jnp.asarray(t_end)
+    if t_end.shape not in ((), (batch,)):
+        raise ValueError(
+            f"t_end must be a scalar or have shape [batch]=({batch},); got shape {t_end.shape}."
+        )
+    return x_t, t, t_end
 
 
 def class_labels(

@@ -136,28 +136,25 @@ def load_torch_checkpoint(
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
     if checkpoint and all(hasattr(v, "shape") for v in checkpoint.values()):
         return _numpy_state_dict(checkpoint, str(path))
+
+    def entry(key: str, kind: str, hint: str = "") -> dict[str, np.ndarray]:
+        # The state dict under `key` of a checkpoint of `kind`; `hint` names another source.
+        if key not in checkpoint:
+            raise ValueError(
+                f"{path} has no {key!r} entry, so it is not {kind} "
+                f"(entries: {sorted(map(str, checkpoint))}){hint}."
+            )
+        return _numpy_state_dict(checkpoint[key], f"{path}[{key!r}]")
+
     if source == "torchcfm":
         key = {"ema": "ema_model", "raw": "net_model"}[weights]
-        if key not in checkpoint:
-            raise ValueError(
-                f"{path} has no {key!r} entry, so it is not a torchcfm training checkpoint "
-                f"(entries: {sorted(map(str, checkpoint))}); --source=meta for Meta's."
-            )
-        return _numpy_state_dict(checkpoint[key], f"{path}[{key!r}]")
+        return entry(key, "a torchcfm training checkpoint", "; --source=meta for Meta's")
     if source == "sit":
         key = {"ema": "ema", "raw": "model"}[weights]
-        if key not in checkpoint:
-            raise ValueError(
-                f"{path} has no {key!r} entry, so it is not a SiT or DiT training checkpoint "
-                f"(entries: {sorted(map(str, checkpoint))})."
-            )
-        return _numpy_state_dict(checkpoint[key], f"{path}[{key!r}]")
-    if "model" not in checkpoint:
-        raise ValueError(
-            f"{path} has no 'model' entry, so it is not a Meta flow_matching checkpoint "
-            f"(entries: {sorted(map(str, checkpoint))}); --source=torchcfm for torchcfm's."
-        )
-    wrapper = _numpy_state_dict(checkpoint["model"], f"{path}['model']")
+        return entry(key, "a SiT or DiT training checkpoint")
+    wrapper = entry(
+        "model", "a Meta flow_matching checkpoint", "; --source=torchcfm for torchcfm's"
+    )
     names = [k[len("model.") :] for k in wrapper if k.startswith("model.")]
     if weights == "raw":
         return {name: wrapper[f"model.{name}"] for name in names}

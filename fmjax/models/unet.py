@@ -41,7 +41,12 @@ from fmjax.models.conv import (
     upsampled_conv_general_dilated,
 )
 from fmjax.models.dropout import dropout
-from fmjax.models.embeddings import LabelEmbedding, class_labels, sinusoidal_embedding
+from fmjax.models.embeddings import (
+    LabelEmbedding,
+    class_labels,
+    network_inputs,
+    sinusoidal_embedding,
+)
 from fmjax.models.group_norm import GROUP_NORM_IMPLEMENTATIONS, group_norm
 from fmjax.models.initializers import bias_init, torch_kernel_init
 
@@ -330,35 +335,14 @@ class UNet(nn.Module):
 
         Raises:
             ValueError: at trace time, for an input that is not a batch of float images, ``t``
-                of the wrong shape, an image size that ``channel_mult`` cannot downsample,
-                channel counts not divisible by ``num_groups`` or the heads, attention at a
-                factor the network does not have, a dropout rate outside ``[0, 1)``, labels
-                given to an unconditional model, labels of the wrong shape or dtype, or
-                concrete labels out of range.
+                or ``t_end`` of the wrong shape, ``t_end`` given to a plain network, an image
+                size that ``channel_mult`` cannot downsample, channel counts not divisible by
+                ``num_groups`` or the heads, attention at a factor the network does not have, a
+                dropout rate outside ``[0, 1)``, labels given to an unconditional model, labels
+                of the wrong shape or dtype, or concrete labels out of range.
         """
-        x_t = jnp.asarray(x_t)
-        if x_t.ndim != 4 or not jnp.issubdtype(x_t.dtype, jnp.floating):
-            raise ValueError(
-                "x_t must be float images [batch, height, width, channels]; got dtype "
-                f"{x_t.dtype} and shape {x_t.shape}."
-            )
+        x_t, t, t_end = network_inputs(x_t, t, t_end, mean_flow=self.mean_flow, model="UNet")
         batch = x_t.shape[0]
-        t = jnp.asarray(t)
-        if t.shape not in ((), (batch,)):
-            raise ValueError(
-                f"t must be a scalar or have shape [batch]=({batch},); got shape {t.shape}."
-            )
-        if t_end is not None and not self.mean_flow:
-            raise ValueError(
-                "t_end is the second time of a mean-flow network; this UNet has "
-                "mean_flow=False (build it with mean_flow=True to train it with "
-                "fmjax.meanflow)."
-            )
-        t_end = t if t_end is None else jnp.asarray(t_end)
-        if t_end.shape not in ((), (batch,)):
-            raise ValueError(
-                f"t_end must be a scalar or have shape [batch]=({batch},); got shape {t_end.shape}."
-            )
         self.check_image_shape(x_t.shape[1:])
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} is not valid; expected a rate in [0, 1).")
