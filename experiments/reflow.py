@@ -24,7 +24,7 @@ from absl import flags
 
 from experiments import common
 from fmjax import reflow, sampling
-from fmjax.generate import SAMPLERS
+from fmjax.generate import SAMPLERS, SDE_SAMPLER
 
 FLAGS = flags.FLAGS
 COMMANDS = ("pairs",)
@@ -35,7 +35,9 @@ def define_flags() -> None:
     flags.DEFINE_string("from", None, "pairs: the trained run (teacher) whose ODE is solved.")
     flags.DEFINE_string("out", None, "pairs: the directory the pairs are written to.")
     flags.DEFINE_integer("num_pairs", None, "pairs: how many pairs.")
-    flags.DEFINE_enum("solver", "dopri5", list(SAMPLERS), "pairs: the ODE solver.")
+    flags.DEFINE_enum(
+        "solver", "dopri5", [s for s in SAMPLERS if s != SDE_SAMPLER], "pairs: the ODE solver."
+    )
     flags.DEFINE_float("rtol", 1e-5, "pairs: relative tolerance of an adaptive solver.")
     flags.DEFINE_float("atol", 1e-5, "pairs: absolute tolerance of an adaptive solver.")
     flags.DEFINE_integer("steps", 50, "pairs: steps of a fixed-step solver.")

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from fmjax.data import PAIRS_FILE, _claim_info, pair_chunk_name
 from fmjax.generate import (
+    SDE_SAMPLER,
     SamplingOptions,
     check_sampler,
     class_labels,
@@ -124,7 +125,8 @@ def generate_pairs(
         workdir: the trained run (the teacher).
         out_dir: where the pairs go (created if missing).
         num_pairs: how many pairs.
-        solver: one of :data:`fmjax.generate.SAMPLERS` (default ``dopri5``, adaptive).
+        solver: one of :data:`fmjax.generate.SAMPLERS` but ``"sde"`` (default ``dopri5``,
+            adaptive): the pairs are the flow's deterministic coupling.
         rtol: an adaptive solver's relative tolerance.
         atol: an adaptive solver's absolute tolerance.
         steps: a fixed-step solver's steps.
@@ -139,7 +141,8 @@ def generate_pairs(
         A :class:`PairsInfo`.
 
     Raises:
-        ValueError: for a count or chunk size that is not a positive integer, a chunk size
+        ValueError: for the ``"sde"`` solver, a count or chunk size that is not a positive
+            integer, a chunk size
             that the devices do not divide, solver settings that
             :class:`fmjax.generate.SamplingOptions` refuses, a ``workdir`` without a
             checkpoint, an ``out_dir`` holding pairs made with other arguments, or a
@@ -155,6 +158,11 @@ def generate_pairs(
     for name, value in (("num_pairs", num_pairs), ("chunk_size", chunk_size)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if solver == SDE_SAMPLER:
+        raise ValueError(
+            "Reflow pairs are the flow's deterministic coupling (noise to its ODE solution); "
+            f"solver={SDE_SAMPLER!r} draws a random one. Pick an ODE solver."
+        )
     options = SamplingOptions(
         num_samples=num_pairs,
         solver=solver,

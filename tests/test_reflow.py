@@ -291,6 +291,8 @@ def test_bad_pairs_and_arguments_are_refused(teacher, pairs, tmp_path):
         reflow.generate_pairs(teacher, tmp_path / "q", 0, model=TinyVelocity())
     with pytest.raises(ValueError, match="--solver='bogus'"):
         reflow.generate_pairs(teacher, tmp_path / "q", 8, solver="bogus", model=TinyVelocity())
+    with pytest.raises(ValueError, match=r"deterministic coupling.*solver='sde'"):
+        reflow.generate_pairs(teacher, tmp_path / "q", 8, solver="sde", model=TinyVelocity())
 
 
 def test_the_digits_variants():
