@@ -270,7 +270,7 @@ def test_cifar10_sit_imports_a_torch_checkpoint_and_samples(tmp_path):
     params = jax.tree.map(lambda p: p + 0.05, params)
     state_dict = params_to_torch(params, model, (8, 8, 3))
     ckpt = tmp_path / "sit.pt"
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, ckpt)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, ckpt)
     network = cifar10.imported_network(config, torch_checkpoint=ckpt)
     for a, b in zip(jax.tree.leaves(network.ema_params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
