@@ -233,7 +233,11 @@ def test_independent_is_identity():
     assert out.x0 is x0 and out.x1 is x1
 
 
-@pytest.mark.parametrize("coupling", [independent, exact_ot, sinkhorn_ot(0.1)], ids=str)
+@pytest.mark.parametrize(
+    "coupling",
+    [independent, exact_ot, sinkhorn_ot(0.1)],
+    ids=["independent", "exact_ot", "sinkhorn_ot"],
+)
 def test_bad_input_messages(coupling):
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"same shape.*\(4, 2\).*\(4, 3\)"):
