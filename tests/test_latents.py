@@ -253,3 +253,60 @@ def test_the_encode_command_resumes(encoded, tmp_path):
                 rtol=1e-5,
                 atol=1e-6,
             )
+
+
+_TWO_PROCESS_ENCODE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+import numpy as np
+import tensorflow_datasets as tfds
+from fmjax import data, latents
+from fmjax.models import VAETiny
+model = VAETiny()
+params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+record = latents.vae_record(model, latents.params_fingerprint(params), "random, seed 0")
+with tfds.testing.mock_data(num_examples=10):
+    cifar = data.TfdsSource("cifar10", "train", image_size=16)
+    info = latents.encode_dataset(
+        directory, cifar.example, 10, vae=model, params=params, vae_info=record,
+        image_size=16, num_classes=cifar.num_classes, shard_size=4, batch_size=8,
+    )
+print("encoded", info.encoded, "of", info.num_shards)
+"""
+
+
+def test_two_processes_encode_the_shards_of_one_process(encoded, tmp_path):
+    """Two real processes (jax.distributed on localhost, 2 CPU devices each) share the shards
+    and the description file, and write what one process with 8 devices writes."""
+    import portpicker
+
+    whole, _ = encoded
+    directory = tmp_path / "latents"
+    port = str(portpicker.pick_unused_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_ENCODE, str(i), port, str(directory)],
+            cwd=helpers.ROOT,
+            env=helpers.one_device_env(),  # the script sets its own device count
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    # Process 0 takes shards 0 and 2, process 1 shard 1.
+    assert "encoded 2 of 3" in outputs[0] and "encoded 1 of 3" in outputs[1], outputs
+    ours, reference = _files(directory), _files(whole)
+    assert sorted(ours) == sorted(reference)
+    assert ours[data.LATENTS_FILE] == reference[data.LATENTS_FILE]
+    for name in sorted(ours):
+        if name.endswith(".npy"):
+            a, b = (np.load(d / name) for d in (directory, whole))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
