@@ -90,12 +90,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", _CONFIG, "Config file (optionally :variant).")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
     flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do with the run.")
-    flags.DEFINE_bool(
-        "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
-    )
-    flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
-    flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
-    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    common.define_distributed_flags()
     common.define_sampling_flags("--mode=sample|eval", guidance_scale=1.0, batch_size=500)
     flags.DEFINE_integer("eval_samples", 50_000, "--mode=eval: samples scored by FID (0: no FID).")
     flags.DEFINE_string(
@@ -258,10 +253,7 @@ def main(argv):
     """Parses nothing itself: absl has parsed the flags; runs :func:`run`."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.distributed:
-        # Every process must join before JAX picks its backend, i.e. before any device use.
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    common.setup()
+    common.setup(distributed=FLAGS.distributed)
     eval_options = None
     if FLAGS.mode == "eval":
         eval_options = EvalOptions(

@@ -57,8 +57,10 @@ def quiet_tpu_probe() -> None:
         logger.addFilter(_NoTpuProbe())
 
 
-def setup() -> None:
-    """Logging and a persistent compilation cache for an entry point.
+def setup(distributed: bool = False) -> None:
+    """Logging and a persistent compilation cache for an entry point; with ``distributed``
+    (``--distributed``), first ``jax.distributed.initialize`` with the flags of
+    :func:`define_distributed_flags` (none: the cluster's environment, e.g. Slurm or a TPU pod).
 
     fmjax's progress lines show at INFO; the libraries' own chatter (Orbax's per-save lines,
     absl) only from WARNING up, and JAX's note that no TPU is present not at all
@@ -66,6 +68,9 @@ def setup() -> None:
     (default ``~/.cache/fmjax/jax``), so running or resuming the same job again starts in
     seconds instead of recompiling.
     """
+    if distributed:
+        # Every process must join before JAX picks its backend, i.e. before any device use.
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     quiet_tpu_probe()
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("fmjax").setLevel(logging.INFO)
@@ -420,6 +425,17 @@ def run(
         user_errors_exit(main),
         flags_parser=functools.partial(parse_flags, config_flag=config_flag),
     )
+
+
+def define_distributed_flags() -> None:
+    """``--distributed`` and its ``--coordinator_address``, ``--num_processes``,
+    ``--process_id`` (read by :func:`setup`)."""
+    flags.DEFINE_bool(
+        "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
+    )
+    flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
+    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 
 
 def define_sampling_flags(when: str, *, guidance_scale: float, batch_size: int) -> None:

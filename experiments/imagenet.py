@@ -110,12 +110,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("flip", True, "encode: also store every image's horizontal flip.")
     flags.DEFINE_integer("seed", 0, "encode without --vae: the seed of the random VAETiny.")
     flags.DEFINE_integer("max_shards", None, "encode: stop after encoding this many shards.")
-    flags.DEFINE_bool(
-        "distributed", False, "Multi-process launch: call jax.distributed.initialize() first."
-    )
-    flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
-    flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
-    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    common.define_distributed_flags()
     common.define_sampling_flags("sample/eval", guidance_scale=1.5, batch_size=250)
     flags.DEFINE_integer("eval_samples", 50_000, "eval: decoded samples scored by FID.")
     flags.DEFINE_string("fid_stats", None, "eval: reference mu/sigma .npz (ADM's format).")
@@ -391,10 +386,7 @@ def encode() -> latents.EncodeInfo:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.distributed:
-        # Every process must join before JAX picks its backend, i.e. before any device use.
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    common.setup()
+    common.setup(distributed=FLAGS.distributed)
     for name in ("mode", "workdir"):
         if FLAGS[name].value is None:
             raise ValueError(f"--{name} is required (python -m experiments.imagenet --help).")

@@ -79,6 +79,15 @@ def test_smoke_trains_checkpoints_resumes_and_samples(smoke_run, monkeypatch, ca
         assert int(npz["step"]) == 6 and str(npz["method"]) == "heun-edm2"
         assert "labels" not in npz
     assert Image.open(stem.with_suffix(".png")).size == (4 * 8 * 8 + 5 * 8, 3 * 8 * 8 + 4 * 8)
+    # --distributed joins the cluster (here a stand-in) before anything touches a device.
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: joined.append(args))
+    run_main(
+        monkeypatch, f"--workdir={workdir}", "--mode=sample", "--num_samples=10", "--steps=2",
+        "--sample_batch_size=6", "--distributed", "--coordinator_address=host0:1234",
+        "--num_processes=1", "--process_id=0",
+    )  # fmt: skip
+    assert joined == [("host0:1234", 1, 0)]
 
     # SiT's SDE sampler: a sample's noise and Brownian motion do not depend on the batches.
     sde = {"num_samples": 10, "solver": "sde", "steps": 3, "sde_last_step_size": 0.1}
