@@ -213,10 +213,10 @@ class SamplingOptions:
         size = self.sde_last_step_size
         if size is not None and not (isinstance(size, int | float) and 0 < size < 1):
             raise ValueError(f"--sde_last_step_size={size!r}; expected a number in (0, 1).")
-        if self.solver == SDE_SAMPLER and size is None and self.steps < 2:
+        if self.solver == SDE_SAMPLER and self.steps < 2:
             raise ValueError(
-                "--solver=sde takes --steps >= 2 (the last one is noiseless), or one step after "
-                f"a --sde_last_step_size; got --steps={self.steps}."
+                "--solver=sde takes --steps >= 2 (steps - 1 noisy steps, then the noiseless last "
+                f"one); got --steps={self.steps}."
             )
         if not (np.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise ValueError(

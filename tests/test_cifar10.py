@@ -240,8 +240,9 @@ def test_sde_sampler_options_and_paths_it_refuses():
         SamplingOptions(guidance_scale=2.0, guidance_channels=0)
     with pytest.raises(ValueError, match=r"--guidance_channels=3 limits guidance.*scale"):
         SamplingOptions(guidance_channels=3)
-    with pytest.raises(ValueError, match=r"--solver=sde takes --steps >= 2"):
-        SamplingOptions(solver="sde", steps=1)
+    for last in (None, 0.04):
+        with pytest.raises(ValueError, match=r"--solver=sde takes --steps >= 2"):
+            SamplingOptions(solver="sde", steps=1, sde_last_step_size=last)
     config = get_config("smoke")
     config.path.bridge_noise = "constant"
     with pytest.raises(ValueError, match=r"--solver=sde.*bridge_noise='constant'"):
