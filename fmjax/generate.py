@@ -168,7 +168,7 @@ class SamplingOptions:
         seed: the noise of sample ``i`` is drawn from ``fold_in(key(seed), i)`` (and its
             Brownian motion, for ``"sde"``, from :func:`sde_keys`), so samples do not depend on
             ``batch_size``.
-        batch_size: samples per ODE solve (bounds memory; each solve reports its own NFE).
+        batch_size: samples per solve (bounds memory; each solve reports its own NFE).
     """
 
     num_samples: int = 64
@@ -437,7 +437,7 @@ def sample_run(
     ``.png`` (a grid; one column per class for a conditional run with the default labels;
     ``_t{A}-{B}``: the guidance interval) and ``.npz`` with ``images`` (float32
     ``[N, 32, 32, 3]``, clipped to [-1, 1]), ``images_uint8``, ``labels`` (int32 ``[N]``,
-    conditional runs), ``nfe`` (int32, one entry per ODE solve of ``options.batch_size``
+    conditional runs), ``nfe`` (int32, one entry per solve of ``options.batch_size``
     samples), ``success`` (per solve), ``step`` (of the checkpoint), ``method``,
     ``guidance_scale``, ``guidance_interval`` (when given) and ``seed``. With guidance, one
     velocity evaluation runs the network on twice the batch (the conditional and the
@@ -492,7 +492,7 @@ def sample_run(
         nfe.append(int(result.nfe))
         success.append(bool(result.success))
     if not all(success):
-        log.warning("%d of %d ODE solves did not succeed.", success.count(False), len(success))
+        log.warning("%d of %d solves did not succeed.", success.count(False), len(success))
     x = np.clip(np.concatenate(parts), -1.0, 1.0)
 
     stem, record = sample_record(options, run.step, labels, nfe, success)
