@@ -41,6 +41,7 @@ from fmjax.generate import (
     initial_noise,
     solve,
     velocity_binder,
+    write_npz,
 )
 from fmjax.mesh import make_mesh
 from fmjax.rundir import load_config, load_run
@@ -79,14 +80,6 @@ def _solver_record(options: SamplingOptions) -> dict:
         "guidance_scale": options.guidance_scale,
         "labels": None if options.labels is None else list(options.labels),
     }
-
-
-def _write_chunk(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    # Through a temporary name: a chunk file that exists is complete.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def generate_pairs(
@@ -236,7 +229,7 @@ def generate_pairs(
             arrays["labels"] = labels[start:stop]
         if not arrays["success"]:
             log.warning("The solve of chunk %d did not succeed (max_steps reached).", index)
-        _write_chunk(path, arrays)
+        write_npz(path, arrays)  # a chunk file that exists is complete
         generated += 1
         log.info(
             "Pairs %d-%d of %d: %d NFE (%.1f s)",

@@ -132,6 +132,29 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
     )
 
 
+def two_processes(script: str, *args: str, timeout: float = 600) -> list[str]:
+    """Runs ``python -c SCRIPT PROCESS_ID PORT ARGS`` as processes 0 and 1 of a
+    ``jax.distributed`` cluster on localhost (a free port; the script sets its own device
+    count) and returns what each printed; fails the test unless both exited with status 0."""
+    import portpicker
+
+    port = str(portpicker.pick_unused_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i), port, *args],
+            cwd=ROOT,
+            env=one_device_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
 def module_output(module: str, *args: str) -> str:
     """What :func:`run_module` printed (stdout, then stderr); fails the test, with the end of
     both, unless it exited with status 0."""

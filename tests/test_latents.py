@@ -283,24 +283,9 @@ print("encoded", info.encoded, "of", info.num_shards)
 def test_two_processes_encode_the_shards_of_one_process(encoded, tmp_path):
     """Two real processes (jax.distributed on localhost, 2 CPU devices each) share the shards
     and the description file, and write what one process with 8 devices writes."""
-    import portpicker
-
     whole, _ = encoded
     directory = tmp_path / "latents"
-    port = str(portpicker.pick_unused_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _TWO_PROCESS_ENCODE, str(i), port, str(directory)],
-            cwd=helpers.ROOT,
-            env=helpers.one_device_env(),  # the script sets its own device count
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    outputs = helpers.two_processes(_TWO_PROCESS_ENCODE, str(directory))
     # Process 0 takes shards 0 and 2, process 1 shard 1.
     assert "encoded 2 of 3" in outputs[0] and "encoded 1 of 3" in outputs[1], outputs
     ours, reference = _files(directory), _files(whole)

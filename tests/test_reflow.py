@@ -77,7 +77,7 @@ def test_pairs_are_the_teachers_ode(teacher, pairs):
 
 def test_an_interrupted_generation_resumes_to_the_same_pairs(teacher, pairs, tmp_path, monkeypatch):
     out, _ = pairs
-    write = reflow._write_chunk
+    write = reflow.write_npz
     calls = []
 
     def crash_on_the_second(path, arrays):
@@ -87,11 +87,11 @@ def test_an_interrupted_generation_resumes_to_the_same_pairs(teacher, pairs, tmp
             raise KeyboardInterrupt
         write(path, arrays)
 
-    monkeypatch.setattr(reflow, "_write_chunk", crash_on_the_second)
+    monkeypatch.setattr(reflow, "write_npz", crash_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         reflow.generate_pairs(teacher, tmp_path, NUM_PAIRS, chunk_size=CHUNK, model=TinyVelocity())
     assert [p for p in _chunk_files(tmp_path) if p.endswith(".npz")] == [data.pair_chunk_name(0)]
-    monkeypatch.setattr(reflow, "_write_chunk", write)
+    monkeypatch.setattr(reflow, "write_npz", write)
     info = reflow.generate_pairs(
         teacher, tmp_path, NUM_PAIRS, chunk_size=CHUNK, model=TinyVelocity()
     )

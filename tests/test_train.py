@@ -25,7 +25,7 @@ import optax
 import pytest
 from flax import linen as nn
 from helpers import BATCH as B
-from helpers import ROOT, TinyVelocity, metrics_lines, one_device_env, tiny_config, tiny_source
+from helpers import TinyVelocity, metrics_lines, tiny_config, tiny_source, two_processes
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -335,22 +335,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def test_two_processes_match_one_process_with_four_devices(runs, tmp_path):
-    import portpicker
-
-    port = str(portpicker.pick_unused_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(i), port, str(tmp_path)],
-            cwd=ROOT,
-            env=one_device_env(),  # the script sets its own device count
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    two_processes(_TWO_PROCESS_SCRIPT, str(tmp_path))
     two_hosts = [m["loss"] for m in metrics_lines(tmp_path)]
     one_host = [m["loss"] for m in metrics_lines(runs[4][0])]
     np.testing.assert_allclose(two_hosts, one_host, rtol=1e-5)
