@@ -350,21 +350,32 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         )
 
 
+def _stored_data(d: ml_collections.ConfigDict, name: str, made_by: str) -> bool:
+    """Whether ``config.data`` reads data stored on disk as ``name`` (``pairs``, ``latents``),
+    whose directory is ``config.data.{name}_dir``; that key is refused without the name and
+    required with it (``made_by``: the command that writes such a directory)."""
+    key = f"{name}_dir"
+    directory = d.get(key)
+    if d.name != name:
+        if directory is not None:
+            raise ValueError(
+                f"config.data.{key}={directory!r} is read only with "
+                f"config.data.name={name!r}; got config.data.name={d.name!r}."
+            )
+        return False
+    if not directory:
+        raise ValueError(
+            f"config.data.name={name!r} needs config.data.{key}: the directory that "
+            f"{made_by} wrote."
+        )
+    return True
+
+
 def _check_pairs(config: ml_collections.ConfigDict) -> None:
     """Training on stored pairs (``data.name="pairs"``) is flow matching on given noise."""
     d, p = config.data, config.path
-    if d.name != "pairs":
-        if d.pairs_dir is not None:
-            raise ValueError(
-                f"config.data.pairs_dir={d.pairs_dir!r} is read only with "
-                f"config.data.name='pairs'; got config.data.name={d.name!r}."
-            )
+    if not _stored_data(d, "pairs", "`python -m experiments.reflow pairs --out=DIR`"):
         return
-    if not d.pairs_dir:
-        raise ValueError(
-            "config.data.name='pairs' needs config.data.pairs_dir: the directory that "
-            "`python -m experiments.reflow pairs --out=DIR` wrote."
-        )
     fixed = {
         "objective": (config.objective, "flow_matching"),
         "path.coupling": (p.coupling, "independent"),
@@ -381,18 +392,10 @@ def _check_pairs(config: ml_collections.ConfigDict) -> None:
 
 def _check_latents(d: ml_collections.ConfigDict) -> None:
     """Training on stored VAE posteriors (``data.name="latents"``): their flips are stored."""
-    if d.name != "latents":
-        if d.latents_dir is not None:
-            raise ValueError(
-                f"config.data.latents_dir={d.latents_dir!r} is read only with "
-                f"config.data.name='latents'; got config.data.name={d.name!r}."
-            )
+    if not _stored_data(
+        d, "latents", "`python -m experiments.imagenet --mode=encode --workdir=DIR`"
+    ):
         return
-    if not d.latents_dir:
-        raise ValueError(
-            "config.data.name='latents' needs config.data.latents_dir: the directory that "
-            "`python -m experiments.imagenet --mode=encode --workdir=DIR` wrote."
-        )
     if d.random_flip:
         raise ValueError(
             "config.data.random_flip=True is not valid with config.data.name='latents': a "
